@@ -1,0 +1,57 @@
+# st-scale: set-up and everyday commands. `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+# ffcv compiles against OpenCV and libjpeg-turbo found through pkg-config.
+SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev
+
+.PHONY: help install system-deps demo test test-fast bench clean
+
+help:
+	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root)"
+	@echo "make demo       the embedded default: CT vs ST on the bundled digits set"
+	@echo "make test       the whole test suite"
+	@echo "make test-fast  unit tests only (no slow marker)"
+	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
+
+install: $(STAMP)
+
+system-deps:
+	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+		echo "system packages: opencv4 and libturbojpeg found"; \
+	elif [ "$$(id -u)" = "0" ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	else \
+		echo "ffcv needs OpenCV and libjpeg-turbo headers. Run as root:"; \
+		echo "  sudo apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES)"; \
+		exit 1; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel "setuptools<81"
+	# torch first: deepspeed's and ffcv's setup.py import it / numpy at build time.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 "numpy>=2.0,<2.6" pkgconfig cython
+	$(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.*" ffcv==1.0.2
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/st-scale demo
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/bench_subnet_eval.py
+	$(PY) benchmarks/bench_train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,33 @@
+"""Elastic residual networks and the factory that builds them by name."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from .elastic import Depths, ElasticNet, Plan, Segment, batchnorm_layers
+from .mobilenet import mobilenet_v3
+from .resnet import CIFAR_DEPTHS, TORCHVISION_DEPTHS, CifarResNet, cifar_resnet, torchvision_resnet
+
+_FACTORIES: dict[str, Callable[[int], ElasticNet]] = {
+    **{f"cifar_resnet{d}": partial(cifar_resnet, d) for d in CIFAR_DEPTHS},
+    **{f"resnet{d}": partial(torchvision_resnet, d) for d in TORCHVISION_DEPTHS},
+    "mobilenet_v3_small": partial(mobilenet_v3, "small"),
+    "mobilenet_v3_large": partial(mobilenet_v3, "large"),
+}
+MODEL_NAMES = tuple(_FACTORIES)
+
+
+def create_model(name: str, num_classes: int) -> ElasticNet:
+    """Build an elastic network by name, randomly initialised (nothing is downloaded)."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown model name {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+    return _FACTORIES[name](num_classes)
+
+
+__all__ = [
+    "MODEL_NAMES", "CifarResNet", "Depths", "ElasticNet", "Plan", "Segment",
+    "batchnorm_layers", "create_model",
+]

@@ -1,0 +1,59 @@
+"""Multiply-accumulate counts of sub-networks, from one traced forward of the full network.
+
+Blocks with an identity shortcut keep their input's shape, so a block costs the same in every
+sub-network that runs it: a sub-net's MACs are the sum of its blocks' MACs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .elastic import Depths, ElasticNet
+
+
+def _leaf_macs(module: nn.Module, inputs, output: torch.Tensor) -> int:
+    per_image = output[0]
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return per_image.numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return per_image.numel() * module.in_features
+    return 0
+
+
+class MacCounter:
+    """Per-block MACs of a model at one input size; `subnet_macs(depths)` sums them."""
+
+    def __init__(self, model: ElasticNet, image_size: int):
+        self.model = model
+        self.block_macs: dict[tuple[int, int], int] = {}
+        handles = []
+        for seg_index, segment in enumerate(model.segments):
+            for block_index, block in enumerate(segment.blocks):
+                key = (seg_index, block_index)
+                self.block_macs[key] = 0
+                for leaf in block.modules():
+                    if isinstance(leaf, (nn.Conv2d, nn.Linear)):
+                        handles.append(leaf.register_forward_hook(self._hook(key)))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, image_size, image_size))
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, key):
+        def add(module, inputs, output):
+            self.block_macs[key] += _leaf_macs(module, inputs, output)
+        return add
+
+    def subnet_macs(self, depths: Depths) -> int:
+        total = 0
+        for seg_index, segment in enumerate(self.model.segments):
+            count = len(segment.blocks) if segment.stage is None else depths[segment.stage]
+            total += sum(self.block_macs[(seg_index, j)] for j in range(count))
+        return total
