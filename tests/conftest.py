@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, quiet CPU runs.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def random_batches(count: int, batch: int, size: int, classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
+        for _ in range(count)
+    ]
+
+
+def perturb_bn(model, size: int, steps: int = 3) -> None:
+    """Give the running statistics non-trivial values, as training would."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(8, 3, size, size) * 2 + 0.5)

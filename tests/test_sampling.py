@@ -1,0 +1,133 @@
+"""Sub-network spaces and samplers: sizes, distributions (chi-square), determinism across ranks."""
+
+import collections
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from st_scale.sampling import SubnetSampler, SubnetSpace, step_rng
+
+
+@pytest.mark.parametrize("stage_sizes, count", [
+    ((3, 4, 6, 3), 216),        # ResNet-50
+    ((3, 4, 23, 3), 828),       # ResNet-101
+    ((3, 8, 36, 3), 2592),      # ResNet-152
+    ((9, 9, 9), 729),           # CIFAR ResNet-56
+    ((18, 18, 18), 5832),       # CIFAR ResNet-110
+])
+def test_space_sizes_match_the_paper(stage_sizes, count):
+    space = SubnetSpace.full(stage_sizes)
+    assert len(space) == count
+    members = list(space)
+    assert len(members) == len(set(members)) == count
+    assert members == sorted(members)
+    assert all(space.unrank(i) == d for i, d in enumerate(members))
+
+
+def test_st_plus_plus_restricted_space_has_eight_subnets():
+    space = SubnetSpace.restricted((3, 4, 6, 3), max_dropped=(0, 1, 3, 0))
+    assert len(space) == 8
+    assert set(space) == {(3, a, b, 3) for a in (3, 4) for b in (3, 4, 5, 6)}
+
+
+def test_bad_spaces_are_named():
+    with pytest.raises(ValueError, match="min depth 3 > max depth 2 excludes every sub-network"):
+        SubnetSpace((3, 3), (1, 3), (3, 2))
+    with pytest.raises(ValueError, match=r"stage 0: depth bounds \[0, 3\] must lie within 1..3"):
+        SubnetSpace((3, 3), (0, 1), (3, 3))
+    with pytest.raises(ValueError, match=r"max_dropped\[1\]=4: stage 1 has 4 blocks, so drop 0..3"):
+        SubnetSpace.restricted((3, 4), (0, 4))
+    with pytest.raises(ValueError, match="need one entry per stage"):
+        SubnetSpace((3, 3), (1,), (3, 3))
+
+
+def test_bad_sampler_settings_are_named():
+    space = SubnetSpace.full((3, 3))
+    with pytest.raises(ValueError, match=r"decay=0: must be in \(0, 1\]"):
+        SubnetSampler(space, decay=0)
+    with pytest.raises(ValueError, match="holds only the full network"):
+        SubnetSampler(SubnetSpace.restricted((3, 3), (0, 0)), include_full=False)
+
+
+def _chi_square_p(sampler: SubnetSampler, draws: int) -> float:
+    counts = collections.Counter(sampler.sample(step) for step in range(draws))
+    members = [d for d in sampler.space if sampler.probability(d) > 0]
+    assert set(counts) <= set(members), "drew a sub-network with probability 0"
+    expected = np.array([sampler.probability(d) for d in members]) * draws
+    observed = np.array([counts[d] for d in members])
+    return stats.chisquare(observed, expected).pvalue
+
+
+def _expected(space, decay, include_full):
+    """Independent reference: P(d) proportional to decay ** (number of dropped blocks)."""
+    weights = {d: decay ** sum(n - x for n, x in zip(space.max_depths, d)) for d in space}
+    if not include_full:
+        weights.pop(space.max_depths)
+    total = sum(weights.values())
+    return {d: w / total for d, w in weights.items()}
+
+
+@pytest.mark.parametrize("space, decay, include_full", [
+    (SubnetSpace.full((3, 3, 3)), 1.0, True),                          # the paper's uniform sampling
+    (SubnetSpace.full((3, 3, 3)), 1.0, False),                         # without the full net
+    (SubnetSpace.full((3, 4, 2)), 0.5, True),                          # biased towards larger sub-nets
+    (SubnetSpace.restricted((3, 4, 6, 3), (0, 1, 3, 0)), 1.0, True),   # ST++ 8-net space
+    (SubnetSpace.restricted((3, 4, 6, 3), (0, 1, 3, 0)), 0.7, False),
+])
+def test_sampler_draws_its_distribution(space, decay, include_full):
+    sampler = SubnetSampler(space, seed=3, decay=decay, include_full=include_full)
+    reference = _expected(space, decay, include_full)
+    for d in space:
+        assert sampler.probability(d) == pytest.approx(reference.get(d, 0.0))
+    # 6,000 draws: a wrong distribution of this size is rejected with near certainty.
+    assert _chi_square_p(sampler, 6000) > 1e-3
+
+
+def test_chi_square_rejects_a_wrong_distribution():
+    # The test above must be able to fail: uniform draws checked against a biased reference.
+    space = SubnetSpace.full((3, 4, 2))
+    uniform = SubnetSampler(space, seed=3)
+    biased = SubnetSampler(space, seed=3, decay=0.5)
+    counts = collections.Counter(uniform.sample(step) for step in range(6000))
+    expected = np.array([biased.probability(d) for d in space]) * 6000
+    assert stats.chisquare(np.array([counts[d] for d in space]), expected).pvalue < 1e-6
+
+
+def test_draws_are_a_pure_function_of_seed_step_and_k():
+    space = SubnetSpace.full((9, 9, 9))
+    a, b = SubnetSampler(space, seed=7), SubnetSampler(space, seed=7)
+    assert [a.sample(s, k) for s in range(50) for k in range(3)] == [b.sample(s, k) for s in range(50) for k in range(3)]
+    assert [a.sample(s) for s in range(50)] != [SubnetSampler(space, seed=8).sample(s) for s in range(50)]
+    assert [a.sample(s, 0) for s in range(50)] != [a.sample(s, 1) for s in range(50)]
+
+
+def test_ranks_agree_by_default_and_differ_per_rank():
+    space = SubnetSpace.full((9, 9, 9))
+    shared = SubnetSampler(space, seed=1)
+    assert all(shared.sample(s, 0, rank=0) == shared.sample(s, 0, rank=r) for s in range(100) for r in (1, 5))
+    per_rank = SubnetSampler(space, seed=1, per_rank=True)
+    assert per_rank.sample(5, 0, rank=1) == per_rank.sample(5, 0, rank=1)
+    differing = sum(per_rank.sample(s, 0, rank=0) != per_rank.sample(s, 0, rank=1) for s in range(100))
+    assert differing > 90  # 728/729 of independent pairs differ
+
+
+def test_per_rank_draws_are_each_uniform():
+    sampler = SubnetSampler(SubnetSpace.full((3, 3)), seed=2, per_rank=True)
+    counts = collections.Counter(sampler.sample(s, 0, rank=3) for s in range(4500))
+    assert stats.chisquare([counts[d] for d in sampler.space]).pvalue > 1e-3
+
+
+def test_fixed_seed_subset_for_huge_spaces():
+    space = SubnetSpace.full((18, 18, 18))
+    subset = space.sample_subset(100, seed=0)
+    assert len(subset) == len(set(subset)) == 100 and all(d in space for d in subset)
+    assert subset == space.sample_subset(100, seed=0)
+    assert subset != space.sample_subset(100, seed=1)
+    assert SubnetSpace.full((2, 2)).sample_subset(100, seed=0) == list(SubnetSpace.full((2, 2)))
+
+
+def test_step_rng_rejects_negative_fields():
+    with pytest.raises(ValueError, match="step=-1: must be >= 0"):
+        step_rng(0, -1)
