@@ -1,0 +1,151 @@
+"""`st-scale`: train, demo, convert, eval, recipes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import launch  # noqa: F401  (sets Ray's loopback defaults before anything imports ray)
+from .config import ConfigError
+
+EPILOG = """examples:
+  st-scale demo                                   CT vs ST on the bundled digits, local Ray, 2 CPU workers
+  st-scale recipes                                list packaged recipes
+  st-scale train demo_st --set optimizer.epochs=5 --set method.kl_weight=0.5
+  st-scale train imagenet_resnet50_st --address auto --summary-json out.json
+  st-scale convert imagefolder /data/imagenet --out /shared/imagenet --write-mode proportion --max-resolution 256
+  st-scale eval ~/st_scale_runs/demo-st/checkpoint_2026-11-27_...   all sub-nets + destruction tests of a checkpoint
+
+Re-running `train` with the same run.name (under run.storage_path) resumes it from its last complete
+checkpoint and continues the same MLflow run."""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one run (local Ray, or a cluster via --address / RAY_ADDRESS)",
+                       description="Train with Ray Train + DeepSpeed + FFCV; track in MLflow.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("recipe", help="packaged recipe name (see `st-scale recipes`) or a .yaml path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set optimizer.epochs=5 (repeatable; value parsed as YAML)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the embedded default: CT vs ST on the bundled digits set",
+                       description="Convert the bundled digits set once, train CT and ST on a local Ray with 2 CPU "
+                                   "workers through DeepSpeed, log both to MLflow, print main and all-sub-network "
+                                   "accuracy side by side.")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (recipe default: 15)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of both demo recipes")
+    p.add_argument("--data-dir", default="~/.cache/st_scale/digits32", help="where the digits .beton files go")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--summary-json", metavar="PATH", help="write both runs' summaries as JSON")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write train/val .beton files (with checksums) from a dataset",
+                       description="Write <out>/train.beton and <out>/val.beton, each with a .sha256 and a .json "
+                                   "metadata file beside it.")
+    p.add_argument("source", choices=("digits", "cifar", "imagefolder"))
+    p.add_argument("path", nargs="?", help="cifar: the folder holding cifar-10-batches-py/ or cifar-100-python/; "
+                                           "imagefolder: the root holding train/ and val/")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--write-mode", default=None, choices=("raw", "jpg", "smart", "proportion"),
+                   help="image storage (default: raw for digits/cifar, proportion for imagefolder)")
+    p.add_argument("--max-resolution", type=int, default=None, help="resize so the longer side is at most this")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=2, help="writer processes")
+    p.add_argument("--image-size", type=int, default=32, help="digits: upscaled size")
+    p.add_argument("--no-validate", action="store_true", help="imagefolder: skip decoding every image first")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="all-sub-network evaluation and destruction tests of a checkpoint",
+                       description="Evaluate a training checkpoint (a folder Ray Train wrote) in this process and "
+                                   "log the results into the run's MLflow run.")
+    p.add_argument("checkpoint", help="checkpoint folder (holds checkpoint/ and st_scale_config.json)")
+    p.add_argument("--max-subnets", type=int, default=None)
+    p.add_argument("--no-destruction", action="store_true")
+    p.add_argument("--shared-stats", action="store_true", help="use the shared BN statistics, not per-network re-estimation")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="st-scale", description="Distributed Stimulative Training of residual networks.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_demo(sub)
+    _add_convert(sub)
+    _add_eval(sub)
+    sub.add_parser("recipes", help="list the packaged recipes")
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as error:
+        print(f"st-scale {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_recipes(args) -> int:
+    from importlib import resources
+
+    from .config import recipe_names
+
+    for name in recipe_names():
+        first = (resources.files("st_scale.recipes") / f"{name}.yaml").read_text().splitlines()[0]
+        print(f"{name:28s} {first.lstrip('# ')}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from .config import load_config
+    from .launch import train, write_summary_json
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+    summary = train(cfg, address=args.address)
+    from .report import print_summaries
+
+    print_summaries([summary], cfg)
+    if args.summary_json:
+        write_summary_json(args.summary_json, [summary])
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(epochs=args.epochs, overrides=args.overrides, data_dir=args.data_dir, address=args.address,
+             summary_json=args.summary_json)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .data.commands import convert
+
+    convert(args.source, args.path, Path(args.out).expanduser(), write_mode=args.write_mode,
+            max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality, workers=args.workers,
+            image_size=args.image_size, validate=not args.no_validate)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint_eval import evaluate_checkpoint
+
+    evaluate_checkpoint(Path(args.checkpoint).expanduser(), max_subnets=args.max_subnets,
+                        destruction=not args.no_destruction, recalibrate=not args.shared_stats)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "convert": cmd_convert, "eval": cmd_eval, "recipes": cmd_recipes}
+
+if __name__ == "__main__":
+    sys.exit(main())

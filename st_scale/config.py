@@ -1,0 +1,285 @@
+"""Typed, validated run configuration: YAML recipes plus dotted `--set a.b=value` overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails on the driver, before
+any worker starts, with the field's dotted path in the message.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .methods import METHOD_NAMES, SUBNET_REDUCTIONS
+from .models import MODEL_NAMES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A recipe or override the user must fix; the message names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str
+    num_classes: int = Field(ge=2)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        return name
+
+
+class DataSection(Section):
+    train: str = Field(description="training .beton file")
+    val: str = Field(description="validation .beton file")
+    pipeline: Literal["cifar", "imagenet"] = "cifar"
+    image_size: int = Field(32, ge=8, description="training resolution (crop size for imagenet)")
+    val_image_size: int | None = Field(None, ge=8, description="validation crop (default image_size)")
+    val_crop_ratio: float = Field(224 / 256, gt=0, le=1, description="imagenet: center crop / resize ratio")
+    pad_crop: int = Field(4, ge=0, description="cifar: random crop after zero padding by this many pixels")
+    flip: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = Field(128, ge=1, description="global batch size, split over the workers")
+    val_batch_size: int = Field(256, ge=1, description="per-worker evaluation batch size")
+    num_workers: int | None = Field(None, ge=1, description="loader threads (default: the worker's CPUs)")
+    calibration_images: int = Field(512, ge=1, description="training images for BN re-estimation")
+
+
+class SamplingSection(Section):
+    space: Literal["full", "restricted"] = "full"
+    max_dropped: list[int] | None = Field(None, description="restricted: trailing blocks each stage may drop")
+    decay: float = Field(1.0, gt=0, le=1, description="1 = uniform; <1 favours larger sub-nets")
+    include_full: bool = True
+    per_rank: bool = False
+
+    @model_validator(mode="after")
+    def _restricted_needs_bounds(self) -> "SamplingSection":
+        if self.space == "restricted" and self.max_dropped is None:
+            raise ValueError("space 'restricted' needs max_dropped, one entry per stage (e.g. [0, 1, 3, 0])")
+        return self
+
+
+class MethodSection(Section):
+    name: str = "st"
+    kl_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    num_subnets: int = Field(1, ge=1)
+    subnet_reduction: str = "sum"
+    logit_norm: bool = False
+    logit_norm_amplitude: float = Field(1.0, gt=0)
+    small_inputs: bool = False
+    small_input_min_fraction: float = Field(0.43, gt=0, le=1)
+    share_prefix: bool = True
+    final_survival: float = Field(0.5, gt=0, le=1, description="stochastic_depth")
+    distill_alpha: float = Field(0.1, ge=0, le=1, description="self_distillation")
+    distill_temperature: float = Field(3.0, gt=0, description="self_distillation")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in METHOD_NAMES:
+            raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHOD_NAMES)}")
+        return name
+
+    @field_validator("subnet_reduction")
+    @classmethod
+    def _reduction(cls, value: str) -> str:
+        if value not in SUBNET_REDUCTIONS:
+            raise ValueError(f"choose one of {SUBNET_REDUCTIONS}")
+        return value
+
+    def objective_options(self) -> dict[str, Any]:
+        """The keyword arguments `build_objective` takes for this method."""
+        if self.name == "st":
+            keys = ("kl_weight", "temperature", "num_subnets", "subnet_reduction", "logit_norm",
+                    "logit_norm_amplitude", "small_inputs", "small_input_min_fraction", "share_prefix")
+            return {k: getattr(self, k) for k in keys}
+        if self.name == "stochastic_depth":
+            return {"final_survival": self.final_survival}
+        if self.name == "self_distillation":
+            return {"distill_alpha": self.distill_alpha, "temperature": self.distill_temperature}
+        return {}
+
+
+class OptimizerSection(Section):
+    epochs: int = Field(ge=1)
+    lr: float = Field(0.1, gt=0, description="peak learning rate for the global batch size")
+    lr_min: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    decay_norm_and_bias: bool = Field(False, description="apply weight decay to BN/bias parameters too")
+
+
+class DeepSpeedSection(Section):
+    config: str = Field("cpu_fp32.json", description="a file in ds_configs/ or a path")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="merged over the JSON (dotted keys allowed)")
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class EvalSection(Section):
+    subnets_every: int = Field(5, ge=0, description="all-sub-net evaluation every N epochs (0: only at the end)")
+    max_subnets: int = Field(1000, ge=1, description="evaluate a fixed-seed sample when the space is larger")
+    recalibrate: bool = True
+    shared_stats: bool = Field(True, description="also report figures on the shared running statistics")
+    destruction: bool = Field(False, description="run network destruction tests at the end")
+
+
+class TrackingSection(Section):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite)")
+    experiment: str = "st-scale"
+    run_name: str | None = None
+    log_every_steps: int = Field(10, ge=1)
+    system_metrics: bool = True
+
+
+class RunSection(Section):
+    name: str = Field(description="the Ray Train run name; running the same name again resumes it")
+    storage_path: str = Field("~/st_scale_runs", description="checkpoints and results (shared storage on a cluster)")
+    seed: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    stop_after_epochs: int | None = Field(None, ge=1, description="end the job after N epochs (resumable), e.g. for smoke runs")
+
+
+class Config(Section):
+    model: ModelSection
+    data: DataSection
+    method: MethodSection = MethodSection()
+    sampling: SamplingSection = SamplingSection()
+    optimizer: OptimizerSection
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    scaling: ScalingSection = ScalingSection()
+    eval: EvalSection = EvalSection()
+    tracking: TrackingSection = TrackingSection()
+    run: RunSection
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.data.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is not divisible by scaling.num_workers="
+                f"{self.scaling.num_workers}; choose a global batch size that is a multiple of the worker count"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as dotted keys (MLflow params)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+# ------------------------------------------------------------------------------------ loading
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("st_scale.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def _recipe_text(recipe: str) -> tuple[str, str]:
+    path = Path(recipe).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in recipe:
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe!r} does not exist")
+        return path.read_text(), str(path.resolve())
+    packaged = resources.files("st_scale.recipes") / f"{recipe}.yaml"
+    if not packaged.is_file():
+        raise ConfigError(f"unknown recipe {recipe!r}; packaged recipes: {', '.join(recipe_names())} (or give a .yaml path)")
+    return packaged.read_text(), f"st_scale/recipes/{recipe}.yaml"
+
+
+def load_recipe_tree(recipe: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The recipe as a nested dict; a `base:` key names a recipe it extends."""
+    text, origin = _recipe_text(recipe)
+    if origin in _seen:
+        raise ConfigError(f"recipe {recipe!r} extends itself through 'base'")
+    tree = yaml.safe_load(text) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {origin} must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return deep_merge(load_recipe_tree(base, _seen + (origin,)), tree)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {assignment!r}: empty key part")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown key; check the spelling against `st-scale train --help` or the packaged recipes"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"  {field}: {message}{shown}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_explain(error)) from None
+
+
+def load_config(recipe: str, overrides: list[str] = ()) -> Config:
+    tree = load_recipe_tree(recipe)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return build_config(tree)

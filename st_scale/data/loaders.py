@@ -1,0 +1,116 @@
+"""FFCV loaders for training, validation and BN calibration, and the on-device batch preparation.
+
+Loaders return uint8 NCHW tensors; `BatchPreparer` turns them into normalised float batches on the
+worker's device. CIFAR-size augmentation (pad-crop, flip) runs there too, in torch, from a
+generator seeded by (seed, global step, rank): a resumed run sees exactly the batches the
+uninterrupted one would have. ImageNet-size training crops inside FFCV's decoder
+(RandomResizedCrop), whose randomness FFCV does not seed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import DataSection
+from ..sampling import step_rng
+
+STREAM_AUGMENT = 4
+
+
+def _image_pipeline(data: DataSection, train: bool, device: torch.device):
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+    if data.pipeline == "cifar":
+        ops = [SimpleRGBImageDecoder()]
+    elif train:
+        ops = [RandomResizedCropRGBImageDecoder((data.image_size, data.image_size))]
+        if data.flip:
+            ops.append(RandomHorizontalFlip())
+    else:
+        size = data.val_image_size or data.image_size
+        ops = [CenterCropRGBImageDecoder((size, size), ratio=data.val_crop_ratio)]
+    ops.append(ToTensor())
+    if device.type == "cuda":
+        ops.append(ToDevice(device, non_blocking=True))
+    ops.append(ToTorchImage())
+    return ops
+
+
+def _label_pipeline(device: torch.device):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    ops = [IntDecoder(), ToTensor(), Squeeze()]
+    if device.type == "cuda":
+        ops.append(ToDevice(device, non_blocking=True))
+    return ops
+
+
+def train_loader(data: DataSection, *, batch_size: int, seed: int, num_workers: int, device: torch.device,
+                 distributed: bool):
+    """Shuffled, sharded across ranks like DistributedSampler (the process group must exist)."""
+    from ffcv.loader import Loader, OrderOption
+
+    return Loader(data.train, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
+                  distributed=distributed, seed=seed, drop_last=True,
+                  pipelines={"image": _image_pipeline(data, True, device), "label": _label_pipeline(device)})
+
+
+def eval_loader(data: DataSection, path: str, *, indices: Iterable[int] | None, num_workers: int, device: torch.device):
+    """Sequential, no augmentation, nothing dropped; `indices` selects this rank's share."""
+    from ffcv.loader import Loader, OrderOption
+
+    return Loader(path, batch_size=data.val_batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+                  indices=None if indices is None else np.asarray(list(indices)), drop_last=False,
+                  pipelines={"image": _image_pipeline(data, False, device), "label": _label_pipeline(device)})
+
+
+class BatchPreparer:
+    """uint8 NCHW -> normalised float (or bf16) on the device, with seeded CIFAR-size augmentation."""
+
+    def __init__(self, data: DataSection, device: torch.device, dtype: torch.dtype, seed: int, rank: int):
+        self.data, self.device, self.dtype, self.seed, self.rank = data, device, dtype, seed, rank
+        self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).float()
+        return ((images - self.mean) / self.std).to(self.dtype).contiguous()
+
+    def eval(self, images: torch.Tensor) -> torch.Tensor:
+        return self._normalise(images)
+
+    def train(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        if self.data.pipeline != "cifar":
+            return self._normalise(images)
+        images = images.to(self.device, non_blocking=True).float()
+        rng = step_rng(self.seed, step, rank=self.rank, stream=STREAM_AUGMENT)
+        n, _, h, w = images.shape
+        pad = self.data.pad_crop
+        if pad:
+            padded = F.pad(images, (pad, pad, pad, pad))  # zero (black) padding before normalisation
+            dy = torch.from_numpy(rng.integers(0, 2 * pad + 1, n)).to(self.device)
+            dx = torch.from_numpy(rng.integers(0, 2 * pad + 1, n)).to(self.device)
+            rows = (torch.arange(h, device=self.device)[None, :] + dy[:, None])[:, None, :, None]
+            cols = (torch.arange(w, device=self.device)[None, :] + dx[:, None])[:, None, None, :]
+            batch = torch.arange(n, device=self.device)[:, None, None, None]
+            channel = torch.arange(3, device=self.device)[None, :, None, None]
+            images = padded[batch, channel, rows, cols]
+        if self.data.flip:
+            flip = torch.from_numpy(rng.random(n) < 0.5).to(self.device)[:, None, None, None]
+            images = torch.where(flip, images.flip(-1), images)
+        return ((images - self.mean) / self.std).to(self.dtype).contiguous()
+
+    def eval_batches(self, loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in loader:
+            yield self.eval(images), labels.to(self.device).long()
+
+
+def materialise(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keep batches in memory (FFCV's buffers rotate: clone what you keep)."""
+    return [(x.clone(), y.clone()) for x, y in batches]

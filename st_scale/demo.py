@@ -1,0 +1,43 @@
+"""`st-scale demo`: the embedded default. Digits -> .beton once, CT then ST on a local Ray with 2
+CPU workers through DeepSpeed, both in one MLflow experiment, then a side-by-side table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .config import load_config
+from .data.integrity import DatasetFileError, verify_beton
+from .launch import train, write_summary_json
+from .report import print_summaries
+
+
+def ensure_digits(data_dir: Path, image_size: int = 32) -> None:
+    """Convert the bundled digits set unless a verified copy is already there."""
+    from .data.commands import convert
+
+    try:
+        for split in ("train", "val"):
+            verify_beton(data_dir / f"{split}.beton")
+    except DatasetFileError:
+        convert("digits", None, data_dir, image_size=image_size)
+
+
+def run_demo(*, epochs: int | None = None, overrides: list[str] = (), data_dir: str = "~/.cache/st_scale/digits32",
+             address: str | None = None, summary_json: str | None = None):
+    data = Path(data_dir).expanduser().resolve()
+    ensure_digits(data)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    common = [f"data.train={data / 'train.beton'}", f"data.val={data / 'val.beton'}", *overrides]
+    if epochs is not None:
+        common.append(f"optimizer.epochs={epochs}")
+    summaries, cfg = [], None
+    for recipe in ("demo_ct", "demo_st"):
+        cfg = load_config(recipe, [*common, f"run.name={recipe.replace('_', '-')}-{stamp}"])
+        print(f"\n=== {recipe}: {cfg.method.name.upper()} {cfg.model.name}, {cfg.optimizer.epochs} epochs, "
+              f"{cfg.scaling.num_workers} workers ===", flush=True)
+        summaries.append(train(cfg, address=address))
+    print_summaries(summaries, cfg)
+    if summary_json:
+        write_summary_json(summary_json, summaries)
+    return summaries

@@ -1,0 +1,201 @@
+"""DeepSpeed: the JSON config with batch sizes derived from the recipe, the engine around model +
+objective, the LR schedule, and checkpoints that resume exactly.
+
+The recipe is the one source of truth for batch sizes: the DS config may omit them, and where it
+states them they must agree. A torch optimizer is passed to `deepspeed.initialize` (an optimizer in
+the JSON would JIT-build fused kernels); the LR schedule is ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, OptimizerSection
+from .methods import Objective
+from .models import ElasticNet
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+CHECKPOINT_TAG = "checkpoint"
+
+
+# ------------------------------------------------------------------------------------ DS config
+def find_ds_config(name: str) -> Path:
+    """A path, or a file name in the repository's / installation's ds_configs/."""
+    candidates = [Path(name).expanduser()]
+    if not Path(name).is_absolute():
+        candidates += [DS_CONFIG_DIR / name, Path.cwd() / "ds_configs" / name]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    available = sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")) if DS_CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"deepspeed.config: file {name!r} not found; available in ds_configs/: {', '.join(available)}")
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[parts[-1]] = value
+
+
+def resolve_ds_config(cfg: Config) -> dict:
+    """The DeepSpeed config dict for this run, batch sizes filled in from the recipe."""
+    path = find_ds_config(cfg.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({error})") from None
+    for key, value in cfg.deepspeed.overrides.items():
+        _set_dotted(ds, key, value)
+    for forbidden, why in (("optimizer", "st-scale passes a torch optimizer (optimizer section of the recipe)"),
+                           ("scheduler", "st-scale owns the LR schedule (optimizer section of the recipe)")):
+        if forbidden in ds:
+            raise ConfigError(f"deepspeed.config: {path.name} has an {forbidden!r} block; remove it: {why}")
+    world = cfg.scaling.num_workers
+    accumulation = int(ds.get("gradient_accumulation_steps", 1))
+    global_batch = cfg.data.batch_size
+    if global_batch % (world * accumulation):
+        raise ConfigError(
+            f"data.batch_size={global_batch} is not divisible by scaling.num_workers={world} x "
+            f"gradient_accumulation_steps={accumulation}"
+        )
+    derived = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": global_batch // (world * accumulation),
+               "gradient_accumulation_steps": accumulation}
+    for key, value in derived.items():
+        if key in ds and int(ds[key]) != value:
+            raise ConfigError(
+                f"deepspeed.config: {path.name} sets {key}={ds[key]}, which contradicts the recipe "
+                f"(data.batch_size={global_batch}, {world} workers gives {value}); remove it from the JSON"
+            )
+    ds.update(derived)
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if bf16 and not cfg.scaling.use_gpu:
+        raise ConfigError(f"deepspeed.config: {path.name} enables bf16, which st-scale runs on GPUs only; "
+                          f"use cpu_fp32.json on CPU workers or set scaling.gpus_per_worker")
+    if bf16 and ds.get("data_types", {}).get("buffer_dtype") != "bf16":
+        raise ConfigError(f"deepspeed.config: {path.name} enables bf16 without data_types.buffer_dtype='bf16'; "
+                          f"BatchNorm buffers must be bf16 too")
+    return ds
+
+
+# ------------------------------------------------------------------------------------ LR
+def lr_at(step: int, total_steps: int, steps_per_epoch: int, opt: OptimizerSection) -> float:
+    """Linear warm-up, then cosine (per step) or constant."""
+    warmup = int(opt.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return opt.lr * (step + 1) / warmup
+    if opt.schedule == "constant":
+        return opt.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return opt.lr_min + (opt.lr - opt.lr_min) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ------------------------------------------------------------------------------------ engine
+class TrainModule(nn.Module):
+    """What DeepSpeed wraps: the elastic model and the objective (with any auxiliary heads)."""
+
+    def __init__(self, model: ElasticNet, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, step: int):
+        out = self.objective(self.model, images, labels, step)
+        return out.loss, out.parts, out.logits
+
+
+def parameter_groups(module: nn.Module, opt: OptimizerSection) -> list[dict]:
+    """No weight decay on normalisation weights and biases (every 1-d parameter: this catches the
+    shortcut BNs that name-based filters miss)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 or opt.decay_norm_and_bias else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory collective (40-75 s) that training
+    never uses: replace its builder before initialize. Note: `import deepspeed.comm.torch` would
+    bind the real torch package, so go through sys.modules."""
+    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def build_engine(model: ElasticNet, objective: Objective, cfg: Config, ds_config: dict):
+    import deepspeed
+
+    if not cfg.scaling.use_gpu:
+        _skip_cpu_shm_build()
+    module = TrainModule(model, objective)
+    optimizer = torch.optim.SGD(parameter_groups(module, cfg.optimizer), lr=cfg.optimizer.lr,
+                                momentum=cfg.optimizer.momentum, nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _commit_marker(directory: Path, rank: int) -> Path:
+    return directory / f"COMMITTED.rank{rank}"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, directory: Path, rank: int, client_state: dict) -> None:
+    """Every rank calls this (DeepSpeed's save is collective). Each rank writes its shard, its RNG
+    state and, last, its commit marker: a checkpoint without every marker is incomplete."""
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
+    torch.save(rng_state(), directory / f"rng.rank{rank}.pt")
+    _commit_marker(directory, rank).write_text(json.dumps({"epoch": client_state["epoch"], "step": client_state["step"]}))
+
+
+def load_checkpoint(engine, directory: Path, rank: int, world_size: int) -> dict:
+    """Restore engine, optimizer and this rank's RNG state; return the client state."""
+    missing = [r for r in range(world_size) if not _commit_marker(directory, r).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"checkpoint {directory} is incomplete (no commit marker from ranks {missing}); it was written by a "
+            f"different number of workers or interrupted while saving. Resume with {world_size} workers from a "
+            f"complete checkpoint, or start a new run name"
+        )
+    _, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+    set_rng_state(torch.load(directory / f"rng.rank{rank}.pt", weights_only=False))
+    return client_state
+
+
+def worker_env_for_cpu() -> dict[str, str]:
+    """Environment for CPU workers: DeepSpeed's CPU accelerator without probing for CUDA."""
+    return {"DS_ACCELERATOR": "cpu"} if not os.environ.get("DS_ACCELERATOR") else {}

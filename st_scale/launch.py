@@ -1,0 +1,151 @@
+"""The driver: validate everything that can be checked before a worker starts, connect to Ray
+(an existing cluster via --address / RAY_ADDRESS, else a local instance on 127.0.0.1), fit a
+TorchTrainer of DeepSpeed workers, and summarise the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError
+from .data.integrity import DatasetFileError, verify_beton
+from .engine import resolve_ds_config
+from .tracking import check_tracking_uri, resolve_tracking_uri
+
+LOCAL_RAY_TEMP_DIR = "/tmp/st_scale_ray"  # short: Ray's unix sockets have a ~107 character path limit
+
+
+@dataclass
+class RunSummary:
+    method: str
+    model: str
+    dataset: str
+    main_top1: float | None
+    subnets_mean_top1: float | None
+    subnets_std_top1: float | None
+    subnets_min_top1: float | None
+    num_subnets: int | None
+    mlflow_run_id: str | None
+    epochs: int
+    wall_s: float
+
+
+def quiet_local_defaults() -> None:
+    """Loopback only, no usage reporting: for every process this driver starts."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+# Ray reads these when it is first imported: set them before anything imports ray.
+quiet_local_defaults()
+
+
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as error:
+            raise ConfigError(f"--address/RAY_ADDRESS={address!r}: cannot connect to a Ray cluster "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             object_store_memory=512 * 2**20, _temp_dir=LOCAL_RAY_TEMP_DIR, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}})
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    for resource, per_worker, field in (("CPU", s.cpus_per_worker, "cpus_per_worker"), ("GPU", s.gpus_per_worker, "gpus_per_worker")):
+        need = per_worker * s.num_workers
+        have = total.get(resource, 0.0)
+        if need > have + 1e-9:
+            raise ConfigError(
+                f"scaling.num_workers={s.num_workers} x scaling.{field}={per_worker} needs {need:g} {resource}s "
+                f"but the Ray cluster has {have:g}; lower them or add nodes"
+            )
+
+
+def validate_inputs(cfg: Config) -> dict:
+    """Driver-side checks; returns what the workers need besides the config."""
+    metadata = {}
+    for field in ("train", "val"):
+        path = str(Path(getattr(cfg.data, field)).expanduser().resolve())
+        setattr(cfg.data, field, path)
+        try:
+            metadata[field] = verify_beton(path)
+        except DatasetFileError as error:
+            raise ConfigError(f"data.{field}: {error}") from None
+    classes = metadata["train"].get("num_classes")
+    if classes and classes > cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.train} has {classes} classes; "
+                          f"set model.num_classes={classes}")
+    ds_config = resolve_ds_config(cfg)
+    cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    experiment_id = check_tracking_uri(tracking_uri, cfg.tracking.experiment)
+    return {"ds_config": ds_config, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
+            "dataset": metadata["train"].get("source", cfg.data.train)}
+
+
+def _fault_from_env(cfg: Config) -> dict | None:
+    """ST_SCALE_FAIL_AT_STEP=N [ST_SCALE_FAIL_RANK=r]: a worker exits at global step N, once (tests)."""
+    step = os.environ.get("ST_SCALE_FAIL_AT_STEP")
+    if not step:
+        return None
+    marker = Path(cfg.run.storage_path) / cfg.run.name / "injected_failure.txt"
+    return {"step": int(step), "rank": int(os.environ.get("ST_SCALE_FAIL_RANK", "1")), "marker": str(marker)}
+
+
+def train(cfg: Config, *, address: str | None = None) -> RunSummary:
+    """Run (or resume, if `run.name` exists under `run.storage_path`) one training run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .train_loop import train_worker
+
+    extras = validate_inputs(cfg)
+    connect_ray(address)
+    check_cluster_fits(cfg)
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), **extras, "fault": _fault_from_env(cfg)},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+        ),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - start
+    m = result.metrics or {}
+    return RunSummary(
+        method=cfg.method.name, model=cfg.model.name, dataset=extras["dataset"],
+        main_top1=m.get("val/main_top1"), subnets_mean_top1=m.get("val/subnets_mean_top1"),
+        subnets_std_top1=m.get("val/subnets_std_top1"), subnets_min_top1=m.get("val/subnets_min_top1"),
+        num_subnets=int(m["val/num_subnets"]) if "val/num_subnets" in m else None,
+        mlflow_run_id=m.get("mlflow_run_id"), epochs=int(m.get("epoch", 0)), wall_s=round(wall, 1),
+    )
+
+
+def write_summary_json(path: str | Path, summaries: list[RunSummary]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": [asdict(s) for s in summaries]}, indent=2) + "\n")

@@ -1,0 +1,281 @@
+"""The training loop each Ray Train worker runs: data, model, DeepSpeed engine, resume, epochs of
+training, BN re-estimation, evaluation, MLflow logging (rank 0) and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .checkpoint_eval import write_run_info
+from .config import Config
+from .distributed import barrier, gather_lists, sum_accuracy
+from .engine import build_engine, load_checkpoint, lr_at, save_checkpoint, set_lr
+from .evaluation import SubnetReport, destruction_tests, evaluate_main, evaluate_subnets, recalibrate_bn
+from .methods import build_objective
+from .models import ElasticNet, create_model
+from .sampling import SubnetSampler, SubnetSpace
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def build_space(cfg: Config, model: ElasticNet) -> SubnetSpace:
+    if cfg.sampling.space == "restricted":
+        if len(cfg.sampling.max_dropped) != model.num_stages:
+            raise ValueError(f"sampling.max_dropped={cfg.sampling.max_dropped} needs one entry per stage of "
+                             f"{model.name} ({model.num_stages} stages: {list(model.stage_sizes)})")
+        return SubnetSpace.restricted(model.stage_sizes, cfg.sampling.max_dropped)
+    return SubnetSpace.full(model.stage_sizes)
+
+
+def build_model_and_objective(cfg: Config, rank: int = 0):
+    """The elastic model, its sub-network space and the training objective, as a run builds them."""
+    model = create_model(cfg.model.name, cfg.model.num_classes)
+    space = build_space(cfg, model)
+    sampler = SubnetSampler(space, seed=cfg.run.seed, decay=cfg.sampling.decay,
+                            include_full=cfg.sampling.include_full, per_rank=cfg.sampling.per_rank)
+    options = cfg.method.objective_options()
+    if cfg.method.name == "st":
+        options["rank"] = rank
+    objective = build_objective(cfg.method.name, model, sampler if cfg.method.name == "st" else None, **options)
+    return model, space, objective
+
+
+@dataclass
+class WorkerContext:
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    tracker: Any  # RunTracker on rank 0, None elsewhere
+
+
+def _maybe_inject_fault(fault: dict | None, rank: int, step: int) -> None:
+    """Test hook: rank `fault['rank']` dies at global step `fault['step']`, once per run."""
+    if not fault or rank != fault["rank"] or step != fault["step"]:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} exited at step {step}\n")
+    os._exit(1)
+
+
+def _subnet_evaluation(ctx: WorkerContext, model, subnets, val_batches_fn, calibration) -> SubnetReport | None:
+    mine = subnets[ctx.rank :: ctx.world]
+    rows = evaluate_subnets(model, mine, val_batches_fn(), calibration).rows if mine else []
+    rows = gather_lists(rows)
+    return SubnetReport(sorted(rows, key=lambda r: r.depths), calibration is not None) if rows else None
+
+
+def _subnet_metrics(report: SubnetReport, suffix: str) -> dict[str, float]:
+    s = report.stats
+    return {f"val/subnets_{k}{suffix}": s[k] for k in ("mean_top1", "std_top1", "min_top1", "max_top1")}
+
+
+def train_worker(loop_config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from .data.loaders import BatchPreparer, eval_loader, materialise, train_loader
+    from .data.integrity import read_metadata
+
+    cfg = Config.model_validate(loop_config["config"])
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    if cfg.scaling.use_gpu:
+        device = torch.device("cuda", train_ctx.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    threads = max(1, int(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+
+    model, space, objective = build_model_and_objective(cfg, rank)
+    engine = build_engine(model, objective, cfg, loop_config["ds_config"])
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    preparer = BatchPreparer(cfg.data, device, dtype, cfg.run.seed, rank)
+
+    loader_threads = cfg.data.num_workers or threads
+    micro_batch = loop_config["ds_config"]["train_micro_batch_size_per_gpu"]
+    train = train_loader(cfg.data, batch_size=micro_batch, seed=cfg.run.seed, num_workers=loader_threads,
+                         device=device, distributed=world > 1)
+    n_train, n_val = read_metadata(cfg.data.train)["num_samples"], read_metadata(cfg.data.val)["num_samples"]
+    calibration_raw = materialise(eval_loader(cfg.data, cfg.data.train, indices=range(min(cfg.data.calibration_images, n_train)),
+                                              num_workers=loader_threads, device=device))
+    val_shard = eval_loader(cfg.data, cfg.data.val, indices=range(rank, n_val, world), num_workers=loader_threads, device=device)
+    val_full = eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=loader_threads, device=device)
+
+    def calibration():
+        return [(preparer.eval(x), y.to(device).long()) for x, y in calibration_raw]
+
+    start_epoch, step, run_id, last_metrics = 0, 0, None, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(engine, Path(directory), rank, world)
+        start_epoch, step, run_id, last_metrics = state["epoch"], state["step"], state["mlflow_run_id"], state["metrics"]
+
+    tracker = None
+    if rank == 0:
+        from .tracking import RunTracker
+
+        tracker = RunTracker(loop_config["tracking_uri"], loop_config["experiment_id"], run_id=run_id,
+                             run_name=cfg.tracking.run_name or cfg.run.name, params=cfg.flat(),
+                             tags={"st_scale.method": cfg.method.name, "st_scale.model": cfg.model.name,
+                                   "st_scale.run_name": cfg.run.name, "st_scale.dataset": loop_config["dataset"]},
+                             system_metrics=cfg.tracking.system_metrics)
+        if run_id is None:
+            tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
+        run_id = tracker.run_id
+    ctx = WorkerContext(cfg, rank, world, device, tracker)
+
+    epochs = cfg.optimizer.epochs
+    steps_per_epoch = len(train)
+    total_steps = epochs * steps_per_epoch
+    global_batch = micro_batch * world
+    subnets = space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed)
+    stop_at = min(epochs, cfg.run.stop_after_epochs or epochs)
+
+    if start_epoch >= stop_at:  # nothing left to train: report what the checkpoint holds
+        ray.train.report(last_metrics)
+        return
+
+    for epoch in range(start_epoch, stop_at):
+        step = _train_epoch(ctx, engine, train, preparer, epoch, step, steps_per_epoch, total_steps, global_batch,
+                            loop_config.get("fault"))
+        metrics = {"epoch": epoch + 1, "step": step}
+        final = epoch + 1 == epochs
+        model.eval()
+        if cfg.eval.shared_stats:
+            metrics["val/main_top1_shared_stats"] = sum_accuracy(evaluate_main(model, preparer.eval_batches(val_shard)), device).top1
+        calib = calibration() if cfg.eval.recalibrate else None
+        if calib is not None:
+            recalibrate_bn(model, model.plan_for_depths(None), calib)  # the reference does this every epoch
+        main = sum_accuracy(evaluate_main(model, preparer.eval_batches(val_shard)), device)
+        metrics.update({"val/main_top1": main.top1, "val/main_top5": main.top5})
+        every = cfg.eval.subnets_every
+        if final or (every and (epoch + 1) % every == 0):
+            reports = {"": _subnet_evaluation(ctx, model, subnets, lambda: preparer.eval_batches(val_full), calib)}
+            if cfg.eval.shared_stats and calib is not None:
+                reports["_shared_stats"] = _subnet_evaluation(ctx, model, subnets, lambda: preparer.eval_batches(val_full), None)
+            for suffix, report in reports.items():
+                if report is not None:
+                    metrics.update(_subnet_metrics(report, suffix))
+                    metrics["val/num_subnets"] = report.stats["num_subnets"]
+                    if tracker:
+                        _log_subnet_report(tracker, report, epoch + 1, suffix, cfg)
+        if tracker:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")} | {"epoch": epoch + 1}, step)
+        if final and cfg.eval.destruction:
+            _destruction(ctx, model, preparer, val_full, calib)
+        last_metrics = {**metrics, "mlflow_run_id": run_id}
+        client_state = {"epoch": epoch + 1, "step": step, "mlflow_run_id": run_id, "metrics": last_metrics}
+        with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
+            if rank == 0:  # before the shards: the commit markers are written last
+                write_run_info(Path(directory), {"config": cfg.model_dump(mode="json"), "epoch": epoch + 1, "step": step,
+                                                 "mlflow_run_id": run_id, "tracking_uri": loop_config["tracking_uri"],
+                                                 "experiment_id": loop_config["experiment_id"]})
+            save_checkpoint(engine, Path(directory), rank, client_state)
+            ray.train.report(last_metrics, checkpoint=Checkpoint.from_directory(directory))
+
+    if tracker:
+        if stop_at == epochs:
+            _log_final_model(tracker, model)
+            tracker.finish("FINISHED")
+        else:
+            tracker.set_tags({"st_scale.stopped_after_epoch": str(stop_at)})
+            tracker.finish("KILLED")
+    barrier()
+
+
+def _train_epoch(ctx: WorkerContext, engine, loader, preparer, epoch, step, steps_per_epoch, total_steps,
+                 global_batch, fault) -> int:
+    from tqdm import tqdm
+
+    cfg = ctx.cfg
+    loader.next_epoch = epoch  # FFCV's shuffle order is a function of (seed, epoch): resume continues it
+    engine.module.train()
+    sums: dict[str, float] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optimizer.epochs}", disable=ctx.rank != 0,
+               mininterval=2.0, dynamic_ncols=True)
+    for images, labels in loader:
+        _maybe_inject_fault(fault, ctx.rank, step)
+        lr = lr_at(step, total_steps, steps_per_epoch, cfg.optimizer)
+        set_lr(engine, lr)
+        x = preparer.train(images, step)
+        y = labels.to(ctx.device, non_blocking=True).long()
+        loss, parts, _ = engine(x, y, step)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            raise NonFiniteLossError(
+                f"loss became {loss_value} at global step {step} (epoch {epoch + 1}; {shown}); training stopped, the "
+                f"last good checkpoint is kept. Lower optimizer.lr or method.kl_weight and resume with the same run.name"
+            )
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        window_steps += 1
+        sums["loss"] = sums.get("loss", 0.0) + loss_value
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        bar.update(1)
+        if ctx.tracker and step % cfg.tracking.log_every_steps == 0:
+            elapsed = time.perf_counter() - window_start
+            logged = {f"train/{k}": v / window_steps for k, v in sums.items()}
+            logged.update({"train/lr": lr, "train/images_per_s": window_steps * global_batch / max(elapsed, 1e-9)})
+            ctx.tracker.log_metrics(logged, step)
+            bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{lr:.3g}")
+            sums, window_steps, window_start = {}, 0, time.perf_counter()
+    bar.close()
+    return step
+
+
+def _log_subnet_report(tracker, report: SubnetReport, epoch: int, suffix: str, cfg: Config) -> None:
+    from .plots import subnet_figure
+
+    name = f"subnets{suffix}_epoch{epoch:03d}"
+    tracker.log_text(report.to_csv(), f"subnets/{name}.csv")
+    figure = subnet_figure(report, f"{cfg.method.name} {cfg.model.name}, epoch {epoch}")
+    tracker.log_figure(figure, f"plots/{name}.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def _destruction(ctx: WorkerContext, model, preparer, val_full, calib) -> None:
+    """Unraveled-view tests on rank 0 (the others wait at the next collective)."""
+    if ctx.rank != 0:
+        return
+    import matplotlib.pyplot as plt
+
+    from .plots import destruction_figure
+
+    batches = list(preparer.eval_batches(val_full))
+    rows = destruction_tests(model, [(x.clone(), y.clone()) for x, y in batches], calib)
+    lines = ["test,damage,detail,top1"] + [f"{r.test},{r.damage},{r.detail},{r.top1:.4f}" for r in rows]
+    ctx.tracker.log_text("\n".join(lines) + "\n", "destruction/destruction.csv")
+    figure = destruction_figure(rows, f"{ctx.cfg.method.name} {ctx.cfg.model.name}: network destruction")
+    ctx.tracker.log_figure(figure, "plots/destruction.png")
+    plt.close(figure)
+
+
+def _log_final_model(tracker, model: ElasticNet) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"{model.name}.pt"
+        torch.save({k: v.float() if v.is_floating_point() else v for k, v in model.net.state_dict().items()}, path)
+        tracker.log_file(path, "model")
