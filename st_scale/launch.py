@@ -31,6 +31,7 @@ class RunSummary:
     mlflow_run_id: str | None
     epochs: int
     wall_s: float
+    checkpoint: str | None = None  # the last checkpoint folder (for `st-scale eval`)
 
 
 def quiet_local_defaults() -> None:
@@ -142,6 +143,7 @@ def train(cfg: Config, *, address: str | None = None) -> RunSummary:
         subnets_std_top1=m.get("val/subnets_std_top1"), subnets_min_top1=m.get("val/subnets_min_top1"),
         num_subnets=int(m["val/num_subnets"]) if "val/num_subnets" in m else None,
         mlflow_run_id=m.get("mlflow_run_id"), epochs=int(m.get("epoch", 0)), wall_s=round(wall, 1),
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
     )
 
 

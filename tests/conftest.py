@@ -1,11 +1,24 @@
 import os
 
+# Loopback-only Ray, no usage reporting: before anything imports ray.
+import st_scale.launch  # noqa: F401,E402
+
 import pytest
 import torch
 
 # Deterministic, quiet CPU runs.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The bundled digits set as .beton files, written once per test session."""
+    from st_scale.data.commands import convert
+
+    out = tmp_path_factory.mktemp("digits32")
+    convert("digits", None, out, quiet=True)
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -67,8 +67,8 @@ class _Guarded:
     def __getitem__(self, i: int):
         try:
             return self.dataset[i]
-        except Exception:
-            Path(self.error_file).write_text(f"sample {i}: {traceback.format_exc(limit=3)}")
+        except Exception as error:
+            Path(self.error_file).write_text(f"sample {i}: {type(error).__name__}: {error}")
             os._exit(3)
 
 
@@ -113,7 +113,7 @@ def write_beton(dataset, path: str | Path, options: WriteOptions, metadata: dict
                     f"the source may be unreadable (raise inactivity_timeout_s for very slow storage)"
                 )
         if error_file.exists():
-            raise RuntimeError(f"writing {path} failed: the source raised\n{error_file.read_text()}")
+            raise RuntimeError(f"writing {path} failed: the source raised at {error_file.read_text()}")
         if process.exitcode != 0:
             raise RuntimeError(f"writing {path} failed (writer exit code {process.exitcode})")
     except BaseException:

@@ -1,0 +1,174 @@
+"""FFCV data: conversion from digits, CIFAR and ImageFolder sources; checksums catch damage that
+FFCV itself would silently read; the writer cannot hang; loaders and augmentation are seeded."""
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from st_scale.config import ConfigError, load_config
+from st_scale.data.commands import convert
+from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
+from st_scale.data.integrity import DatasetFileError, verify_beton
+from st_scale.data.loaders import BatchPreparer, eval_loader, train_loader
+
+
+def test_digits_conversion_writes_checksums_and_metadata(digits_dir):
+    for split, count in (("train", 1438), ("val", 359)):
+        meta = verify_beton(digits_dir / f"{split}.beton")
+        assert meta["num_samples"] == count and meta["num_classes"] == 10 and meta["image_size"] == 32
+        assert (digits_dir / f"{split}.beton.sha256").read_text().split()[0] == meta["sha256"]
+
+
+def _copy(digits_dir, tmp_path):
+    for suffix in ("", ".sha256", ".json"):
+        shutil.copy(digits_dir / f"val.beton{suffix}", tmp_path / f"val.beton{suffix}")
+    return tmp_path / "val.beton"
+
+
+def test_missing_file_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(DatasetFileError, match=r"dataset file .*nothere.beton does not exist; rebuild it with `st-scale convert`"):
+        verify_beton(tmp_path / "nothere.beton")
+
+
+def test_truncated_file_is_caught(digits_dir, tmp_path):
+    path = _copy(digits_dir, tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(DatasetFileError, match=r"\(truncated or overwritten\); rebuild it"):
+        verify_beton(path)
+
+
+def test_flipped_bytes_are_caught(digits_dir, tmp_path):
+    path = _copy(digits_dir, tmp_path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetFileError, match="does not match its checksum .* \\(corrupted\\); rebuild it"):
+        verify_beton(path)
+
+
+def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path):
+    from st_scale.launch import validate_inputs
+
+    path = _copy(digits_dir, tmp_path)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    cfg = load_config("demo_st", [f"data.train={digits_dir / 'train.beton'}", f"data.val={path}",
+                                  f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    with pytest.raises(ConfigError, match="data.val: .*val.beton does not match its checksum"):
+        validate_inputs(cfg)
+
+
+def test_a_source_that_raises_fails_fast_instead_of_hanging(tmp_path):
+    class Broken(ArrayDataset):
+        def __getitem__(self, i):
+            if i == 5:
+                raise OSError("disk read error")
+            return super().__getitem__(i)
+
+    images = np.zeros((16, 8, 8, 3), np.uint8)
+    dataset = Broken(images, np.arange(16) % 2)
+    with pytest.raises(RuntimeError, match="the source raised.*disk read error"):
+        write_beton(dataset, tmp_path / "broken.beton", WriteOptions(inactivity_timeout_s=60), {})
+    assert not (tmp_path / "broken.beton").exists()
+
+
+def _fake_cifar(root, classes=10, per_batch=6):
+    folder = root / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if classes == 10 else ["train", "test"]
+    key = b"labels" if classes == 10 else b"fine_labels"
+    for name in names:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 key: list(rng.integers(0, classes, per_batch))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return folder
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_directory_conversion(tmp_path, classes):
+    folder = _fake_cifar(tmp_path / "src", classes)
+    written = convert("cifar", str(tmp_path / "src"), tmp_path / "out", quiet=True)
+    expected_train = 30 if classes == 10 else 6
+    assert written["train"]["num_samples"] == expected_train and written["val"]["num_samples"] == 6
+    assert written["train"]["num_classes"] == classes
+    # Pixels survive the round trip (raw mode).
+    data = pickle.load(open(folder / ("test_batch" if classes == 10 else "test"), "rb"), encoding="bytes")
+    loader = eval_loader(load_config("demo_st").data, str(tmp_path / "out" / "val.beton"), indices=None,
+                         num_workers=1, device=torch.device("cpu"))
+    images, labels = next(iter(loader))
+    original = torch.from_numpy(data[b"data"].reshape(-1, 3, 32, 32))
+    assert torch.equal(images.contiguous(), original)
+
+
+def test_cifar_conversion_of_a_wrong_folder_says_what_it_expects(tmp_path):
+    with pytest.raises(ConfigError, match="holds no CIFAR data: expected cifar-10-batches-py/"):
+        convert("cifar", str(tmp_path), tmp_path / "out", quiet=True)
+
+
+def _image_folder(root, corrupt=False):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                size = (40 + 8 * i, 30 + 4 * i)
+                Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    if corrupt:
+        (root / "train" / "dog" / "1.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+
+
+def test_imagefolder_conversion_and_an_unreadable_image(tmp_path):
+    _image_folder(tmp_path / "src")
+    written = convert("imagefolder", str(tmp_path / "src"), tmp_path / "out", max_resolution=32, quiet=True)
+    assert written["train"]["num_samples"] == 8 and written["val"]["num_samples"] == 4
+    assert written["train"]["classes"] == ["cat", "dog"]
+    _image_folder(tmp_path / "bad", corrupt=True)
+    with pytest.raises(ConfigError, match=r"train/dog/1.jpg is not a readable image"):
+        convert("imagefolder", str(tmp_path / "bad"), tmp_path / "out2", quiet=True)
+
+
+def test_imagenet_size_pipeline_decodes_crops(tmp_path):
+    _image_folder(tmp_path / "src")
+    convert("imagefolder", str(tmp_path / "src"), tmp_path / "out", quiet=True)
+    cfg = load_config("imagenet_resnet50_st", [f"data.train={tmp_path}/out/train.beton", f"data.val={tmp_path}/out/val.beton",
+                                               "data.image_size=24", "data.val_image_size=28", "data.val_batch_size=4"])
+    device = torch.device("cpu")
+    train = train_loader(cfg.data, batch_size=4, seed=0, num_workers=1, device=device, distributed=False)
+    images, labels = next(iter(train))
+    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.uint8
+    val_images, _ = next(iter(eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=1, device=device)))
+    assert val_images.shape == (4, 3, 28, 28)
+
+
+def test_train_order_and_augmentation_are_functions_of_seed_and_epoch(digits_dir):
+    cfg = load_config("demo_st", [f"data.train={digits_dir / 'train.beton'}", f"data.val={digits_dir / 'val.beton'}"])
+    device = torch.device("cpu")
+
+    def first_batches(epoch, seed=0):
+        loader = train_loader(cfg.data, batch_size=32, seed=seed, num_workers=1, device=device, distributed=False)
+        loader.next_epoch = epoch
+        preparer = BatchPreparer(cfg.data, device, torch.float32, seed=seed, rank=0)
+        out = []
+        for step, (x, y) in enumerate(loader):
+            out.append((preparer.train(x, step), y.clone()))
+            if step == 2:
+                return out
+
+    a, b = first_batches(1), first_batches(1)
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    c = first_batches(2)
+    assert not torch.equal(a[0][1], c[0][1])  # another epoch, another order
+    # The pad-crop moved pixels: the augmented batch differs from the plain normalised one.
+    loader = train_loader(cfg.data, batch_size=32, seed=0, num_workers=1, device=device, distributed=False)
+    loader.next_epoch = 1
+    raw, _ = next(iter(loader))
+    plain = BatchPreparer(cfg.data, device, torch.float32, seed=0, rank=0).eval(raw)
+    assert a[0][0].shape == plain.shape and not torch.equal(a[0][0], plain)

@@ -1,0 +1,184 @@
+"""End to end on a real local Ray: DeepSpeed workers on gloo, FFCV loaders, a SQLite MLflow store.
+
+What a user checks: the MLflow run (params, metric histories, artifacts), checkpoints, the summary,
+identical weights after an interruption or a worker failure, and clear errors before any worker
+starts.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from st_scale.checkpoint_eval import CONFIG_FILE
+from st_scale.config import ConfigError, load_config
+from st_scale.launch import connect_ray, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, digits_dir):
+    import ray
+
+    connect_ray(num_cpus=2)
+    root = tmp_path_factory.mktemp("runs")
+    yield root
+    ray.shutdown()
+
+
+def make_config(digits_dir, root: Path, name: str, *extra: str):
+    return load_config("demo_st", [
+        f"data.train={digits_dir / 'train.beton'}", f"data.val={digits_dir / 'val.beton'}",
+        f"run.name={name}", f"run.storage_path={root / 'ray'}",
+        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.system_metrics=false",
+        "optimizer.epochs=2", "data.calibration_images=256", "eval.subnets_every=1", *extra,
+    ])
+
+
+def client(root: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def runs_named(root: Path, name: str):
+    c = client(root)
+    experiment = c.get_experiment_by_name("st-scale-demo")
+    return c.search_runs([experiment.experiment_id], filter_string=f"tags.st_scale.run_name = '{name}'")
+
+
+def final_weights(checkpoint: str) -> dict:
+    states = torch.load(Path(checkpoint) / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return states["module"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(workspace, digits_dir):
+    """An uninterrupted 2-epoch ST run."""
+    cfg = make_config(digits_dir, workspace, "reference")
+    return cfg, train(cfg)
+
+
+def test_a_run_is_tracked_in_mlflow(reference, workspace):
+    cfg, summary = reference
+    assert summary.epochs == 2 and summary.method == "st" and summary.num_subnets == 27
+    assert 0 <= summary.subnets_min_top1 <= summary.subnets_mean_top1 <= summary.main_top1 <= 100
+    (run,) = runs_named(workspace, "reference")
+    assert run.info.run_id == summary.mlflow_run_id and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["method.name"] == "st" and params["model.name"] == "cifar_resnet20" and params["method.kl_weight"] == "1.0"
+    c = client(workspace)
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [10, 20, 30, 40]
+    for key in ("train/kl", "train/ce", "train/lr", "train/images_per_s"):
+        assert len(c.get_metric_history(run.info.run_id, key)) == 4
+    for key in ("val/main_top1", "val/main_top5", "val/subnets_mean_top1", "val/subnets_std_top1",
+                "val/subnets_min_top1", "val/subnets_max_top1", "val/subnets_mean_top1_shared_stats"):
+        assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [22, 44], key
+    assert run.data.metrics["val/main_top1"] == pytest.approx(summary.main_top1)
+    artifacts = {a.path for folder in ("", "config", "subnets", "plots", "model")
+                 for a in c.list_artifacts(run.info.run_id, folder or None)}
+    assert {"config/resolved.yaml", "subnets/subnets_epoch002.csv", "plots/subnets_epoch002.png",
+            "model/cifar_resnet20.pt"} <= artifacts
+    csv = c.download_artifacts(run.info.run_id, "subnets/subnets_epoch002.csv")
+    assert len(Path(csv).read_text().strip().splitlines()) == 28
+
+
+def test_checkpoints_are_complete_and_pruned(reference, workspace):
+    cfg, summary = reference
+    run_dir = Path(cfg.run.storage_path) / "reference"
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2  # num_to_keep
+    last = Path(summary.checkpoint)
+    assert last == checkpoints[-1]
+    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", CONFIG_FILE} <= {p.name for p in last.iterdir()}
+    assert json.loads((last / CONFIG_FILE).read_text())["epoch"] == 2
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(reference, workspace, digits_dir):
+    _, uninterrupted = reference
+    first = train(make_config(digits_dir, workspace, "resumed", "run.stop_after_epochs=1"))
+    assert first.epochs == 1
+    (run,) = runs_named(workspace, "resumed")
+    assert run.info.status == "KILLED"
+    second = train(make_config(digits_dir, workspace, "resumed"))
+    assert second.epochs == 2 and second.mlflow_run_id == first.mlflow_run_id
+    assert_same_weights(final_weights(second.checkpoint), final_weights(uninterrupted.checkpoint))
+    (run,) = runs_named(workspace, "resumed")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client(workspace).get_metric_history(run.info.run_id, "train/loss")] == [10, 20, 30, 40]
+
+
+def test_a_worker_failure_is_restarted_from_the_last_checkpoint(reference, workspace, digits_dir, monkeypatch):
+    _, uninterrupted = reference
+    monkeypatch.setenv("ST_SCALE_FAIL_AT_STEP", "30")  # mid-epoch 2; rank 1 exits
+    cfg = make_config(digits_dir, workspace, "restarted", "run.max_failures=1")
+    summary = train(cfg)
+    assert (Path(cfg.run.storage_path) / "restarted" / "injected_failure.txt").is_file()
+    assert summary.epochs == 2
+    (run,) = runs_named(workspace, "restarted")  # one MLflow run for the whole job
+    assert run.info.status == "FINISHED" and run.info.run_id == summary.mlflow_run_id
+    c = client(workspace)
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [10, 20, 30, 40]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/main_top1")] == [22, 44]
+    assert_same_weights(final_weights(summary.checkpoint), final_weights(uninterrupted.checkpoint))
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace, digits_dir):
+    train(make_config(digits_dir, workspace, "diverges", "run.stop_after_epochs=1"))
+    with pytest.raises(Exception, match=r"loss became (nan|inf) at global step \d+ \(epoch 2; ce=.*kl="):
+        train(make_config(digits_dir, workspace, "diverges", "optimizer.lr=1e30", "method.kl_weight=1e30"))
+    (checkpoint,) = [p for p in (Path(workspace) / "ray" / "diverges").glob("checkpoint_*") if p.is_dir()]
+    assert {"COMMITTED.rank0", "COMMITTED.rank1"} <= {p.name for p in checkpoint.iterdir()}
+    assert json.loads((checkpoint / CONFIG_FILE).read_text())["epoch"] == 1
+
+
+def test_more_workers_than_the_cluster_has_fails_before_any_worker(workspace, digits_dir):
+    with pytest.raises(ConfigError, match="scaling.num_workers=4 x scaling.cpus_per_worker=1.0 needs 4 CPUs but the Ray cluster has 2"):
+        train(make_config(digits_dir, workspace, "too-big", "scaling.num_workers=4"))
+    assert not (Path(workspace) / "ray" / "too-big").exists()
+
+
+def test_an_unwritable_tracking_store_fails_before_any_worker(workspace, digits_dir):
+    with pytest.raises(ConfigError, match="tracking.tracking_uri='sqlite:////proc/st_scale/mlflow.db': cannot write"):
+        train(make_config(digits_dir, workspace, "no-store", "tracking.tracking_uri=sqlite:////proc/st_scale/mlflow.db"))
+
+
+def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys):
+    from st_scale.cli import main
+
+    _, summary = reference
+    assert main(["eval", summary.checkpoint, "--max-subnets", "8"]) == 0
+    assert "logged to MLflow run" in capsys.readouterr().out
+    run = client(workspace).get_run(summary.mlflow_run_id)
+    assert run.data.metrics["eval/subnets_num_subnets"] == 8
+    assert "eval/destruction/delete_one/1" in run.data.metrics
+    assert {a.path for a in client(workspace).list_artifacts(summary.mlflow_run_id, "eval")} >= {
+        "eval/subnets.csv", "eval/destruction.csv", "eval/subnets.png", "eval/destruction.png"}
+
+
+def test_demo_prints_ct_and_st_side_by_side(workspace, digits_dir, capsys):
+    from st_scale.cli import main
+
+    out = workspace / "demo.json"
+    code = main(["demo", "--epochs", "1", "--data-dir", str(digits_dir), "--summary-json", str(out),
+                 "--set", f"tracking.tracking_uri=sqlite:///{workspace / 'mlflow.db'}",
+                 "--set", f"run.storage_path={workspace / 'ray'}", "--set", "data.calibration_images=256",
+                 "--set", "tracking.system_metrics=false"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| ct | cifar_resnet20 |" in printed and "| st | cifar_resnet20 |" in printed
+    assert "mlflow ui --backend-store-uri sqlite:///" in printed
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["ct", "st"]
+    fields = {"method", "model", "dataset", "main_top1", "subnets_mean_top1", "subnets_std_top1", "subnets_min_top1",
+              "num_subnets", "mlflow_run_id", "epochs", "wall_s"}
+    assert all(fields <= set(r) and r["num_subnets"] == 27 and r["epochs"] == 1 for r in runs)
