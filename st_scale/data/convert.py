@@ -185,7 +185,7 @@ class ImageFolderDataset:
     def __init__(self, root: Path, classes: Sequence[str]):
         from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-        self.samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
+        self.samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
 
     def __len__(self) -> int:
         return len(self.samples)
