@@ -29,6 +29,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _one_of(kind: str, value: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
+    return value
+
+
 class ModelSection(Section):
     name: str
     num_classes: int = Field(ge=2)
@@ -36,9 +42,7 @@ class ModelSection(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-        return name
+        return _one_of("model", name, MODEL_NAMES)
 
 
 class DataSection(Section):
@@ -90,16 +94,12 @@ class MethodSection(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in METHOD_NAMES:
-            raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHOD_NAMES)}")
-        return name
+        return _one_of("method", name, METHOD_NAMES)
 
     @field_validator("subnet_reduction")
     @classmethod
     def _reduction(cls, value: str) -> str:
-        if value not in SUBNET_REDUCTIONS:
-            raise ValueError(f"choose one of {SUBNET_REDUCTIONS}")
-        return value
+        return _one_of("subnet_reduction", value, SUBNET_REDUCTIONS)
 
     def objective_options(self) -> dict[str, Any]:
         """The keyword arguments `build_objective` takes for this method."""

@@ -118,12 +118,7 @@ def recalibrate_bn(model: ElasticNet, plan: Plan, calibration: Iterable[Batch]) 
         model.train(was_training)
 
 
-@torch.no_grad()
-def evaluate_plan(
-    model: ElasticNet, plan: Plan, val: Iterable[Batch], calibration: Iterable[Batch] | None = None
-) -> Accuracy:
-    """Top-1/top-5 of one network; with `calibration`, on its own re-estimated BN statistics
-    (the model's own statistics are restored afterwards)."""
+def _plan_counts(model: ElasticNet, plan: Plan, val: Iterable[Batch], calibration: Iterable[Batch] | None) -> _Counts:
     counts = _Counts()
     with _CalibrationMode(model):
         if calibration is not None:
@@ -131,7 +126,16 @@ def evaluate_plan(
         model.eval()
         for images, labels in val:
             counts.add(model.run(images, plan), labels)
-    return counts.result()
+    return counts
+
+
+@torch.no_grad()
+def evaluate_plan(
+    model: ElasticNet, plan: Plan, val: Iterable[Batch], calibration: Iterable[Batch] | None = None
+) -> Accuracy:
+    """Top-1/top-5 of one network; with `calibration`, on its own re-estimated BN statistics
+    (the model's own statistics are restored afterwards)."""
+    return _plan_counts(model, plan, val, calibration).result()
 
 
 def evaluate_main(model: ElasticNet, val: Iterable[Batch], calibration: Iterable[Batch] | None = None) -> Accuracy:
@@ -287,9 +291,7 @@ def evaluate_subnets_naive(
     """The same numbers one sub-network at a time: the reference for `evaluate_subnets`."""
     counts = {}
     for depths in (model.check_depths(d) for d in subnets):
-        acc = evaluate_plan(model, model.plan_for_depths(depths), val, calibration)
-        c = counts[depths] = _Counts()
-        c.top1, c.top5, c.samples = acc.top1 * acc.samples / 100, acc.top5 * acc.samples / 100, acc.samples
+        counts[depths] = _plan_counts(model, model.plan_for_depths(depths), val, calibration)
     return _report(model, counts, calibration is not None, val[0][0].shape[-1])
 
 
