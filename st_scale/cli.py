@@ -38,7 +38,7 @@ def _add_demo(sub) -> None:
                        description="Convert the bundled digits set once, train CT and ST on a local Ray with 2 CPU "
                                    "workers through DeepSpeed, log both to MLflow, print main and all-sub-network "
                                    "accuracy side by side.")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (recipe default: 15)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (recipe default: 12)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of both demo recipes")
     p.add_argument("--data-dir", default="~/.cache/st_scale/digits32", help="where the digits .beton files go")

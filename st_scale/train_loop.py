@@ -52,11 +52,25 @@ def build_model_and_objective(cfg: Config, rank: int = 0):
 
 @dataclass
 class WorkerContext:
+    """Everything one worker's epochs need, built once by `train_worker`."""
+
     cfg: Config
+    loop_config: dict
     rank: int
     world: int
     device: torch.device
-    tracker: Any  # RunTracker on rank 0, None elsewhere
+    engine: Any
+    model: ElasticNet
+    preparer: Any  # BatchPreparer
+    train: Any  # FFCV loaders: training, this rank's validation shard, the whole validation set
+    val_shard: Any
+    val_full: Any
+    calibration: Any  # () -> list of prepared calibration batches
+    subnets: list
+    steps_per_epoch: int
+    global_batch: int
+    run_id: str | None = None
+    tracker: Any = None  # RunTracker on rank 0, None elsewhere
 
 
 def _maybe_inject_fault(fault: dict | None, rank: int, step: int) -> None:
@@ -85,7 +99,6 @@ def _subnet_metrics(report: SubnetReport, suffix: str) -> dict[str, float]:
 
 def train_worker(loop_config: dict) -> None:
     import ray.train
-    from ray.train import Checkpoint
 
     from .data.loaders import BatchPreparer, eval_loader, materialise, train_loader
     from .data.integrity import read_metadata
@@ -128,69 +141,36 @@ def train_worker(loop_config: dict) -> None:
             state = load_checkpoint(engine, Path(directory), rank, world)
         start_epoch, step, run_id, last_metrics = state["epoch"], state["step"], state["mlflow_run_id"], state["metrics"]
 
-    tracker = None
+    ctx = WorkerContext(cfg, loop_config, rank, world, device, engine, model, preparer, train, val_shard, val_full,
+                        calibration, space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed), len(train),
+                        micro_batch * world, run_id)
     if rank == 0:
         from .tracking import RunTracker
 
-        tracker = RunTracker(loop_config["tracking_uri"], loop_config["experiment_id"], run_id=run_id,
-                             run_name=cfg.tracking.run_name or cfg.run.name, params=cfg.flat(),
-                             tags={"st_scale.method": cfg.method.name, "st_scale.model": cfg.model.name,
-                                   "st_scale.run_name": cfg.run.name, "st_scale.dataset": loop_config["dataset"]},
-                             system_metrics=cfg.tracking.system_metrics)
+        ctx.tracker = RunTracker(loop_config["tracking_uri"], loop_config["experiment_id"], run_id=run_id,
+                                 run_name=cfg.tracking.run_name or cfg.run.name, params=cfg.flat(),
+                                 tags={"st_scale.method": cfg.method.name, "st_scale.model": cfg.model.name,
+                                       "st_scale.run_name": cfg.run.name, "st_scale.dataset": loop_config["dataset"]},
+                                 system_metrics=cfg.tracking.system_metrics)
         if run_id is None:
-            tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
-        run_id = tracker.run_id
-    ctx = WorkerContext(cfg, rank, world, device, tracker)
-
+            ctx.tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
+        ctx.run_id = ctx.tracker.run_id
+    tracker = ctx.tracker
     epochs = cfg.optimizer.epochs
-    steps_per_epoch = len(train)
-    total_steps = epochs * steps_per_epoch
-    global_batch = micro_batch * world
-    subnets = space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed)
     stop_at = min(epochs, cfg.run.stop_after_epochs or epochs)
 
     if start_epoch >= stop_at:  # nothing left to train: report what the checkpoint holds
+        if tracker:
+            tracker.finish("FINISHED" if start_epoch >= epochs else "KILLED")
         ray.train.report(last_metrics)
         return
 
-    for epoch in range(start_epoch, stop_at):
-        step = _train_epoch(ctx, engine, train, preparer, epoch, step, steps_per_epoch, total_steps, global_batch,
-                            loop_config.get("fault"))
-        metrics = {"epoch": epoch + 1, "step": step}
-        final = epoch + 1 == epochs
-        model.eval()
-        if cfg.eval.shared_stats:
-            metrics["val/main_top1_shared_stats"] = sum_accuracy(evaluate_main(model, preparer.eval_batches(val_shard)), device).top1
-        calib = calibration() if cfg.eval.recalibrate else None
-        if calib is not None:
-            recalibrate_bn(model, model.plan_for_depths(None), calib)  # the reference does this every epoch
-        main = sum_accuracy(evaluate_main(model, preparer.eval_batches(val_shard)), device)
-        metrics.update({"val/main_top1": main.top1, "val/main_top5": main.top5})
-        every = cfg.eval.subnets_every
-        if final or (every and (epoch + 1) % every == 0):
-            reports = {"": _subnet_evaluation(ctx, model, subnets, lambda: preparer.eval_batches(val_full), calib)}
-            if cfg.eval.shared_stats and calib is not None:
-                reports["_shared_stats"] = _subnet_evaluation(ctx, model, subnets, lambda: preparer.eval_batches(val_full), None)
-            for suffix, report in reports.items():
-                if report is not None:
-                    metrics.update(_subnet_metrics(report, suffix))
-                    metrics["val/num_subnets"] = report.stats["num_subnets"]
-                    if tracker:
-                        _log_subnet_report(tracker, report, epoch + 1, suffix, cfg)
-        if tracker:
-            tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")} | {"epoch": epoch + 1}, step)
-        if final and cfg.eval.destruction:
-            _destruction(ctx, model, preparer, val_full, calib)
-        last_metrics = {**metrics, "mlflow_run_id": run_id}
-        client_state = {"epoch": epoch + 1, "step": step, "mlflow_run_id": run_id, "metrics": last_metrics}
-        with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
-            if rank == 0:  # before the shards: the commit markers are written last
-                write_run_info(Path(directory), {"config": cfg.model_dump(mode="json"), "epoch": epoch + 1, "step": step,
-                                                 "mlflow_run_id": run_id, "tracking_uri": loop_config["tracking_uri"],
-                                                 "experiment_id": loop_config["experiment_id"]})
-            save_checkpoint(engine, Path(directory), rank, client_state)
-            ray.train.report(last_metrics, checkpoint=Checkpoint.from_directory(directory))
-
+    try:
+        _run_epochs(ctx, start_epoch, stop_at, step)
+    except BaseException:
+        if tracker:  # a restart (max_failures) or a resume reopens the same run
+            tracker.finish("FAILED")
+        raise
     if tracker:
         if stop_at == epochs:
             _log_final_model(tracker, model)
@@ -201,11 +181,72 @@ def train_worker(loop_config: dict) -> None:
     barrier()
 
 
-def _train_epoch(ctx: WorkerContext, engine, loader, preparer, epoch, step, steps_per_epoch, total_steps,
-                 global_batch, fault) -> int:
+def _run_epochs(ctx: WorkerContext, start_epoch: int, stop_at: int, step: int) -> None:
+    """Train, evaluate, log and checkpoint epochs start_epoch..stop_at-1."""
+    for epoch in range(start_epoch, stop_at):
+        step = _train_epoch(ctx, epoch, step)
+        metrics = {"epoch": epoch + 1, "step": step, **_evaluate(ctx, epoch)}
+        if ctx.tracker:
+            ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")} | {"epoch": epoch + 1}, step)
+        _checkpoint(ctx, epoch, step, {**metrics, "mlflow_run_id": ctx.run_id})
+
+
+def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
+    """Main net every epoch (after re-estimating its BN statistics, as the reference does); all
+    sub-networks every `eval.subnets_every` epochs and at the end."""
+    cfg, model, preparer, device = ctx.cfg, ctx.model, ctx.preparer, ctx.device
+    final = epoch + 1 == cfg.optimizer.epochs
+    metrics: dict[str, float] = {}
+    model.eval()
+    if cfg.eval.shared_stats:
+        shared = evaluate_main(model, preparer.eval_batches(ctx.val_shard))
+        metrics["val/main_top1_shared_stats"] = sum_accuracy(shared, device).top1
+    calib = ctx.calibration() if cfg.eval.recalibrate else None
+    if calib is not None:
+        recalibrate_bn(model, model.plan_for_depths(None), calib)
+    main = sum_accuracy(evaluate_main(model, preparer.eval_batches(ctx.val_shard)), device)
+    metrics.update({"val/main_top1": main.top1, "val/main_top5": main.top5})
+    every = cfg.eval.subnets_every
+    if final or (every and (epoch + 1) % every == 0):
+        def val_batches():
+            return preparer.eval_batches(ctx.val_full)
+
+        reports = {"": _subnet_evaluation(ctx, model, ctx.subnets, val_batches, calib)}
+        if cfg.eval.shared_stats and calib is not None:
+            reports["_shared_stats"] = _subnet_evaluation(ctx, model, ctx.subnets, val_batches, None)
+        for suffix, report in reports.items():
+            if report is not None:
+                metrics.update(_subnet_metrics(report, suffix))
+                metrics["val/num_subnets"] = report.stats["num_subnets"]
+                if ctx.tracker:
+                    _log_subnet_report(ctx.tracker, report, epoch + 1, suffix, cfg)
+    if final and cfg.eval.destruction:
+        _destruction(ctx, model, preparer, ctx.val_full, calib)
+    return metrics
+
+
+def _checkpoint(ctx: WorkerContext, epoch: int, step: int, metrics: dict) -> None:
+    """Every rank saves its shard, then reports to Ray Train (a barrier) with the checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    client_state = {"epoch": epoch + 1, "step": step, "mlflow_run_id": ctx.run_id, "metrics": metrics}
+    with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
+        if ctx.rank == 0:  # before the shards: the commit markers are written last
+            write_run_info(Path(directory), {"config": ctx.cfg.model_dump(mode="json"), "epoch": epoch + 1, "step": step,
+                                             "mlflow_run_id": ctx.run_id, "tracking_uri": ctx.loop_config["tracking_uri"],
+                                             "experiment_id": ctx.loop_config["experiment_id"]})
+        save_checkpoint(ctx.engine, Path(directory), ctx.rank, client_state)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+
+def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> int:
+    """One epoch of training steps; returns the global step after it."""
     from tqdm import tqdm
 
-    cfg = ctx.cfg
+    cfg, engine, loader, preparer = ctx.cfg, ctx.engine, ctx.train, ctx.preparer
+    steps_per_epoch, global_batch, fault = ctx.steps_per_epoch, ctx.global_batch, ctx.loop_config.get("fault")
+    total_steps = cfg.optimizer.epochs * steps_per_epoch
     loader.next_epoch = epoch  # FFCV's shuffle order is a function of (seed, epoch): resume continues it
     engine.module.train()
     sums: dict[str, float] = {}

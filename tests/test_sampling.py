@@ -1,7 +1,6 @@
 """Sub-network spaces and samplers: sizes, distributions (chi-square), determinism across ranks."""
 
 import collections
-import math
 
 import numpy as np
 import pytest

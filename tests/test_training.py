@@ -6,7 +6,6 @@ starts.
 """
 
 import json
-import os
 from pathlib import Path
 
 import mlflow
