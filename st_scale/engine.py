@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -195,7 +194,3 @@ def load_checkpoint(engine, directory: Path, rank: int, world_size: int) -> dict
     set_rng_state(torch.load(directory / f"rng.rank{rank}.pt", weights_only=False))
     return client_state
 
-
-def worker_env_for_cpu() -> dict[str, str]:
-    """Environment for CPU workers: DeepSpeed's CPU accelerator without probing for CUDA."""
-    return {"DS_ACCELERATOR": "cpu"} if not os.environ.get("DS_ACCELERATOR") else {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 CHUNK = 8 << 20
@@ -80,6 +79,3 @@ def verify_beton(path: str | Path) -> dict:
         pass  # read-only storage: verify again next time
     return metadata
 
-
-def atomic_rename(src: Path, dst: Path) -> None:
-    os.replace(src, dst)

@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataSection
-from ..sampling import step_rng
-
-STREAM_AUGMENT = 4
+from ..sampling import STREAM_AUGMENT, step_rng
 
 
 def _image_pipeline(data: DataSection, train: bool, device: torch.device):
