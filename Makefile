@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
+EXTRAS ?= [dev]
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
@@ -37,7 +38,7 @@ $(STAMP): pyproject.toml | system-deps
 	# torch first: deepspeed's and ffcv's setup.py import it / numpy at build time.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 "numpy>=2.0,<2.6" pkgconfig cython
 	$(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.*" ffcv==1.0.2
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".$(EXTRAS)"
 	@touch $(STAMP)
 
 demo: install

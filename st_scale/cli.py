@@ -1,4 +1,4 @@
-"""`st-scale`: train, demo, convert, eval, recipes."""
+"""`st-scale`: train, sweep, demo, convert, eval, mlflow-server, recipes."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ EPILOG = """examples:
   st-scale train imagenet_resnet50_st --address auto --summary-json out.json
   st-scale convert imagefolder /data/imagenet --out /shared/imagenet --write-mode proportion --max-resolution 256
   st-scale eval ~/st_scale_runs/demo-st/checkpoint_2026-11-27_...   all sub-nets + destruction tests of a checkpoint
+  st-scale sweep tune/sampling_kl.yaml --set num_samples=32 --address auto
+  st-scale mlflow-server --port 5000                 the MLflow UI over ./mlflow.db on http://127.0.0.1:5000
 
 Re-running `train` with the same run.name (under run.storage_path) resumes it from its last complete
-checkpoint and continues the same MLflow run."""
+checkpoint and continues the same MLflow run; re-running `sweep` with the same spec name resumes the
+sweep (Tune restores it, unfinished trials continue from their checkpoints, same parent run)."""
 
 
 def _add_train(sub) -> None:
@@ -31,6 +34,32 @@ def _add_train(sub) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="a Ray Tune sweep of ST training runs (one MLflow parent run, a child per trial)",
+                       description="Sweep a recipe's fields (sampling distribution, KL weight, ...) with Ray Tune: each "
+                                   "trial fits a TorchTrainer of DeepSpeed workers; the scheduler (ASHA) stops weak "
+                                   "trials early. MLflow gets one parent run per sweep with the best trial and a "
+                                   "comparison plot, and one child run per trial.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("spec", help="a sweep spec .yaml, or the name of one in ./tune/ (e.g. sampling_kl)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set num_samples=4 or --set set.optimizer.epochs=3 (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    p.add_argument("--summary-json", metavar="PATH", help="write the trials table and the best trial as JSON")
+    p.add_argument("--check", action="store_true", help="check the spec against its recipe and exit")
+
+
+def _add_mlflow_server(sub) -> None:
+    p = sub.add_parser("mlflow-server", help="serve the MLflow UI and tracking API (SQLite store, local artifacts)",
+                       description="Run `mlflow server` on 127.0.0.1 over a SQLite store. Point training at it with "
+                                   "MLFLOW_TRACKING_URI=http://HOST:PORT (or --set tracking.tracking_uri=...).")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (use 0.0.0.0 only behind a firewall)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--backend-store", default="mlflow.db", help="SQLite file (or any MLflow backend store URI)")
+    p.add_argument("--artifacts", default="mlartifacts", help="where logged artifacts are stored (shared storage on a cluster)")
+    p.add_argument("--workers", type=int, default=1)
 
 
 def _add_demo(sub) -> None:
@@ -73,15 +102,22 @@ def _add_eval(sub) -> None:
     p.add_argument("--shared-stats", action="store_true", help="use the shared BN statistics, not per-network re-estimation")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-scale", description="Distributed Stimulative Training of residual networks.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_sweep(sub)
     _add_demo(sub)
     _add_convert(sub)
     _add_eval(sub)
+    _add_mlflow_server(sub)
     sub.add_parser("recipes", help="list the packaged recipes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -120,6 +156,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep.spec import check_spec, load_spec
+
+    if args.check:
+        checked = check_spec(load_spec(args.spec, args.overrides))
+        print(f"{checked.spec.name}: {len(checked.dimensions)} search entries over recipe {checked.spec.recipe!r}, "
+              f"objective {checked.spec.objective.describe()} ({checked.spec.objective.mode}): OK")
+        return 0
+    from .sweep.driver import print_sweep, run_sweep, write_sweep_json
+
+    summary = run_sweep(args.spec, args.overrides, address=args.address)
+    print_sweep(summary, load_spec(args.spec, args.overrides).objective.mode)
+    if args.summary_json:
+        write_sweep_json(args.summary_json, summary)
+    return 0 if summary.status == "FINISHED" else 1
+
+
+def cmd_mlflow_server(args) -> int:
+    from .tracking import serve_mlflow
+
+    return serve_mlflow(host=args.host, port=args.port, backend_store=args.backend_store, artifacts=args.artifacts,
+                        workers=args.workers)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -145,7 +205,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "convert": cmd_convert, "eval": cmd_eval, "recipes": cmd_recipes}
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "demo": cmd_demo, "convert": cmd_convert, "eval": cmd_eval,
+            "mlflow-server": cmd_mlflow_server, "recipes": cmd_recipes}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -246,36 +246,43 @@ def apply_override(tree: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "", what=f"override {assignment!r}")
+
+
+def set_dotted(tree: dict, key: str, value: Any, *, what: str | None = None) -> None:
+    """tree[a][b][c] = value for key 'a.b.c', creating sections on the way."""
+    what = what or repr(key)
+    parts = key.split(".")
     if not all(parts):
-        raise ConfigError(f"override {assignment!r}: empty key part")
+        raise ConfigError(f"{what}: empty key part")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
+            raise ConfigError(f"{what}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = value
 
 
-def _explain(error: ValidationError) -> str:
+def explain_validation_error(error: ValidationError, title: str = "invalid configuration") -> str:
+    """One line per problem, each naming the dotted field."""
     lines = []
     for e in error.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            message = "unknown key; check the spelling against `st-scale train --help` or the packaged recipes"
+            message = "unknown key; check its spelling (`st-scale train RECIPE --print-config` shows every field)"
         value = e.get("input")
         shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
         lines.append(f"  {field}: {message}{shown}")
-    return "invalid configuration:\n" + "\n".join(lines)
+    return f"{title}:\n" + "\n".join(lines)
 
 
 def build_config(tree: dict) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(_explain(error)) from None
+        raise ConfigError(explain_validation_error(error)) from None
 
 
 def load_config(recipe: str, overrides: list[str] = ()) -> Config:

@@ -13,13 +13,12 @@ import math
 import random
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, OptimizerSection
+from .config import Config, ConfigError, OptimizerSection, set_dotted
 from .methods import Objective
 from .models import ElasticNet
 
@@ -40,13 +39,6 @@ def find_ds_config(name: str) -> Path:
     raise ConfigError(f"deepspeed.config: file {name!r} not found; available in ds_configs/: {', '.join(available)}")
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    for part in parts[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[parts[-1]] = value
-
-
 def resolve_ds_config(cfg: Config) -> dict:
     """The DeepSpeed config dict for this run, batch sizes filled in from the recipe."""
     path = find_ds_config(cfg.deepspeed.config)
@@ -55,7 +47,7 @@ def resolve_ds_config(cfg: Config) -> dict:
     except json.JSONDecodeError as error:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({error})") from None
     for key, value in cfg.deepspeed.overrides.items():
-        _set_dotted(ds, key, value)
+        set_dotted(ds, key, value, what=f"deepspeed.overrides.{key}")
     for forbidden, why in (("optimizer", "st-scale passes a torch optimizer (optimizer section of the recipe)"),
                            ("scheduler", "st-scale owns the LR schedule (optimizer section of the recipe)")):
         if forbidden in ds:

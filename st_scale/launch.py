@@ -110,19 +110,16 @@ def _fault_from_env(cfg: Config) -> dict | None:
     return {"step": int(step), "rank": int(os.environ.get("ST_SCALE_FAIL_RANK", "1")), "marker": str(marker)}
 
 
-def train(cfg: Config, *, address: str | None = None) -> RunSummary:
-    """Run (or resume, if `run.name` exists under `run.storage_path`) one training run."""
+def build_trainer(cfg: Config, extras: dict, *, callbacks: list = ()):
+    """The TorchTrainer of one run; `extras` is what `validate_inputs` returned (plus optional MLflow `tags`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .train_loop import train_worker
 
-    extras = validate_inputs(cfg)
-    connect_ray(address)
-    check_cluster_fits(cfg)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), **extras, "fault": _fault_from_env(cfg)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
@@ -131,8 +128,17 @@ def train(cfg: Config, *, address: str | None = None) -> RunSummary:
             storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def train(cfg: Config, *, address: str | None = None) -> RunSummary:
+    """Run (or resume, if `run.name` exists under `run.storage_path`) one training run."""
+    extras = validate_inputs(cfg)
+    connect_ray(address)
+    check_cluster_fits(cfg)
+    trainer = build_trainer(cfg, extras)
     start = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - start

@@ -55,3 +55,46 @@ def destruction_figure(rows: Sequence[DestructionRow], title: str):
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def sweep_figure(rows, dimensions, title: str):
+    """The sweep objective against each searched entry (one panel each), coloured by the first
+    categorical entry (e.g. the sampler family); hollow markers: trials the scheduler stopped early."""
+    import numpy as np
+
+    def numeric(values):
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+    scored = [r for r in rows if r.objective is not None]
+    categorical = [d.label for d in dimensions if not numeric([r.labels.get(d.label) for r in scored])]
+    colour_by = categorical[0] if categorical else None
+    colour_values = sorted({str(r.labels.get(colour_by)) for r in scored}) if colour_by else [""]
+    palette = plt.get_cmap("tab10")
+    figure, axes = plt.subplots(1, len(dimensions), figsize=(4.6 * len(dimensions), 4), squeeze=False)
+    for ax, dim in zip(axes[0], dimensions):
+        values = [r.labels.get(dim.label) for r in scored]
+        if numeric(values):
+            xs = np.asarray(values, dtype=float)
+            if dim.distribution is not None and dim.distribution.kind == "loguniform":
+                ax.set_xscale("log")
+        else:
+            ticks = sorted({str(v) for v in values})
+            xs = np.asarray([ticks.index(str(v)) for v in values], dtype=float)
+            xs += np.random.default_rng(0).uniform(-0.12, 0.12, len(xs))
+            ax.set_xticks(range(len(ticks)), ticks, rotation=20)
+            ax.set_xlim(-0.5, len(ticks) - 0.5)
+        for x, r in zip(xs, scored):
+            colour = palette(colour_values.index(str(r.labels.get(colour_by))) % 10) if colour_by else palette(0)
+            stopped = r.outcome != "completed"
+            ax.scatter([x], [r.objective], s=40, edgecolors=colour, facecolors="none" if stopped else colour)
+        ax.set_xlabel(dim.label)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("objective")
+    if colour_by:
+        handles = [plt.Line2D([], [], marker="o", linestyle="", color=palette(i % 10), label=v)
+                   for i, v in enumerate(colour_values)]
+        handles.append(plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey", label="stopped early"))
+        axes[0][-1].legend(handles=handles, title=colour_by, fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure

@@ -1,8 +1,9 @@
 """MLflow: one run per training run, logged by rank 0 only.
 
-A resumed or restarted run logs into the same MLflow run (its id travels in the checkpoint), and
-points at or below the last step already logged for a metric are skipped, so steps replayed after a
-restart from a checkpoint are never duplicated.
+A resumed or restarted run logs into the same MLflow run (its id travels in the checkpoint; a run
+restarted before its first checkpoint is found by its `st_scale.run_key` tag), and points at or
+below the last step already logged for a metric are skipped, so steps replayed after a restart from
+a checkpoint are never duplicated.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from .config import ConfigError
 
 DEFAULT_STORE = "mlflow.db"
+RUN_KEY_TAG = "st_scale.run_key"  # storage_path/run.name: one MLflow run per Ray Train run
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -41,6 +43,8 @@ def check_tracking_uri(uri: str, experiment: str) -> str:
         except OSError as error:
             raise ConfigError(f"tracking.tracking_uri={uri!r}: cannot write to {folder} ({error.strerror}); "
                               f"choose a writable location") from None
+    if uri.startswith(("http://", "https://")):
+        _check_server_answers(uri)
     try:
         client = mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
@@ -48,6 +52,29 @@ def check_tracking_uri(uri: str, experiment: str) -> str:
     except Exception as error:
         raise ConfigError(f"tracking.tracking_uri={uri!r}: the MLflow store cannot be used ({type(error).__name__}: "
                           f"{str(error).splitlines()[0][:300]}); start the server or fix the URI") from None
+
+
+def find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The id of the (oldest) run in the experiment carrying all these tags, if any."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _check_server_answers(uri: str, timeout_s: float = 10.0) -> None:
+    """One short request: MLflow's own client retries a refused connection for minutes."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            response.read()
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy may not route /health); the client call below has the last word
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(f"tracking.tracking_uri={uri!r}: no MLflow server answers there ({reason}); start one "
+                          f"(`st-scale mlflow-server`) or fix the URI / MLFLOW_TRACKING_URI") from None
 
 
 class RunTracker:
@@ -58,6 +85,8 @@ class RunTracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         self.client = mlflow.MlflowClient(uri)
+        if run_id is None and RUN_KEY_TAG in tags:
+            run_id = find_run(self.client, experiment_id, {RUN_KEY_TAG: tags[RUN_KEY_TAG]})
         resumed = run_id is not None
         self.run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if resumed else run_name,
                                     tags=None if resumed else tags, log_system_metrics=system_metrics)
@@ -91,3 +120,21 @@ class RunTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+def serve_mlflow(*, host: str, port: int, backend_store: str, artifacts: str, workers: int = 1) -> int:
+    """Replace this process with `mlflow server` (its PID is this command's PID: stop it by that)."""
+    import shutil
+    import sys
+
+    store = resolve_tracking_uri(backend_store if "://" in backend_store else f"sqlite:///{backend_store}")
+    artifacts_dir = Path(artifacts).expanduser().resolve()
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    if mlflow_cli is None:
+        raise ConfigError("mlflow-server: the `mlflow` command is not installed next to this Python; run `make install`")
+    print(f"MLflow UI and API on http://{host}:{port}  (store {store}, artifacts {artifacts_dir})\n"
+          f"log runs there with: export MLFLOW_TRACKING_URI=http://{host}:{port}", file=sys.stderr, flush=True)
+    os.execv(mlflow_cli, [mlflow_cli, "server", "--host", host, "--port", str(port), "--workers", str(workers),
+                          "--backend-store-uri", store, "--artifacts-destination", str(artifacts_dir)])
+    return 0  # not reached

@@ -145,12 +145,14 @@ def train_worker(loop_config: dict) -> None:
                         calibration, space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed), len(train),
                         micro_batch * world, run_id)
     if rank == 0:
-        from .tracking import RunTracker
+        from .tracking import RUN_KEY_TAG, RunTracker
 
         ctx.tracker = RunTracker(loop_config["tracking_uri"], loop_config["experiment_id"], run_id=run_id,
                                  run_name=cfg.tracking.run_name or cfg.run.name, params=cfg.flat(),
                                  tags={"st_scale.method": cfg.method.name, "st_scale.model": cfg.model.name,
-                                       "st_scale.run_name": cfg.run.name, "st_scale.dataset": loop_config["dataset"]},
+                                       "st_scale.run_name": cfg.run.name, "st_scale.dataset": loop_config["dataset"],
+                                       RUN_KEY_TAG: f"{cfg.run.storage_path}/{cfg.run.name}",
+                                       **loop_config.get("tags", {})},
                                  system_metrics=cfg.tracking.system_metrics)
         if run_id is None:
             ctx.tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
@@ -189,6 +191,20 @@ def _run_epochs(ctx: WorkerContext, start_epoch: int, stop_at: int, step: int) -
         if ctx.tracker:
             ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")} | {"epoch": epoch + 1}, step)
         _checkpoint(ctx, epoch, step, {**metrics, "mlflow_run_id": ctx.run_id})
+
+
+def reported_metrics(cfg: Config) -> tuple[set[str], set[str]]:
+    """The metric names each epoch's report carries (what `_evaluate` returns, plus epoch and step):
+    (every epoch, only some epochs). A sweep's objective and scheduler can only use these."""
+    every = {"epoch", "step", "val/main_top1", "val/main_top5"}
+    subnets = {f"val/subnets_{k}" for k in ("mean_top1", "std_top1", "min_top1", "max_top1")} | {"val/num_subnets"}
+    if cfg.eval.shared_stats:
+        every.add("val/main_top1_shared_stats")
+        if cfg.eval.recalibrate:
+            subnets |= {f"val/subnets_{k}_shared_stats" for k in ("mean_top1", "std_top1", "min_top1", "max_top1")}
+    if cfg.eval.subnets_every == 1 or cfg.optimizer.epochs == 1:
+        return every | subnets, set()
+    return every, subnets
 
 
 def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
