@@ -53,6 +53,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_address_answers(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as error:
@@ -62,6 +63,22 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              object_store_memory=512 * 2**20, _temp_dir=LOCAL_RAY_TEMP_DIR, log_to_driver=True,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}})
+
+
+def _check_address_answers(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP probe of host:port first: `ray.init` waits minutes on an address nobody listens at."""
+    import socket
+
+    host_port = address.removeprefix("ray://")
+    if host_port in ("auto", "local") or ":" not in host_port:
+        return  # Ray resolves these itself, and fails fast when nothing is running
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--address/RAY_ADDRESS={address!r}: no Ray cluster answers there ({error}); start one "
+                          f"(`ray start --head`) or fix the address (the head's GCS port, default 6379)") from None
 
 
 def check_cluster_fits(cfg: Config) -> None:

@@ -30,5 +30,5 @@ def print_summaries(summaries: Sequence[RunSummary], cfg) -> None:
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     print(f"MLflow: experiment {cfg.tracking.experiment!r} in {uri}; runs "
           + ", ".join(s.mlflow_run_id or "?" for s in summaries))
-    if uri.startswith(("sqlite:", "file:")):
-        print(f"Open the UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    if uri.startswith("sqlite:///"):
+        print(f"Open the UI:  st-scale mlflow-server --backend-store {uri[len('sqlite:///'):]}   (http://127.0.0.1:5000)")

@@ -173,13 +173,6 @@ def train_worker(loop_config: dict) -> None:
         if tracker:  # a restart (max_failures) or a resume reopens the same run
             tracker.finish("FAILED")
         raise
-    if tracker:
-        if stop_at == epochs:
-            _log_final_model(tracker, model)
-            tracker.finish("FINISHED")
-        else:
-            tracker.set_tags({"st_scale.stopped_after_epoch": str(stop_at)})
-            tracker.finish("KILLED")
     barrier()
 
 
@@ -190,7 +183,18 @@ def _run_epochs(ctx: WorkerContext, start_epoch: int, stop_at: int, step: int) -
         metrics = {"epoch": epoch + 1, "step": step, **_evaluate(ctx, epoch)}
         if ctx.tracker:
             ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")} | {"epoch": epoch + 1}, step)
+            if epoch + 1 == stop_at:  # before the last report: a Tune scheduler may end the trial right after it
+                _close_run(ctx, stop_at)
         _checkpoint(ctx, epoch, step, {**metrics, "mlflow_run_id": ctx.run_id})
+
+
+def _close_run(ctx: WorkerContext, stop_at: int) -> None:
+    if stop_at == ctx.cfg.optimizer.epochs:
+        _log_final_model(ctx.tracker, ctx.model)
+        ctx.tracker.finish("FINISHED")
+    else:
+        ctx.tracker.set_tags({"st_scale.stopped_after_epoch": str(stop_at)})
+        ctx.tracker.finish("KILLED")
 
 
 def reported_metrics(cfg: Config) -> tuple[set[str], set[str]]:

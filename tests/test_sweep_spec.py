@@ -148,3 +148,17 @@ def test_missing_data_fails_before_ray(tmp_path, capsys):
     code = main(["sweep", spec_file(tmp_path), "--set", f"set.data.train={tmp_path}/none.beton"])
     assert code == 2 and "data.train" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path, digits_dir, capsys):
+    import mlflow
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, storage_path=str(tmp_path / "sweeps"))
+    code = main(["sweep", path, "--address", "127.0.0.1:1", "--set", f"set.data.train={digits_dir}/train.beton",
+                 "--set", f"set.data.val={digits_dir}/val.beton", "--set", f"set.tracking.tracking_uri={store}"])
+    assert code == 2
+    assert "--address/RAY_ADDRESS='127.0.0.1:1': no Ray cluster answers there" in capsys.readouterr().err
+    experiment = mlflow.MlflowClient(store).get_experiment_by_name("st-scale-demo")
+    assert mlflow.MlflowClient(store).search_runs([experiment.experiment_id]) == []
+    assert not (tmp_path / "sweeps").exists()

@@ -175,7 +175,7 @@ def test_demo_prints_ct_and_st_side_by_side(workspace, digits_dir, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| ct | cifar_resnet20 |" in printed and "| st | cifar_resnet20 |" in printed
-    assert "mlflow ui --backend-store-uri sqlite:///" in printed
+    assert f"st-scale mlflow-server --backend-store {workspace / 'mlflow.db'}" in printed
     runs = json.loads(out.read_text())["runs"]
     assert [r["method"] for r in runs] == ["ct", "st"]
     fields = {"method", "model", "dataset", "main_top1", "subnets_mean_top1", "subnets_std_top1", "subnets_min_top1",

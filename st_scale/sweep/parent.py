@@ -123,7 +123,10 @@ def trial_rows(sweep_dir: Path, uri: str, experiment_id: str, parent_run_id: str
 
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
-    scored = [r for r in rows if r.objective is not None and r.outcome != "failed"]
+    """The best completed trial (trials stopped early were scored at an earlier epoch); if none
+    completed, the best of the rest."""
+    scored = [r for r in rows if r.objective is not None and r.outcome == "completed"]
+    scored = scored or [r for r in rows if r.objective is not None and r.outcome != "failed"]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda r: r.objective)
