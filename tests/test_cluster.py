@@ -59,7 +59,7 @@ def stop_processes(processes) -> None:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(everything.values()), timeout=20)
+    _, alive = psutil.wait_procs(list(everything.values()), timeout=10)
     for p in alive:
         try:
             p.kill()
