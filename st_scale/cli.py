@@ -24,6 +24,11 @@ checkpoint and continues the same MLflow run; re-running `sweep` with the same s
 sweep (Tune restores it, unfinished trials continue from their checkpoints, same parent run)."""
 
 
+def _add_ray_address(p) -> None:
+    p.add_argument("--address", help="Ray cluster address, e.g. 10.0.0.1:6379 or auto (default: $RAY_ADDRESS, which "
+                                     "`ray job submit` sets; else a local Ray on 127.0.0.1)")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one run (local Ray, or a cluster via --address / RAY_ADDRESS)",
                        description="Train with Ray Train + DeepSpeed + FFCV; track in MLflow.",
@@ -31,7 +36,7 @@ def _add_train(sub) -> None:
     p.add_argument("recipe", help="packaged recipe name (see `st-scale recipes`) or a .yaml path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set optimizer.epochs=5 (repeatable; value parsed as YAML)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    _add_ray_address(p)
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -46,7 +51,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("spec", help="a sweep spec .yaml, or the name of one in ./tune/ (e.g. sampling_kl)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set num_samples=4 or --set set.optimizer.epochs=3 (repeatable)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    _add_ray_address(p)
     p.add_argument("--summary-json", metavar="PATH", help="write the trials table and the best trial as JSON")
     p.add_argument("--check", action="store_true", help="check the spec against its recipe and exit")
 

@@ -108,13 +108,12 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        result_grid = tuner.fit()
+        tuner.fit()  # returns (rather than raises) when interrupted with Ctrl+C, after saving the experiment
     except BaseException as error:  # the parent shows why the sweep ended; running it again resumes it
         import mlflow
 
         mlflow.MlflowClient(uri).set_terminated(parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
-    del result_grid  # the saved experiment has every trial, also those of earlier drivers of this sweep
     rows = trial_rows(sweep_dir, uri, experiment_id, parent_run_id, base.optimizer.epochs)
     if any(r.outcome == "unfinished" for r in rows):
         status = "KILLED"  # interrupted (Ctrl+C): the same command resumes it

@@ -218,7 +218,7 @@ def _known_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str
 
 def _check_field(where: str, key: str) -> None:
     known = _known_fields()
-    if key in known or any(key.startswith(k + ".") for k in known if k == "deepspeed.overrides"):
+    if key in known or key.startswith("deepspeed.overrides."):  # free-form: merged into the DeepSpeed JSON
         return
     close = difflib.get_close_matches(key, known, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "see `st-scale train RECIPE --print-config` for the fields"
