@@ -162,3 +162,25 @@ def test_unreachable_ray_address_fails_fast(tmp_path, digits_dir, capsys):
     experiment = mlflow.MlflowClient(store).get_experiment_by_name("st-scale-demo")
     assert mlflow.MlflowClient(store).search_runs([experiment.experiment_id]) == []
     assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("resources, max_concurrent, expected", [
+    ({"CPU": 2.0}, None, 1),  # trial 1 CPU + 2 workers x 0.5
+    ({"CPU": 4.5}, None, 2),
+    ({"CPU": 2.0}, 3, 3),  # the spec's limit: an autoscaler adds the nodes for the others
+])
+def test_concurrent_trials_fit_the_cluster(tmp_path, resources, max_concurrent, expected):
+    from st_scale.sweep.driver import concurrent_trials
+
+    changes = {"max_concurrent_trials": max_concurrent} if max_concurrent else {}
+    checked = check_spec(load_spec(spec_file(tmp_path, **changes)))
+    assert concurrent_trials(checked, resources) == expected
+
+
+def test_a_trial_that_needs_gpus_the_cluster_lacks(tmp_path):
+    from st_scale.sweep.driver import concurrent_trials
+
+    checked = check_spec(load_spec(spec_file(tmp_path), ["set.scaling.gpus_per_worker=1"]))
+    with pytest.raises(ConfigError, match=r"scaling.num_workers=2 x scaling.gpus_per_worker=1 = 2 GPUs but the Ray "
+                                          r"cluster has 0"):
+        concurrent_trials(checked, {"CPU": 64.0})

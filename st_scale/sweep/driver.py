@@ -29,12 +29,11 @@ class SweepSummary:
     wall_s: float
 
 
-def concurrent_trials(checked: CheckedSweep) -> int:
-    """How many trials fit the cluster at once (each: its own process plus its Train workers)."""
-    import ray
-
+def concurrent_trials(checked: CheckedSweep, total: dict[str, float]) -> int:
+    """How many trials run at once: as many as fit the cluster's resources `total` now (each trial is
+    its own process plus its Train workers), or the spec's `max_concurrent_trials` when it sets one
+    (on an autoscaling cluster the autoscaler adds the nodes). One trial must fit now."""
     spec, s = checked.spec, checked.base.scaling
-    total = ray.cluster_resources()
     limits = []
     for resource, need, field in (
         ("CPU", spec.trial.cpus + s.num_workers * s.cpus_per_worker,
@@ -49,8 +48,7 @@ def concurrent_trials(checked: CheckedSweep) -> int:
             raise ConfigError(f"a trial needs {field} = {need:g} {resource}s but the Ray cluster has {have:g}; "
                               f"lower them (e.g. `--set set.scaling.cpus_per_worker=0.5`) or add nodes")
         limits.append(math.floor(have / need + 1e-9))
-    fit = min(limits) if limits else 1
-    return min(fit, spec.max_concurrent_trials or fit)
+    return spec.max_concurrent_trials or (min(limits) if limits else 1)
 
 
 def _tuner(checked: CheckedSweep, payload: dict, sweep_dir: Path, concurrency: int, callback: CloseChildRuns):
@@ -96,7 +94,9 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
     checked.base_tree = base.model_dump(mode="json")  # absolute paths: trials run in their own folders
     sweep_dir = Path(spec.storage_path).expanduser().resolve() / spec.name
     connect_ray(address)
-    concurrency = concurrent_trials(checked)
+    import ray
+
+    concurrency = concurrent_trials(checked, ray.cluster_resources())
     uri, experiment_id = extras["tracking_uri"], extras["experiment_id"]
     parent_run_id, resumed = open_parent_run(uri, experiment_id, checked, sweep_dir)
     payload = {"name": spec.name, "base_tree": checked.base_tree, "objective": spec.objective.model_dump(),

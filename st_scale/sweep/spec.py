@@ -82,7 +82,8 @@ class SweepSpec(Section):
     objective: Objective
     scheduler: Scheduler = Scheduler()
     num_samples: int = Field(8, ge=1, description="trials (times each grid point)")
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as fit the cluster now; "
+                                              "set it higher on an autoscaling cluster")
     trial: TrialSection = TrialSection()
     storage_path: str = Field("~/st_scale_sweeps", description="shared storage on a cluster")
     seed: int = Field(0, ge=0, description="seeds the search")
