@@ -12,7 +12,8 @@ SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev
 .PHONY: help install system-deps demo test test-fast bench clean
 
 help:
-	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root)"
+	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root);"
+	@echo "                PYTHON=python3.12 VENV=/opt/venv EXTRAS= is how the docker/ images install it"
 	@echo "make demo       the embedded default: CT vs ST on the bundled digits set"
 	@echo "make test       the whole test suite"
 	@echo "make test-fast  unit tests only (no slow marker)"
