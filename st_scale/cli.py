@@ -172,7 +172,7 @@ def cmd_sweep(args) -> int:
     from .sweep.driver import print_sweep, run_sweep, write_sweep_json
 
     summary = run_sweep(args.spec, args.overrides, address=args.address)
-    print_sweep(summary, load_spec(args.spec, args.overrides).objective.mode)
+    print_sweep(summary)
     if args.summary_json:
         write_sweep_json(args.summary_json, summary)
     return 0 if summary.status == "FINISHED" else 1

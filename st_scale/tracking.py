@@ -77,6 +77,15 @@ def _check_server_answers(uri: str, timeout_s: float = 10.0) -> None:
                           f"(`st-scale mlflow-server`) or fix the URI / MLFLOW_TRACKING_URI") from None
 
 
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """All params of a run, in the batches MLflow accepts (values cut to its length limit)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
 class RunTracker:
     def __init__(self, uri: str, experiment_id: str, *, run_id: str | None, run_name: str | None,
                  params: dict[str, Any], tags: dict[str, str], system_metrics: bool):
@@ -97,9 +106,7 @@ class RunTracker:
                 history = self.client.get_metric_history(self.run_id, key)
                 self.last_logged[key] = max((m.step for m in history), default=-1)
         else:
-            items = [(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
-            for start in range(0, len(items), 100):
-                mlflow.log_params(dict(items[start:start + 100]))
+            log_params(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         fresh = {k: float(v) for k, v in metrics.items() if step > self.last_logged.get(k, -1)}

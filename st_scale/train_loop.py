@@ -92,9 +92,12 @@ def _subnet_evaluation(ctx: WorkerContext, model, subnets, val_batches_fn, calib
     return SubnetReport(sorted(rows, key=lambda r: r.depths), calibration is not None) if rows else None
 
 
+SUBNET_STATS = ("mean_top1", "std_top1", "min_top1", "max_top1")  # logged as val/subnets_<stat>[_shared_stats]
+
+
 def _subnet_metrics(report: SubnetReport, suffix: str) -> dict[str, float]:
     s = report.stats
-    return {f"val/subnets_{k}{suffix}": s[k] for k in ("mean_top1", "std_top1", "min_top1", "max_top1")}
+    return {f"val/subnets_{k}{suffix}": s[k] for k in SUBNET_STATS}
 
 
 def train_worker(loop_config: dict) -> None:
@@ -201,11 +204,11 @@ def reported_metrics(cfg: Config) -> tuple[set[str], set[str]]:
     """The metric names each epoch's report carries (what `_evaluate` returns, plus epoch and step):
     (every epoch, only some epochs). A sweep's objective and scheduler can only use these."""
     every = {"epoch", "step", "val/main_top1", "val/main_top5"}
-    subnets = {f"val/subnets_{k}" for k in ("mean_top1", "std_top1", "min_top1", "max_top1")} | {"val/num_subnets"}
+    subnets = {f"val/subnets_{k}" for k in SUBNET_STATS} | {"val/num_subnets"}
     if cfg.eval.shared_stats:
         every.add("val/main_top1_shared_stats")
         if cfg.eval.recalibrate:
-            subnets |= {f"val/subnets_{k}_shared_stats" for k in ("mean_top1", "std_top1", "min_top1", "max_top1")}
+            subnets |= {f"val/subnets_{k}_shared_stats" for k in SUBNET_STATS}
     if cfg.eval.subnets_every == 1 or cfg.optimizer.epochs == 1:
         return every | subnets, set()
     return every, subnets

@@ -24,6 +24,7 @@ class SweepSummary:
     parent_run_id: str
     resumed: bool
     status: str  # the parent run's: FINISHED, KILLED (interrupted: run it again to resume), FAILED
+    mode: str  # the objective's: max or min
     rows: list[TrialRow]
     best: TrialRow | None
     wall_s: float
@@ -120,12 +121,13 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
     else:
         status = "FINISHED" if any(r.outcome != "failed" for r in rows) else "FAILED"
     best = finish_parent_run(uri, parent_run_id, checked, rows, status)
-    return SweepSummary(spec.name, str(sweep_dir), parent_run_id, resumed or restored, status, rows, best,
-                        round(time.perf_counter() - start, 1))
+    return SweepSummary(spec.name, str(sweep_dir), parent_run_id, resumed or restored, status, spec.objective.mode,
+                        rows, best, round(time.perf_counter() - start, 1))
 
 
-def print_sweep(summary: SweepSummary, mode: str) -> None:
-    rows = sorted(summary.rows, key=lambda r: (r.objective is None, -(r.objective or 0) if mode == "max" else (r.objective or 0)))
+def print_sweep(summary: SweepSummary) -> None:
+    sign = -1 if summary.mode == "max" else 1
+    rows = sorted(summary.rows, key=lambda r: (r.objective is None, sign * (r.objective or 0)))
     labels = sorted({k for r in rows for k in r.labels})
     header = f"{'trial':14s} {'outcome':14s} {'epochs':>6s} {'objective':>9s} " + " ".join(f"{k[:22]:>22s}" for k in labels)
     print(f"\nsweep {summary.name}: {len(rows)} trials in {summary.wall_s:.0f} s  (results: {summary.path})")
@@ -148,6 +150,4 @@ def _short(value) -> str:
 def write_sweep_json(path: str | Path, summary: SweepSummary) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = asdict(summary)
-    data["best"] = asdict(summary.best) if summary.best else None
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(asdict(summary), indent=2, default=str) + "\n")

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
-from ..tracking import find_run
+from ..tracking import find_run, log_params
 from .spec import CheckedSweep, flat_spec_params, trial_labels
 from .trial import OBJECTIVE_KEY
 
@@ -53,13 +53,11 @@ def open_parent_run(uri: str, experiment_id: str, checked: CheckedSweep, sweep_d
                             tags={"st_scale.kind": "sweep", "st_scale.sweep": spec.name, "st_scale.recipe": spec.recipe,
                                   "st_scale.objective": spec.objective.describe()})
     run_id = run.info.run_id
-    items = [(k, "" if v is None else str(v)[:6000]) for k, v in flat_spec_params(spec).items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 100]])
+    log_params(client, run_id, flat_spec_params(spec))
     client.log_text(run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/spec.yaml")
     client.log_text(run_id, yaml.safe_dump(spec.space, sort_keys=False), "sweep/search_space.yaml")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"parent_run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}) + "\n")
+    state.write_text(json.dumps({"parent_run_id": run_id}) + "\n")
     return run_id, False
 
 

@@ -226,7 +226,8 @@ def _check_field(where: str, key: str) -> None:
     raise ConfigError(f"{where}: unknown parameter {key!r}; {hint}")
 
 
-def _with(tree: dict, assignments: dict[str, Any]) -> dict:
+def with_assignments(tree: dict, assignments: dict[str, Any]) -> dict:
+    """A copy of the config tree with dotted fields set."""
     tree = deepcopy(tree)
     for key, value in assignments.items():
         set_dotted(tree, key, value)
@@ -244,25 +245,24 @@ class CheckedSweep:
         return {d.label: d.to_tune() for d in self.dimensions}
 
     def trial_config(self, trial_config: dict[str, Any]) -> Config:
-        return build_config(_with(self.base_tree, trial_assignments(trial_config)))
+        return build_config(with_assignments(self.base_tree, trial_assignments(trial_config)))
 
 
 def check_spec(spec: SweepSpec) -> CheckedSweep:
-    tree = load_recipe_tree(spec.recipe)
-    for key, value in spec.set.items():
+    for key in spec.set:
         _check_field(f"set.{key}", key)
+    base_tree = with_assignments(load_recipe_tree(spec.recipe), spec.set)
     try:
-        base = build_config(_with(tree, spec.set))
+        base = build_config(base_tree)
     except ConfigError as error:
         raise ConfigError(f"recipe {spec.recipe!r} with `set`: {error}") from None
-    base_tree = _with(tree, spec.set)
     dimensions = parse_space(spec.space)
     for dim in dimensions:
         for description, assignment in dim.probe_assignments():
             for key in assignment:
                 _check_field(f"space.{dim.label}" + (f" ({description})" if dim.is_family else ""), key)
             try:
-                build_config(_with(base_tree, assignment))
+                build_config(with_assignments(base_tree, assignment))
             except ConfigError as error:
                 raise ConfigError(f"space.{dim.label}: {description} gives an invalid trial config:\n{error}") from None
     _check_objective(spec, base)

@@ -3,13 +3,12 @@ metrics (with the sweep's objective added) reaching Tune through Ray Train's cal
 
 from __future__ import annotations
 
-from copy import deepcopy
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from ..config import build_config, set_dotted
-from .spec import Objective, trial_assignments, trial_labels
+from ..config import build_config
+from .spec import Objective, trial_assignments, trial_labels, with_assignments
 
 OBJECTIVE_KEY = "objective"  # the Tune metric every trial reports
 
@@ -29,10 +28,6 @@ class ObjectiveReportCallback(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def trial_run_name(sweep_name: str, trial_id: str) -> str:
-    return f"{sweep_name}-{trial_id}"
-
-
 def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     """The Tune function trainable. `sweep` holds the resolved base config tree, the objective, the
     parent MLflow run and where the trials' training runs live (all absolute: trials run elsewhere)."""
@@ -41,15 +36,9 @@ def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     from ..launch import build_trainer, validate_inputs
 
     trial_id = ray.tune.get_context().get_trial_id()
-    tree = deepcopy(sweep["base_tree"])
-    assignments = trial_assignments(trial_config)
-    name = trial_run_name(sweep["name"], trial_id)
-    for key, value in assignments.items():
-        set_dotted(tree, key, value)
-    set_dotted(tree, "run.name", name)
-    set_dotted(tree, "run.storage_path", sweep["train_runs_dir"])
-    set_dotted(tree, "tracking.run_name", name)
-    cfg = build_config(tree)
+    name = f"{sweep['name']}-{trial_id}"
+    own = {"run.name": name, "run.storage_path": sweep["train_runs_dir"], "tracking.run_name": name}
+    cfg = build_config(with_assignments(sweep["base_tree"], trial_assignments(trial_config) | own))
     extras = validate_inputs(cfg)  # cheap here: the driver verified the data and created the experiment
     tags = {"mlflow.parentRunId": sweep["parent_run_id"], "st_scale.sweep": sweep["name"], "st_scale.trial_id": trial_id}
     tags |= {f"st_scale.sweep.{label}": str(value) for label, value in trial_labels(trial_config).items()}
