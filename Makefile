@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # ffcv compiles against OpenCV and libjpeg-turbo found through pkg-config.
 SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev
 
-.PHONY: help install system-deps demo test test-fast bench clean
+.PHONY: help install system-deps fashion-mnist demo test test-fast bench study clean
 
 help:
 	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root);"
@@ -18,6 +18,8 @@ help:
 	@echo "make test       the whole test suite"
 	@echo "make test-fast  unit tests only (no slow marker)"
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
+	@echo "make fashion-mnist  Debian's dataset-fashion-mnist package (real benchmark data, RESULTS.md)"
+	@echo "make study      the CPU study of RESULTS.md (about 2 hours on 2 cores)"
 
 install: $(STAMP)
 
@@ -33,6 +35,18 @@ system-deps:
 		exit 1; \
 	fi
 
+fashion-mnist:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: found in /usr/share/datasets/fashion-mnist"; \
+	elif [ "$$(id -u)" = "0" ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST comes from a Debian package. Run as root:"; \
+		echo "  sudo apt-get install -y --no-install-recommends dataset-fashion-mnist"; \
+		exit 1; \
+	fi
+
 $(STAMP): pyproject.toml | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel "setuptools<81"
@@ -45,7 +59,7 @@ $(STAMP): pyproject.toml | system-deps
 demo: install
 	$(BIN)/st-scale demo
 
-test: install
+test: install fashion-mnist
 	$(BIN)/pytest -q
 
 test-fast: install

@@ -14,6 +14,7 @@ EPILOG = """examples:
   st-scale recipes                                list packaged recipes
   st-scale train demo_st --set optimizer.epochs=5 --set method.kl_weight=0.5
   st-scale train imagenet_resnet50_st --address auto --summary-json out.json
+  st-scale convert fashion-mnist --out ~/.cache/st_scale/fashion   Debian's dataset-fashion-mnist as .beton
   st-scale convert imagefolder /data/imagenet --out /shared/imagenet --write-mode proportion --max-resolution 256
   st-scale eval ~/st_scale_runs/demo-st/checkpoint_2026-11-27_...   all sub-nets + destruction tests of a checkpoint
   st-scale sweep tune/sampling_kl.yaml --set num_samples=32 --address auto
@@ -84,9 +85,11 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write train/val .beton files (with checksums) from a dataset",
                        description="Write <out>/train.beton and <out>/val.beton, each with a .sha256 and a .json "
                                    "metadata file beside it.")
-    p.add_argument("source", choices=("digits", "cifar", "imagefolder"))
+    p.add_argument("source", choices=("digits", "fashion-mnist", "cifar", "imagefolder"))
     p.add_argument("path", nargs="?", help="cifar: the folder holding cifar-10-batches-py/ or cifar-100-python/; "
-                                           "imagefolder: the root holding train/ and val/")
+                                           "imagefolder: the root holding train/ and val/; fashion-mnist: the folder "
+                                           "of its IDX files (default /usr/share/datasets/fashion-mnist, where "
+                                           "Debian's dataset-fashion-mnist package puts them)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--write-mode", default=None, choices=("raw", "jpg", "smart", "proportion"),
                    help="image storage (default: raw for digits/cifar, proportion for imagefolder)")
@@ -94,6 +97,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=2, help="writer processes")
     p.add_argument("--image-size", type=int, default=32, help="digits: upscaled size")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="fashion-mnist: keep a seeded, class-proportional random subset of N training images")
+    p.add_argument("--val-subset", type=int, default=None, metavar="N", help="fashion-mnist: the same for the test split")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the subsets (recorded in the metadata)")
     p.add_argument("--no-validate", action="store_true", help="imagefolder: skip decoding every image first")
 
 
@@ -198,7 +205,8 @@ def cmd_convert(args) -> int:
 
     convert(args.source, args.path, Path(args.out).expanduser(), write_mode=args.write_mode,
             max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality, workers=args.workers,
-            image_size=args.image_size, validate=not args.no_validate)
+            image_size=args.image_size, validate=not args.no_validate, train_subset=args.train_subset,
+            val_subset=args.val_subset, subset_seed=args.subset_seed)
     return 0
 
 

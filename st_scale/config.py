@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .methods import METHOD_NAMES, SUBNET_REDUCTIONS
+from .methods import METHODS, MethodOptions
 from .models import MODEL_NAMES
+from .schema import Section, one_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,24 +26,17 @@ class ConfigError(ValueError):
     """A recipe or override the user must fix; the message names the field."""
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _one_of(kind: str, value: str, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
-    return value
-
-
 class ModelSection(Section):
     name: str
     num_classes: int = Field(ge=2)
+    stage_depths: list[int] | None = Field(
+        None, description="build only the first d blocks of each stage: a sub-network's architecture as a model of "
+                          "its own (e.g. [1, 1, 1] of cifar_resnet20 is ResNet-8), to train it alone")
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        return _one_of("model", name, MODEL_NAMES)
+        return one_of("model", name, MODEL_NAMES)
 
 
 class DataSection(Section):
@@ -59,7 +53,10 @@ class DataSection(Section):
     batch_size: int = Field(128, ge=1, description="global batch size, split over the workers")
     val_batch_size: int = Field(256, ge=1, description="per-worker evaluation batch size")
     num_workers: int | None = Field(None, ge=1, description="loader threads (default: the worker's CPUs)")
-    calibration_images: int = Field(512, ge=1, description="training images for BN re-estimation")
+    calibration_images: int = Field(512, ge=1, description="training images for BN re-estimation (a seeded random sample)")
+    calibration_protocol: Literal["eval", "train"] = Field(
+        "eval", description="BN re-estimation images: eval = un-augmented, evaluation transform; train = the training "
+                            "augmentation at training resolution (the authors' protocol)")
 
 
 class SamplingSection(Section):
@@ -74,44 +71,6 @@ class SamplingSection(Section):
         if self.space == "restricted" and self.max_dropped is None:
             raise ValueError("space 'restricted' needs max_dropped, one entry per stage (e.g. [0, 1, 3, 0])")
         return self
-
-
-class MethodSection(Section):
-    name: str = "st"
-    kl_weight: float = Field(1.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    num_subnets: int = Field(1, ge=1)
-    subnet_reduction: str = "sum"
-    logit_norm: bool = False
-    logit_norm_amplitude: float = Field(1.0, gt=0)
-    small_inputs: bool = False
-    small_input_min_fraction: float = Field(0.43, gt=0, le=1)
-    share_prefix: bool = True
-    final_survival: float = Field(0.5, gt=0, le=1, description="stochastic_depth")
-    distill_alpha: float = Field(0.1, ge=0, le=1, description="self_distillation")
-    distill_temperature: float = Field(3.0, gt=0, description="self_distillation")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return _one_of("method", name, METHOD_NAMES)
-
-    @field_validator("subnet_reduction")
-    @classmethod
-    def _reduction(cls, value: str) -> str:
-        return _one_of("subnet_reduction", value, SUBNET_REDUCTIONS)
-
-    def objective_options(self) -> dict[str, Any]:
-        """The keyword arguments `build_objective` takes for this method."""
-        if self.name == "st":
-            keys = ("kl_weight", "temperature", "num_subnets", "subnet_reduction", "logit_norm",
-                    "logit_norm_amplitude", "small_inputs", "small_input_min_fraction", "share_prefix")
-            return {k: getattr(self, k) for k in keys}
-        if self.name == "stochastic_depth":
-            return {"final_survival": self.final_survival}
-        if self.name == "self_distillation":
-            return {"distill_alpha": self.distill_alpha, "temperature": self.distill_temperature}
-        return {}
 
 
 class OptimizerSection(Section):
@@ -147,6 +106,8 @@ class EvalSection(Section):
     recalibrate: bool = True
     shared_stats: bool = Field(True, description="also report figures on the shared running statistics")
     destruction: bool = Field(False, description="run network destruction tests at the end")
+    compare_calibration: bool = Field(False, description="at the end, also measure main net and sub-nets with BN "
+                                                         "re-estimated under the other data.calibration_protocol")
 
 
 class TrackingSection(Section):
@@ -169,7 +130,7 @@ class RunSection(Section):
 class Config(Section):
     model: ModelSection
     data: DataSection
-    method: MethodSection = MethodSection()
+    method: MethodOptions = Field(default_factory=lambda: METHODS["st"].options())
     sampling: SamplingSection = SamplingSection()
     optimizer: OptimizerSection
     deepspeed: DeepSpeedSection = DeepSpeedSection()
@@ -246,7 +207,17 @@ def apply_override(tree: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
     key, raw = assignment.split("=", 1)
-    set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "", what=f"override {assignment!r}")
+    assign(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "", what=f"override {assignment!r}")
+
+
+def assign(tree: dict, key: str, value: Any, *, what: str | None = None) -> None:
+    """Set a dotted field of a recipe tree. Setting `method.name` to another method switches
+    methods: the section keeps only the options the new method has (each method owns its options)."""
+    method = tree.get("method")
+    if key == "method.name" and isinstance(method, dict) and value in METHODS and method.get("name", "st") != value:
+        fields = METHODS[value].options.model_fields
+        tree["method"] = {k: v for k, v in method.items() if k in fields}
+    set_dotted(tree, key, value, what=what)
 
 
 def set_dotted(tree: dict, key: str, value: Any, *, what: str | None = None) -> None:
@@ -268,9 +239,21 @@ def explain_validation_error(error: ValidationError, title: str = "invalid confi
     """One line per problem, each naming the dotted field."""
     lines = []
     for e in error.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = list(e["loc"])
+        method = loc[1] if len(loc) > 2 and loc[0] == "method" and loc[1] in METHODS else None
+        if method:  # pydantic names the union member: method.ct.kl_weight -> method.kl_weight
+            del loc[1]
+        field = ".".join(str(p) for p in loc) or "(top level)"
         message = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and method:
+            message = f"unknown key for method {method!r} (its options: {', '.join(METHODS[method].options.model_fields)})"
+            owners = [m for m, spec in METHODS.items() if loc[-1] in spec.options.model_fields]
+            if owners:
+                message += f"; {loc[-1]!r} is an option of method {' / '.join(owners)}"
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found") and loc == ["method"]:
+            field = "method.name"
+            message = f"unknown method {e.get('ctx', {}).get('tag')!r}; choose one of: {', '.join(METHODS)}"
+        elif e["type"] == "extra_forbidden":
             message = "unknown key; check its spelling (`st-scale train RECIPE --print-config` shows every field)"
         value = e.get("input")
         shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"

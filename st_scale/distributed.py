@@ -14,6 +14,10 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
 def sum_accuracy(acc: Accuracy, device: torch.device) -> Accuracy:
     """Combine per-rank accuracies over disjoint shards of the validation set."""
     counts = torch.tensor([acc.top1 * acc.samples / 100, acc.top5 * acc.samples / 100, acc.samples],

@@ -23,7 +23,6 @@ from .methods import Objective
 from .models import ElasticNet
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
-CHECKPOINT_TAG = "checkpoint"
 
 
 # ------------------------------------------------------------------------------------ DS config
@@ -141,48 +140,3 @@ def build_engine(model: ElasticNet, objective: Objective, cfg: Config, ds_config
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-def _commit_marker(directory: Path, rank: int) -> Path:
-    return directory / f"COMMITTED.rank{rank}"
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(engine, directory: Path, rank: int, client_state: dict) -> None:
-    """Every rank calls this (DeepSpeed's save is collective). Each rank writes its shard, its RNG
-    state and, last, its commit marker: a checkpoint without every marker is incomplete."""
-    directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
-    torch.save(rng_state(), directory / f"rng.rank{rank}.pt")
-    _commit_marker(directory, rank).write_text(json.dumps({"epoch": client_state["epoch"], "step": client_state["step"]}))
-
-
-def load_checkpoint(engine, directory: Path, rank: int, world_size: int) -> dict:
-    """Restore engine, optimizer and this rank's RNG state; return the client state."""
-    missing = [r for r in range(world_size) if not _commit_marker(directory, r).is_file()]
-    if missing:
-        raise RuntimeError(
-            f"checkpoint {directory} is incomplete (no commit marker from ranks {missing}); it was written by a "
-            f"different number of workers or interrupted while saving. Resume with {world_size} workers from a "
-            f"complete checkpoint, or start a new run name"
-        )
-    _, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
-    if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-    set_rng_state(torch.load(directory / f"rng.rank{rank}.pt", weights_only=False))
-    return client_state
-

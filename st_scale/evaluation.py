@@ -12,12 +12,13 @@ and every tree node keeps its own statistics.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,51 +77,55 @@ def _fresh_bn_state(layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> BNStat
     ]
 
 
-class _CalibrationMode:
-    """Train-mode BN with a cumulative average (momentum None); restores buffers, momentum and mode."""
+@contextlib.contextmanager
+def preserved_mode(model: nn.Module) -> Iterator[None]:
+    """Restore the model's train/eval mode afterwards."""
+    was_training = model.training
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.layers = batchnorm_layers(model)
 
-    def __enter__(self) -> "_CalibrationMode":
-        self.saved = _bn_state(self.layers)
-        self.momenta = [bn.momentum for bn in self.layers]
-        self.was_training = self.model.training
-        for bn in self.layers:
-            bn.momentum = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _load_bn_state(self.layers, self.saved)
-        for bn, momentum in zip(self.layers, self.momenta):
-            bn.momentum = momentum
-        self.model.train(self.was_training)
+@contextlib.contextmanager
+def preserved_bn(model: nn.Module) -> Iterator[None]:
+    """Evaluation leaves the model as it found it: BN buffers, BN momenta and the train/eval mode
+    are restored afterwards, whatever ran inside."""
+    layers = batchnorm_layers(model)
+    saved = _bn_state(layers)
+    momenta = [bn.momentum for bn in layers]
+    with preserved_mode(model):
+        try:
+            yield
+        finally:
+            _load_bn_state(layers, saved)
+            for bn, momentum in zip(layers, momenta):
+                bn.momentum = momentum
 
 
 @torch.no_grad()
 def recalibrate_bn(model: ElasticNet, plan: Plan, calibration: Iterable[Batch]) -> None:
-    """Re-estimate BN statistics of the network `plan` in place (cumulative average over the
-    calibration batches, train-mode forward, no augmentation expected in the batches)."""
+    """Re-estimate BN statistics of the network `plan` IN PLACE (cumulative average over the
+    calibration batches, train-mode forward); momenta and mode are restored. Inside evaluation, call
+    it under `preserved_bn` so the model's own statistics come back."""
     layers = batchnorm_layers(model)
     momenta = [bn.momentum for bn in layers]
-    was_training = model.training
     for bn in layers:
         bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
+        bn.momentum = None  # cumulative average, not an exponential one
     try:
-        for images, _ in calibration:
-            model.run(images, plan)
+        with preserved_mode(model):
+            model.train()
+            for images, _ in calibration:
+                model.run(images, plan)
     finally:
         for bn, momentum in zip(layers, momenta):
             bn.momentum = momentum
-        model.train(was_training)
 
 
 def _plan_counts(model: ElasticNet, plan: Plan, val: Iterable[Batch], calibration: Iterable[Batch] | None) -> _Counts:
     counts = _Counts()
-    with _CalibrationMode(model):
+    with preserved_bn(model):
         if calibration is not None:
             recalibrate_bn(model, plan, calibration)
         model.eval()
@@ -261,8 +266,10 @@ def evaluate_subnets(
         raise ValueError("no sub-networks to evaluate")
     walk = _TreeWalk(model, subnets)
     counts = {d: _Counts() for d in subnets}
-    with _CalibrationMode(model):
+    with preserved_bn(model):
         if calibration is not None:
+            for bn in batchnorm_layers(model):
+                bn.momentum = None  # each tree node's statistics: a cumulative average
             walk.bank, walk.update_bank = {}, True
             model.train()
             for images, _ in calibration:
@@ -305,12 +312,17 @@ def _report(model: ElasticNet, counts: dict, recalibrated: bool, image_size: int
 
 
 # ------------------------------------------------------------------------------------ destruction
+SHARED_STATS = "shared"  # DestructionRow.statistics without re-estimation
+RECALIBRATED = "recalibrated"
+
+
 @dataclass
 class DestructionRow:
-    test: str  # delete_one | delete_k | swap_adjacent
+    test: str  # intact | delete_one | delete_k | swap_adjacent
     damage: int  # number of blocks deleted or swapped pairs
     detail: str
     top1: float
+    statistics: str = RECALIBRATED  # BN: re-estimated for each damaged net, or the shared running statistics
 
 
 def destruction_tests(
@@ -323,8 +335,11 @@ def destruction_tests(
     seed: int = 0,
 ) -> list[DestructionRow]:
     """Unraveled-view tests: delete each droppable block in turn; delete k random droppable blocks
-    (k = 1..max_deleted, `trials` seeded draws each); swap each pair of adjacent droppable blocks."""
+    (k = 1..max_deleted, `trials` seeded draws each); swap each pair of adjacent droppable blocks.
+    With `calibration`, each damaged network gets its BN statistics re-estimated (which repairs part
+    of the damage); without, it runs on the shared running statistics, as Veit et al. measure."""
     full = model.plan_for_depths(None)
+    statistics = RECALIBRATED if calibration is not None else SHARED_STATS
     droppable = [(s, i) for s, i, _ in model.droppable_blocks()]
     rows: list[DestructionRow] = []
 
@@ -334,29 +349,43 @@ def destruction_tests(
     def top1(plan: Plan) -> float:
         return evaluate_plan(model, plan, val, calibration).top1
 
-    rows.append(DestructionRow("intact", 0, "", top1(full)))
+    def row(test: str, damage: int, detail: str, plan: Plan) -> DestructionRow:
+        return DestructionRow(test, damage, detail, top1(plan), statistics)
+
+    rows.append(row("intact", 0, "", full))
     for s, i in droppable:
-        rows.append(DestructionRow("delete_one", 1, f"stage{s}.block{i}", top1(without({(s, i)}))))
+        rows.append(row("delete_one", 1, f"stage{s}.block{i}", without({(s, i)})))
     rng = np.random.default_rng(seed)
     for k in range(1, min(max_deleted, len(droppable)) + 1):
         for _ in range(trials):
             picks = rng.choice(len(droppable), size=k, replace=False)
             removed = {droppable[p] for p in picks}
             detail = ",".join(f"stage{s}.block{i}" for s, i in sorted(removed))
-            rows.append(DestructionRow("delete_k", k, detail, top1(without(removed))))
+            rows.append(row("delete_k", k, detail, without(removed)))
     for s, blocks in enumerate(full):
         for i in range(1, len(blocks) - 1):
             swapped = list(full)
             order = list(blocks)
             order[i], order[i + 1] = order[i + 1], order[i]
             swapped[s] = tuple(order)
-            rows.append(DestructionRow("swap_adjacent", 1, f"stage{s}.block{i}<->{i + 1}", top1(tuple(swapped))))
+            rows.append(row("swap_adjacent", 1, f"stage{s}.block{i}<->{i + 1}", tuple(swapped)))
     return rows
 
 
+def destruction_csv(rows: Sequence[DestructionRow]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["test", "damage", "detail", "statistics", "top1"])
+    for r in rows:
+        writer.writerow([r.test, r.damage, r.detail, r.statistics, f"{r.top1:.4f}"])
+    return out.getvalue()
+
+
 def summarise_destruction(rows: Sequence[DestructionRow]) -> dict[str, float]:
-    """Mean top-1 per test and damage level, e.g. {'delete_k/2': 81.3}."""
+    """Mean top-1 per test and damage level, e.g. {'delete_k/2': 81.3}; figures on the shared
+    running statistics carry the suffix '_shared_stats' ({'delete_k/2_shared_stats': 40.2})."""
     groups: dict[str, list[float]] = {}
     for r in rows:
-        groups.setdefault(f"{r.test}/{r.damage}", []).append(r.top1)
+        suffix = "_shared_stats" if r.statistics == SHARED_STATS else ""
+        groups.setdefault(f"{r.test}/{r.damage}{suffix}", []).append(r.top1)
     return {key: statistics.fmean(values) for key, values in groups.items() if not math.isnan(values[0])}

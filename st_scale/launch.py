@@ -14,6 +14,7 @@ from .config import Config, ConfigError
 from .data.integrity import DatasetFileError, verify_beton
 from .engine import resolve_ds_config
 from .tracking import check_tracking_uri, resolve_tracking_uri
+from .worker_inputs import FaultInjection, WorkerInputs
 
 LOCAL_RAY_TEMP_DIR = "/tmp/st_scale_ray"  # short: Ray's unix sockets have a ~107 character path limit
 
@@ -96,8 +97,8 @@ def check_cluster_fits(cfg: Config) -> None:
             )
 
 
-def validate_inputs(cfg: Config) -> dict:
-    """Driver-side checks; returns what the workers need besides the config."""
+def validate_inputs(cfg: Config) -> WorkerInputs:
+    """Driver-side checks; returns what every worker is handed (paths made absolute in `cfg` first)."""
     metadata = {}
     for field in ("train", "val"):
         path = str(Path(getattr(cfg.data, field)).expanduser().resolve())
@@ -114,21 +115,22 @@ def validate_inputs(cfg: Config) -> dict:
     cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     experiment_id = check_tracking_uri(tracking_uri, cfg.tracking.experiment)
-    return {"ds_config": ds_config, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
-            "dataset": metadata["train"].get("source", cfg.data.train)}
+    return WorkerInputs(config=cfg.model_dump(mode="json"), ds_config=ds_config, tracking_uri=tracking_uri,
+                        experiment_id=experiment_id, dataset=metadata["train"].get("source", cfg.data.train),
+                        fault=_fault_from_env(cfg))
 
 
-def _fault_from_env(cfg: Config) -> dict | None:
+def _fault_from_env(cfg: Config) -> FaultInjection | None:
     """ST_SCALE_FAIL_AT_STEP=N [ST_SCALE_FAIL_RANK=r]: a worker exits at global step N, once (tests)."""
     step = os.environ.get("ST_SCALE_FAIL_AT_STEP")
     if not step:
         return None
     marker = Path(cfg.run.storage_path) / cfg.run.name / "injected_failure.txt"
-    return {"step": int(step), "rank": int(os.environ.get("ST_SCALE_FAIL_RANK", "1")), "marker": str(marker)}
+    return FaultInjection(step=int(step), rank=int(os.environ.get("ST_SCALE_FAIL_RANK", "1")), marker=str(marker))
 
 
-def build_trainer(cfg: Config, extras: dict, *, callbacks: list = ()):
-    """The TorchTrainer of one run; `extras` is what `validate_inputs` returned (plus optional MLflow `tags`)."""
+def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
+    """The TorchTrainer of one run, its workers handed `inputs` (what `validate_inputs` returned)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -138,7 +140,7 @@ def build_trainer(cfg: Config, extras: dict, *, callbacks: list = ()):
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), **extras, "fault": _fault_from_env(cfg)},
+        train_loop_config=inputs.to_loop_config(),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -152,16 +154,16 @@ def build_trainer(cfg: Config, extras: dict, *, callbacks: list = ()):
 
 def train(cfg: Config, *, address: str | None = None) -> RunSummary:
     """Run (or resume, if `run.name` exists under `run.storage_path`) one training run."""
-    extras = validate_inputs(cfg)
+    inputs = validate_inputs(cfg)
     connect_ray(address)
     check_cluster_fits(cfg)
-    trainer = build_trainer(cfg, extras)
+    trainer = build_trainer(cfg, inputs)
     start = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - start
     m = result.metrics or {}
     return RunSummary(
-        method=cfg.method.name, model=cfg.model.name, dataset=extras["dataset"],
+        method=cfg.method.name, model=cfg.model.name, dataset=inputs.dataset,
         main_top1=m.get("val/main_top1"), subnets_mean_top1=m.get("val/subnets_mean_top1"),
         subnets_std_top1=m.get("val/subnets_std_top1"), subnets_min_top1=m.get("val/subnets_min_top1"),
         num_subnets=int(m["val/num_subnets"]) if "val/num_subnets" in m else None,

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .evaluation import DestructionRow, SubnetReport  # noqa: E402
+from .evaluation import RECALIBRATED, DestructionRow, SubnetReport  # noqa: E402
 
 
 def subnet_figure(report: SubnetReport, title: str):
@@ -36,20 +36,28 @@ def subnet_figure(report: SubnetReport, title: str):
 
 
 def destruction_figure(rows: Sequence[DestructionRow], title: str):
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    delete_k = {}
-    for r in rows:
-        if r.test in ("intact", "delete_k"):
-            delete_k.setdefault(r.damage, []).append(r.top1)
-    ks = sorted(delete_k)
-    axes[0].plot(ks, [sum(delete_k[k]) / len(delete_k[k]) for k in ks], marker="o")
+    """Top-1 against random blocks deleted, and per deleted / swapped block; one line or marker
+    series per BN statistics version (shared running statistics vs re-estimated per network)."""
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    versions = sorted({r.statistics for r in rows})
+    for colour, version in enumerate(versions):
+        mine = [r for r in rows if r.statistics == version]
+        delete_k: dict[int, list[float]] = {}
+        for r in mine:
+            if r.test in ("intact", "delete_k"):
+                delete_k.setdefault(r.damage, []).append(r.top1)
+        ks = sorted(delete_k)
+        label = "BN re-estimated per network" if version == RECALIBRATED else "shared running BN statistics"
+        axes[0].plot(ks, [sum(delete_k[k]) / len(delete_k[k]) for k in ks], marker="o", color=f"C{colour}", label=label)
+        one = [r for r in mine if r.test in ("delete_one", "swap_adjacent")]
+        axes[1].scatter(range(len(one)), [r.top1 for r in one], color=f"C{colour}", label=label,
+                        marker="o" if version == RECALIBRATED else "s", s=18)
+        axes[1].set_xticks(range(len(one)), [r.detail for r in one], rotation=90, fontsize=6)
     axes[0].set_xlabel("random blocks deleted")
     axes[0].set_ylabel("top-1 (%)")
-    one = [r for r in rows if r.test in ("delete_one", "swap_adjacent")]
-    axes[1].bar(range(len(one)), [r.top1 for r in one], color=["C0" if r.test == "delete_one" else "C1" for r in one])
-    axes[1].set_xticks(range(len(one)), [r.detail for r in one], rotation=90, fontsize=6)
+    axes[0].legend(fontsize=8)
     axes[1].set_ylabel("top-1 (%)")
-    axes[1].set_title("delete one block (blue) / swap adjacent (orange)")
+    axes[1].set_title("one block deleted / two adjacent blocks swapped")
     for ax in axes:
         ax.grid(alpha=0.3)
     figure.suptitle(title)

@@ -19,7 +19,7 @@ Depths = tuple[int, ...]
 
 # Stream ids keep the random numbers of different consumers (sub-net choice, input size, ...)
 # independent even when they share (seed, step, k).
-STREAM_SUBNET, STREAM_INPUT_SIZE, STREAM_STOCHASTIC_DEPTH, STREAM_EVAL_SAMPLE, STREAM_AUGMENT = 0, 1, 2, 3, 4
+STREAM_SUBNET, STREAM_INPUT_SIZE, STREAM_STOCHASTIC_DEPTH, STREAM_EVAL_SAMPLE, STREAM_AUGMENT, STREAM_CALIBRATION = range(6)
 
 
 def step_rng(seed: int, step: int, k: int = 0, *, rank: int | None = None, stream: int = STREAM_SUBNET) -> np.random.Generator:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from st_scale.config import load_config
-from st_scale.engine import (build_engine, load_checkpoint, lr_at, parameter_groups, resolve_ds_config,
-                             save_checkpoint, set_lr)
+from st_scale.checkpoint import load as load_checkpoint, save as save_checkpoint
+from st_scale.engine import build_engine, lr_at, parameter_groups, resolve_ds_config, set_lr
 from st_scale.train_loop import build_model_and_objective
 
 

@@ -12,7 +12,8 @@ import mlflow
 import pytest
 import torch
 
-from st_scale.checkpoint_eval import CONFIG_FILE
+from st_scale import checkpoint
+from st_scale.checkpoint import RUN_FILE
 from st_scale.config import ConfigError, load_config
 from st_scale.launch import connect_ray, train
 
@@ -48,9 +49,8 @@ def runs_named(root: Path, name: str):
     return c.search_runs([experiment.experiment_id], filter_string=f"tags.st_scale.run_name = '{name}'")
 
 
-def final_weights(checkpoint: str) -> dict:
-    states = torch.load(Path(checkpoint) / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return states["module"]
+def final_weights(directory: str) -> dict:
+    return checkpoint.module_state(Path(directory))
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -98,8 +98,8 @@ def test_checkpoints_are_complete_and_pruned(reference, workspace):
     assert len(checkpoints) == 2  # num_to_keep
     last = Path(summary.checkpoint)
     assert last == checkpoints[-1]
-    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", CONFIG_FILE} <= {p.name for p in last.iterdir()}
-    assert json.loads((last / CONFIG_FILE).read_text())["epoch"] == 2
+    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", RUN_FILE} <= {p.name for p in last.iterdir()}
+    assert json.loads((last / RUN_FILE).read_text())["epoch"] == 2
 
 
 def test_interrupted_and_resumed_run_ends_with_identical_weights(reference, workspace, digits_dir):
@@ -137,7 +137,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace,
         train(make_config(digits_dir, workspace, "diverges", "optimizer.lr=1e30", "method.kl_weight=1e30"))
     (checkpoint,) = [p for p in (Path(workspace) / "ray" / "diverges").glob("checkpoint_*") if p.is_dir()]
     assert {"COMMITTED.rank0", "COMMITTED.rank1"} <= {p.name for p in checkpoint.iterdir()}
-    assert json.loads((checkpoint / CONFIG_FILE).read_text())["epoch"] == 1
+    assert json.loads((checkpoint / RUN_FILE).read_text())["epoch"] == 1
 
 
 def test_more_workers_than_the_cluster_has_fails_before_any_worker(workspace, digits_dir):

@@ -179,6 +179,23 @@ def cifar_source(directory: str | Path) -> dict[str, tuple[ArrayDataset, dict]]:
     return out
 
 
+def fashion_mnist_source(directory: str | Path | None, *, train_subset: int | None = None,
+                         val_subset: int | None = None, seed: int = 0) -> dict[str, tuple[ArrayDataset, dict]]:
+    """Fashion-MNIST from its IDX files (default: where Debian's package puts them), 28 x 28 grey
+    as RGB; optional seeded, class-proportional subsets of either split."""
+    from .fashion import NUM_CLASSES, load_fashion_mnist, seeded_subset
+
+    out = {}
+    for split, (images, labels) in load_fashion_mnist(directory).items():
+        size = train_subset if split == "train" else val_subset
+        keep = seeded_subset(labels, size, seed)
+        x, y = np.ascontiguousarray(images[keep]), labels[keep]
+        _check_arrays(x, y, f"fashion-mnist {split}")
+        out[split] = (ArrayDataset(x, y), {"source": "fashion-mnist", "num_classes": NUM_CLASSES, "image_size": 28,
+                                           "subset": {"size": len(y), "of": len(labels), "seed": seed}})
+    return out
+
+
 class ImageFolderDataset:
     """An ImageFolder split, images decoded with PIL as RGB."""
 

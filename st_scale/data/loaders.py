@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataSection
-from ..sampling import STREAM_AUGMENT, step_rng
+from ..sampling import STREAM_AUGMENT, STREAM_CALIBRATION, step_rng
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _image_pipeline(data: DataSection, train: bool, device: torch.device):
@@ -59,13 +61,50 @@ def train_loader(data: DataSection, *, batch_size: int, seed: int, num_workers: 
                   pipelines={"image": _image_pipeline(data, True, device), "label": _label_pipeline(device)})
 
 
-def eval_loader(data: DataSection, path: str, *, indices: Iterable[int] | None, num_workers: int, device: torch.device):
-    """Sequential, no augmentation, nothing dropped; `indices` selects this rank's share."""
+def eval_loader(data: DataSection, path: str, *, indices: Iterable[int] | None, num_workers: int, device: torch.device,
+                augment: bool = False):
+    """Sequential, nothing dropped; `indices` selects this rank's share. No augmentation, unless
+    `augment` asks for the training pipeline's decoder (ImageNet-size random-resized crops)."""
     from ffcv.loader import Loader, OrderOption
 
     return Loader(path, batch_size=data.val_batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
                   indices=None if indices is None else np.asarray(list(indices)), drop_last=False,
-                  pipelines={"image": _image_pipeline(data, False, device), "label": _label_pipeline(device)})
+                  pipelines={"image": _image_pipeline(data, augment, device), "label": _label_pipeline(device)})
+
+
+def calibration_indices(num_samples: int, count: int, seed: int) -> np.ndarray:
+    """Which training images re-estimate BatchNorm statistics: a seeded random sample of the whole
+    file, the same on every rank and at every epoch (so evaluations stay comparable). Never "the
+    first N": a file written from an ImageFolder is in class order, and its first N are one class."""
+    rng = np.random.default_rng([seed, STREAM_CALIBRATION])
+    return rng.choice(num_samples, size=min(count, num_samples), replace=False)
+
+
+def calibration_batches(data: DataSection, preparer: "BatchPreparer", *, num_samples: int, seed: int, num_workers: int,
+                        device: torch.device) -> list[Batch]:
+    """The prepared calibration batches of `data.calibration_protocol`, in the sample's random
+    order (batches of a class-sorted file read in file order would each hold one class, and a
+    cumulative average of per-batch variances would miss the variance between classes).
+
+    - eval: un-augmented, the evaluation transform (centre crop at evaluation size on ImageNet);
+    - train: the training augmentation at training resolution (the authors' protocol), seeded
+      for CIFAR-size data; ImageNet-size random-resized crops come from FFCV's decoder, unseeded.
+    """
+    indices = calibration_indices(num_samples, data.calibration_images, seed)
+    augment = data.calibration_protocol == "train"
+    loader = eval_loader(data, data.train, indices=np.sort(indices), num_workers=num_workers, device=device,
+                         augment=augment and data.pipeline != "cifar")
+    images, labels = zip(*materialise(loader))
+    images, labels = torch.cat(images), torch.cat(labels)
+    order = torch.from_numpy(np.argsort(np.argsort(indices)))  # file order -> the sample's random order
+    images, labels = images[order], labels[order]
+    size = data.val_batch_size
+    batches = []
+    for i, start in enumerate(range(0, len(labels), size)):
+        x = images[start:start + size]
+        x = preparer.calibration(x, i) if augment else preparer.eval(x)
+        batches.append((x, labels[start:start + size].to(device).long()))
+    return batches
 
 
 class BatchPreparer:
@@ -86,8 +125,16 @@ class BatchPreparer:
     def train(self, images: torch.Tensor, step: int) -> torch.Tensor:
         if self.data.pipeline != "cifar":
             return self._normalise(images)
+        return self._augment(images, step_rng(self.seed, step, rank=self.rank, stream=STREAM_AUGMENT))
+
+    def calibration(self, images: torch.Tensor, batch_index: int) -> torch.Tensor:
+        """The training augmentation for calibration batch `batch_index`: the same on every rank."""
+        if self.data.pipeline != "cifar":
+            return self._normalise(images)  # cropped and flipped by the decoder already
+        return self._augment(images, step_rng(self.seed, batch_index, stream=STREAM_CALIBRATION))
+
+    def _augment(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float()
-        rng = step_rng(self.seed, step, rank=self.rank, stream=STREAM_AUGMENT)
         n, _, h, w = images.shape
         pad = self.data.pad_crop
         if pad:

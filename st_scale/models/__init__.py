@@ -7,7 +7,7 @@ from typing import Callable
 
 from .elastic import Depths, ElasticNet, Plan, Segment, batchnorm_layers
 from .mobilenet import mobilenet_v3
-from .resnet import CIFAR_DEPTHS, TORCHVISION_DEPTHS, CifarResNet, cifar_resnet, torchvision_resnet
+from .resnet import CIFAR_DEPTHS, TORCHVISION_DEPTHS, CifarResNet, cifar_resnet, torchvision_resnet, truncated_resnet
 
 _FACTORIES: dict[str, Callable[[int], ElasticNet]] = {
     **{f"cifar_resnet{d}": partial(cifar_resnet, d) for d in CIFAR_DEPTHS},
@@ -18,13 +18,21 @@ _FACTORIES: dict[str, Callable[[int], ElasticNet]] = {
 MODEL_NAMES = tuple(_FACTORIES)
 
 
-def create_model(name: str, num_classes: int) -> ElasticNet:
-    """Build an elastic network by name, randomly initialised (nothing is downloaded)."""
+def create_model(name: str, num_classes: int, *, stage_depths=None) -> ElasticNet:
+    """Build an elastic network by name, randomly initialised (nothing is downloaded). With
+    `stage_depths`, only the first d blocks of each stage are built: the architecture of that
+    sub-network as a model of its own (to train it alone, the loafing comparison)."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown model name {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
-    return _FACTORIES[name](num_classes)
+    model = _FACTORIES[name](num_classes)
+    if stage_depths is None:
+        return model
+    depths = model.check_depths(stage_depths)
+    if not name.startswith(("cifar_resnet", "resnet")):
+        raise ValueError(f"model.stage_depths={list(stage_depths)}: supported for ResNets, not {name}")
+    return truncated_resnet(model, depths)
 
 
 __all__ = [

@@ -81,3 +81,13 @@ def cifar_resnet(depth: int, num_classes: int) -> ElasticNet:
 def torchvision_resnet(depth: int, num_classes: int) -> ElasticNet:
     name = f"resnet{depth}"
     return elastic_resnet(name, get_model(name, weights=None, num_classes=num_classes))
+
+
+def truncated_resnet(model: ElasticNet, depths) -> ElasticNet:
+    """The ResNet `model` with only the first depths[s] blocks of each stage: a sub-network's
+    architecture as a standalone model, named e.g. cifar_resnet20[1-1-1]."""
+    net = model.net
+    for stage, depth in enumerate(depths):
+        layer = getattr(net, f"layer{stage + 1}")
+        setattr(net, f"layer{stage + 1}", nn.Sequential(*list(layer)[:depth]))
+    return elastic_resnet(f"{model.name}[{'-'.join(map(str, depths))}]", net)

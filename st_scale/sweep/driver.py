@@ -90,15 +90,15 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
     """Run the sweep, or resume it if `storage_path/name` holds an interrupted one."""
     checked = check_spec(load_spec(spec_name, overrides))
     spec, base = checked.spec, checked.base
-    extras = validate_inputs(base)  # data checksums, DeepSpeed config, tracking store: before any trial
-    base.tracking.tracking_uri = extras["tracking_uri"]
+    inputs = validate_inputs(base)  # data checksums, DeepSpeed config, tracking store: before any trial
+    base.tracking.tracking_uri = inputs.tracking_uri
     checked.base_tree = base.model_dump(mode="json")  # absolute paths: trials run in their own folders
     sweep_dir = Path(spec.storage_path).expanduser().resolve() / spec.name
     connect_ray(address)
     import ray
 
     concurrency = concurrent_trials(checked, ray.cluster_resources())
-    uri, experiment_id = extras["tracking_uri"], extras["experiment_id"]
+    uri, experiment_id = inputs.tracking_uri, inputs.experiment_id
     parent_run_id, resumed = open_parent_run(uri, experiment_id, checked, sweep_dir)
     payload = {"name": spec.name, "base_tree": checked.base_tree, "objective": spec.objective.model_dump(),
                "parent_run_id": parent_run_id, "train_runs_dir": str(sweep_dir / "train_runs")}

@@ -57,7 +57,7 @@ def open_parent_run(uri: str, experiment_id: str, checked: CheckedSweep, sweep_d
     client.log_text(run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/spec.yaml")
     client.log_text(run_id, yaml.safe_dump(spec.space, sort_keys=False), "sweep/search_space.yaml")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"parent_run_id": run_id}) + "\n")
+    state.write_text(json.dumps({"parent_run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}) + "\n")
     return run_id, False
 
 

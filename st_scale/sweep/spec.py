@@ -8,12 +8,16 @@ the driver, before any trial starts, and each error names the spec field.
         family:
           uniform: {sampling.space: full, sampling.decay: 1.0}
           biased_to_large: {sampling.decay: {uniform: [0.3, 0.9]}}
+    run:                                             # `search: grid` runs every option (a study)
+      family: {ct: {method: {name: ct}}, st: {method: {name: st}}}
+      search: grid
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import typing
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +26,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from ..config import (Config, ConfigError, Section, build_config, explain_validation_error, flatten, load_recipe_tree,
-                      set_dotted)
-from ..train_loop import reported_metrics
+from ..config import (Config, ConfigError, Section, assign, build_config, explain_validation_error, flatten,
+                      load_recipe_tree)
+from ..eval_pass import reported_metrics
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 FAMILY_KEY = "family"  # the option name inside a family's trial value
@@ -119,6 +123,7 @@ class Dimension:
     label: str
     distribution: Distribution | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # family: name -> {field: value|Distribution}
+    grid: bool = False  # family: every option (grid search) instead of one drawn per trial
 
     @property
     def is_family(self) -> bool:
@@ -129,8 +134,9 @@ class Dimension:
             return self.distribution.to_tune()
         from ray import tune
 
-        return tune.choice([{FAMILY_KEY: name} | {k: v.to_tune() if isinstance(v, Distribution) else v
-                                                  for k, v in option.items()} for name, option in self.options.items()])
+        options = [{FAMILY_KEY: name} | {k: v.to_tune() if isinstance(v, Distribution) else v for k, v in option.items()}
+                   for name, option in self.options.items()]
+        return tune.grid_search(options) if self.grid else tune.choice(options)
 
     def probe_assignments(self) -> list[tuple[str, dict[str, Any]]]:
         """(description, {field: value}) pairs to check against the config."""
@@ -170,19 +176,29 @@ def parse_distribution(where: str, raw: Any) -> Distribution:
     return Distribution(kind, [low, high])
 
 
+def _is_distribution(value: Any) -> bool:
+    """A family option's value is a distribution when it is {kind: ...}; other mappings (a whole
+    section, e.g. `method: {name: ct}`) are fixed values."""
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
+
+
 def parse_space(space: dict[str, Any]) -> list[Dimension]:
     if not space:
         raise ConfigError("space: empty; name at least one field to search, e.g. method.kl_weight: {loguniform: [0.1, 10]}")
     dimensions = []
     for label, raw in space.items():
         where = f"space.{label}"
-        if isinstance(raw, dict) and set(raw) == {FAMILY_KEY}:
+        if isinstance(raw, dict) and FAMILY_KEY in raw and set(raw) <= {FAMILY_KEY, "search"}:
+            search = raw.get("search", "choice")
+            if search not in ("choice", "grid"):
+                raise ConfigError(f"{where}.search: {search!r}; choose choice (one option drawn per trial) or grid "
+                                  f"(every option, times the other grid entries)")
             options = raw[FAMILY_KEY]
             if not isinstance(options, dict) or not options or not all(isinstance(o, dict) for o in options.values()):
                 raise ConfigError(f"{where}.family: needs named options, each a mapping of dotted fields to values")
-            parsed = {name: {k: parse_distribution(f"{where}.family.{name}.{k}", v) if isinstance(v, dict) else v
+            parsed = {name: {k: parse_distribution(f"{where}.family.{name}.{k}", v) if _is_distribution(v) else v
                              for k, v in option.items()} for name, option in options.items()}
-            dimensions.append(Dimension(label, options=parsed))
+            dimensions.append(Dimension(label, options=parsed, grid=search == "grid"))
         else:
             dimensions.append(Dimension(label, distribution=parse_distribution(where, raw)))
     return dimensions
@@ -206,12 +222,20 @@ def trial_labels(trial_config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ checking
+def _section_models(annotation) -> list[type[BaseModel]]:
+    """The models a field holds: itself, or every member of a (discriminated) union such as `method`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [a for arg in typing.get_args(annotation) for a in _section_models(arg)]
+
+
 def _known_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    out = []
+    out: list[str] = []
     for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            out += _known_fields(annotation, f"{prefix}{name}.")
+        sections = _section_models(info.annotation)
+        if sections:
+            for section in sections:
+                out += [f for f in _known_fields(section, f"{prefix}{name}.") if f not in out]
         else:
             out.append(f"{prefix}{name}")
     return out
@@ -220,6 +244,8 @@ def _known_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str
 def _check_field(where: str, key: str) -> None:
     known = _known_fields()
     if key in known or key.startswith("deepspeed.overrides."):  # free-form: merged into the DeepSpeed JSON
+        return
+    if any(f.startswith(key + ".") for f in known):  # a whole section, e.g. method: {name: ct}
         return
     close = difflib.get_close_matches(key, known, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "see `st-scale train RECIPE --print-config` for the fields"
@@ -230,7 +256,7 @@ def with_assignments(tree: dict, assignments: dict[str, Any]) -> dict:
     """A copy of the config tree with dotted fields set."""
     tree = deepcopy(tree)
     for key, value in assignments.items():
-        set_dotted(tree, key, value)
+        assign(tree, key, value)
     return tree
 
 

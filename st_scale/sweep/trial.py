@@ -3,6 +3,7 @@ metrics (with the sweep's objective added) reaching Tune through Ray Train's cal
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -39,9 +40,9 @@ def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     name = f"{sweep['name']}-{trial_id}"
     own = {"run.name": name, "run.storage_path": sweep["train_runs_dir"], "tracking.run_name": name}
     cfg = build_config(with_assignments(sweep["base_tree"], trial_assignments(trial_config) | own))
-    extras = validate_inputs(cfg)  # cheap here: the driver verified the data and created the experiment
+    inputs = validate_inputs(cfg)  # cheap here: the driver verified the data and created the experiment
     tags = {"mlflow.parentRunId": sweep["parent_run_id"], "st_scale.sweep": sweep["name"], "st_scale.trial_id": trial_id}
     tags |= {f"st_scale.sweep.{label}": str(value) for label, value in trial_labels(trial_config).items()}
-    trainer = build_trainer(cfg, extras | {"tags": tags},
+    trainer = build_trainer(cfg, replace(inputs, tags=tags),
                             callbacks=[ObjectiveReportCallback(Objective.model_validate(sweep["objective"]))])
     trainer.fit()

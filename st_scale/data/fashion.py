@@ -1,0 +1,76 @@
+"""Fashion-MNIST (Zalando, 60,000 + 10,000 28x28 grey images, 10 classes) as Debian's
+`dataset-fashion-mnist` package installs it: real benchmark data that needs no download.
+
+The IDX files are read by torchvision's own `FashionMNIST` reader; it wants them uncompressed in
+`<root>/FashionMNIST/raw/`, so the package's `.gz` files are unpacked into a cache folder first.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+APT_HINT = "apt-get install -y dataset-fashion-mnist (or `make fashion-mnist`)"
+NUM_CLASSES = 10
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _unpacked_root(source: Path, cache: Path) -> Path:
+    """A root torchvision's reader accepts: <cache>/FashionMNIST/raw/<uncompressed IDX files>."""
+    raw = cache / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        target = raw / name
+        plain, packed = source / name, source / f"{name}.gz"
+        if target.is_file() and target.stat().st_size > 0:
+            continue
+        partial = target.with_name(name + ".partial")
+        if plain.is_file():
+            shutil.copyfile(plain, partial)
+        elif packed.is_file():
+            with gzip.open(packed, "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            raise FileNotFoundError(f"{source} has no {name}[.gz]: expected Fashion-MNIST's four IDX files there; "
+                                    f"install them with `{APT_HINT}` or give the folder that holds them")
+        partial.replace(target)
+    return cache
+
+
+def load_fashion_mnist(source: str | Path | None = None, cache: str | Path = "~/.cache/st_scale/fashion-mnist-idx"):
+    """{'train': (images N x 28 x 28 x 3 uint8, labels), 'val': (...)} from the IDX files in `source`."""
+    from torchvision.datasets import FashionMNIST
+
+    source = Path(source).expanduser() if source else DEBIAN_DIR
+    if not source.is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST folder {source} does not exist; install it with `{APT_HINT}`")
+    root = _unpacked_root(source, Path(cache).expanduser())
+    out = {}
+    for split, train in (("train", True), ("val", False)):
+        dataset = FashionMNIST(str(root), train=train, download=False)
+        grey = dataset.data.numpy().astype(np.uint8)  # N x 28 x 28
+        out[split] = (np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1)), dataset.targets.numpy().astype(np.int64))
+    return out
+
+
+def seeded_subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """Indices of a seeded random subset with every class in proportion (stratified), in random
+    order; all indices, shuffled, when `size` is None."""
+    rng = np.random.default_rng(seed)
+    if size is None or size >= len(labels):
+        return rng.permutation(len(labels))
+    if size < 1:
+        raise ValueError(f"subset size {size}: must be >= 1")
+    classes = np.unique(labels)
+    picked = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        share = int(round(size * len(members) / len(labels)))
+        picked.append(rng.choice(members, size=min(share, len(members)), replace=False))
+    chosen = np.concatenate(picked)
+    return rng.permutation(chosen)

@@ -1,0 +1,111 @@
+"""Auxiliary supervision baselines of the paper's Table 1: CT + layer supervision, CT + stage
+supervision, and self-distillation (Be Your Own Teacher style)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..evaluation import preserved_mode
+from ..models import ElasticNet
+from ..schema import Section
+from .base import BuildContext, LossOutput, Objective, _require, distillation_kl
+
+
+class LayerSupervisionOptions(Section):
+    name: Literal["layer_supervision"] = "layer_supervision"
+
+
+class StageSupervisionOptions(Section):
+    name: Literal["stage_supervision"] = "stage_supervision"
+
+
+class SelfDistillationOptions(Section):
+    name: Literal["self_distillation"] = "self_distillation"
+    distill_alpha: float = Field(0.1, ge=0, le=1, description="weight of the KL to the main net in each head's loss")
+    distill_temperature: float = Field(3.0, gt=0)
+
+
+def _feature_channels(model: ElasticNet, image_size: int = 32) -> tuple[dict[tuple[int, int], int], int]:
+    """Channels after every block position of the full net, and the number of classes."""
+    channels: dict[tuple[int, int], int] = {}
+    with preserved_mode(model), torch.no_grad():
+        model.eval()
+        logits = model.run(
+            torch.zeros(1, 3, image_size, image_size),
+            model.plan_for_depths(None),
+            on_block=lambda s, p, x: channels.__setitem__((s, p), x.shape[1]),
+        )
+    return channels, logits.shape[-1]
+
+
+def _aux_head(channels: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, num_classes))
+
+
+class AuxiliarySupervision(Objective):
+    """CT plus auxiliary classifiers (pool + linear) on intermediate outputs.
+
+    `per="block"`: after every residual block (layer supervision); `per="stage"`: after every stage
+    (stage supervision). The last position feeds the main head already and gets none. With
+    `distill_alpha > 0` each head also learns from the main net's detached output (self-distillation,
+    Be-Your-Own-Teacher style): (1 - alpha) * CE + alpha * T^2 * KL.
+    """
+
+    def __init__(self, model: ElasticNet, *, per: str, distill_alpha: float = 0.0, temperature: float = 3.0, name: str):
+        super().__init__()
+        _require(per in ("block", "stage"), f"per={per!r}: choose 'block' or 'stage'")
+        _require(0 <= distill_alpha <= 1, f"distill_alpha={distill_alpha}: must be in [0, 1]")
+        _require(temperature > 0, f"temperature={temperature}: must be > 0")
+        self.name, self.distill_alpha, self.temperature = name, distill_alpha, temperature
+        channels, num_classes = _feature_channels(model)
+        last = (model.num_stages - 1, model.stage_sizes[-1] - 1)
+        if per == "block":
+            positions = [p for p in sorted(channels) if p != last]
+        else:
+            positions = [(s, model.stage_sizes[s] - 1) for s in range(model.num_stages - 1)]
+        self.positions = positions
+        self.heads = nn.ModuleList(_aux_head(channels[p], num_classes) for p in positions)
+
+    def forward(self, model, images, labels, step):
+        features: dict[tuple[int, int], torch.Tensor] = {}
+        wanted = set(self.positions)
+        logits = model.run(
+            images,
+            model.plan_for_depths(None),
+            on_block=lambda s, p, x: features.__setitem__((s, p), x) if (s, p) in wanted else None,
+        )
+        ce = F.cross_entropy(logits.float(), labels)
+        teacher = logits.detach()
+        aux_ce, aux_kl = [], []
+        for position, head in zip(self.positions, self.heads):
+            out = head(features[position])
+            aux_ce.append(F.cross_entropy(out.float(), labels))
+            if self.distill_alpha > 0:
+                aux_kl.append(distillation_kl(out, teacher, self.temperature))
+        a = self.distill_alpha
+        aux_ce_sum = torch.stack(aux_ce).sum()
+        loss = ce + (1 - a) * aux_ce_sum
+        parts = {"ce": ce.detach(), "aux_ce": aux_ce_sum.detach()}
+        if aux_kl:
+            aux_kl_sum = torch.stack(aux_kl).sum()
+            loss = loss + a * aux_kl_sum
+            parts["aux_kl"] = aux_kl_sum.detach()
+        return LossOutput(loss, parts, logits)
+
+
+def build_layer_supervision(options: LayerSupervisionOptions, ctx: BuildContext) -> AuxiliarySupervision:
+    return AuxiliarySupervision(ctx.model, per="block", name=options.name)
+
+
+def build_stage_supervision(options: StageSupervisionOptions, ctx: BuildContext) -> AuxiliarySupervision:
+    return AuxiliarySupervision(ctx.model, per="stage", name=options.name)
+
+
+def build_self_distillation(options: SelfDistillationOptions, ctx: BuildContext) -> AuxiliarySupervision:
+    return AuxiliarySupervision(ctx.model, per="stage", name=options.name, distill_alpha=options.distill_alpha,
+                                temperature=options.distill_temperature)

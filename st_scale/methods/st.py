@@ -1,0 +1,143 @@
+"""ST: Stimulative Training (and the ST++ options)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from ..models import Depths, Plan
+from ..sampling import STREAM_INPUT_SIZE, SubnetSampler, step_rng
+from ..schema import Section, one_of
+from .base import BuildContext, LossOutput, Objective, _require, distillation_kl
+
+SUBNET_REDUCTIONS = ("sum", "mean")
+
+
+class Options(Section):
+    name: Literal["st"] = "st"
+    kl_weight: float = Field(1.0, ge=0, description="lambda: weight of the KL from the main net to each sub-net")
+    temperature: float = Field(1.0, gt=0)
+    num_subnets: int = Field(1, ge=1, description="K sub-networks per step")
+    subnet_reduction: str = Field("sum", description="sum (the reference) or mean of the K KL terms")
+    logit_norm: bool = Field(False, description="ST++ KL-: layer-normalised logits")
+    logit_norm_amplitude: float = Field(1.0, gt=0)
+    small_inputs: bool = Field(False, description="ST++: each sub-net sees a smaller resize of the batch")
+    small_input_min_fraction: float = Field(0.43, gt=0, le=1)
+    share_prefix: bool = Field(True, description="sub-nets reuse the main pass up to their first dropped block")
+
+    @field_validator("subnet_reduction")
+    @classmethod
+    def _reduction(cls, value: str) -> str:
+        return one_of("subnet_reduction", value, SUBNET_REDUCTIONS)
+
+
+class StimulativeTraining(Objective):
+    """ST (and ST++ options): CE on the main net plus KL from the main net to K sampled sub-nets.
+
+    With `share_prefix` each sub-net reuses the main pass's activations up to its first dropped
+    block: the values are identical, so loss and gradients are unchanged, and the shared blocks run
+    (forward and backward) once instead of twice. The only visible difference is that BatchNorm
+    running statistics of shared blocks are updated once per step, not twice; evaluation
+    re-estimates them anyway.
+    """
+
+    name = "st"
+
+    def __init__(
+        self,
+        sampler: SubnetSampler,
+        *,
+        kl_weight: float = 1.0,
+        temperature: float = 1.0,
+        num_subnets: int = 1,
+        subnet_reduction: str = "sum",
+        logit_norm: bool = False,
+        logit_norm_amplitude: float = 1.0,
+        small_inputs: bool = False,
+        small_input_min_fraction: float = 0.43,
+        share_prefix: bool = True,
+        rank: int = 0,
+    ):
+        super().__init__()
+        _require(kl_weight >= 0 and math.isfinite(kl_weight), f"kl_weight={kl_weight}: must be a finite number >= 0")
+        _require(temperature > 0 and math.isfinite(temperature), f"temperature={temperature}: must be > 0")
+        _require(num_subnets >= 1, f"num_subnets={num_subnets}: must be >= 1 (K sub-networks per step)")
+        _require(subnet_reduction in SUBNET_REDUCTIONS, f"subnet_reduction={subnet_reduction!r}: choose one of {SUBNET_REDUCTIONS}")
+        _require(logit_norm_amplitude > 0, f"logit_norm_amplitude={logit_norm_amplitude}: must be > 0")
+        _require(0 < small_input_min_fraction <= 1, f"small_input_min_fraction={small_input_min_fraction}: must be in (0, 1]")
+        self.sampler = sampler
+        self.kl_weight, self.temperature = kl_weight, temperature
+        self.num_subnets, self.subnet_reduction = num_subnets, subnet_reduction
+        self.logit_norm, self.logit_norm_amplitude = logit_norm, logit_norm_amplitude
+        self.small_inputs, self.small_input_min_fraction = small_inputs, small_input_min_fraction
+        self.share_prefix, self.rank = share_prefix, rank
+
+    def _normalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """ST++ "KL-": a parameter-free layer norm over classes aligns only the logits' direction."""
+        logits = logits.float()
+        if not self.logit_norm:
+            return logits
+        return F.layer_norm(logits, logits.shape[-1:]) * self.logit_norm_amplitude
+
+    def _subnet_input(self, images: torch.Tensor, step: int, k: int) -> torch.Tensor:
+        """ST++ small inputs: the ORIGINAL batch resized to s x s, s uniform in [min_frac*crop, crop].
+
+        Bilinear (antialiased) resizing has weights that sum to one, so resizing the normalised batch
+        equals normalising the resized one: normalisation happens once, in the loader.
+        """
+        crop = images.shape[-1]
+        low = max(1, math.ceil(self.small_input_min_fraction * crop))
+        rng = step_rng(self.sampler.seed, step, k, rank=self.rank if self.sampler.per_rank else None, stream=STREAM_INPUT_SIZE)
+        size = int(rng.integers(low, crop + 1))
+        if size == crop:
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+    @staticmethod
+    def divergence(depths: Depths, full: Depths) -> int | None:
+        """The first stage where a sub-net drops blocks; None for the full network."""
+        return next((s for s, (d, n) in enumerate(zip(depths, full)) if d < n), None)
+
+    def forward(self, model, images, labels, step):
+        subnets = self.sampler.sample_many(step, self.num_subnets, self.rank)
+        full = model.full_depths
+        shared = self.share_prefix and not self.small_inputs
+        taps: dict[tuple[int, int], torch.Tensor] = {}
+        wanted = {(s, d[s] - 1) for d in subnets if (s := self.divergence(d, full)) is not None} if shared else set()
+
+        def record(stage: int, position: int, x: torch.Tensor) -> None:
+            if (stage, position) in wanted:
+                taps[(stage, position)] = x
+
+        main_logits = model.run(images, model.plan_for_depths(None), on_block=record if wanted else None)
+        main = self._normalise(main_logits)
+        ce = F.cross_entropy(main, labels)
+        teacher = main.detach()
+
+        kls = []
+        for k, depths in enumerate(subnets):
+            plan: Plan = model.plan_for_depths(depths)
+            stage = self.divergence(depths, full)
+            if self.small_inputs:
+                sub_logits = model.run(self._subnet_input(images, step, k), plan)
+            elif not shared:
+                sub_logits = model.run(images, plan)
+            elif stage is None:
+                sub_logits = main_logits  # the full network drawn: the main pass is its pass
+            else:
+                sub_logits = model.run_from_stage_output(taps[(stage, depths[stage] - 1)], stage, plan)
+            kls.append(distillation_kl(self._normalise(sub_logits), teacher, self.temperature))
+        kl = torch.stack(kls).sum() if self.subnet_reduction == "sum" else torch.stack(kls).mean()
+        loss = ce + self.kl_weight * kl
+        blocks = sum(sum(d) for d in subnets) / len(subnets)
+        parts = {"ce": ce.detach(), "kl": kl.detach(), "subnet_blocks": torch.tensor(float(blocks))}
+        return LossOutput(loss, parts, main_logits)
+
+
+def build(options: Options, ctx: BuildContext) -> StimulativeTraining:
+    _require(ctx.sampler is not None, "method 'st' needs a sub-network sampler")
+    return StimulativeTraining(ctx.sampler, rank=ctx.rank, **options.model_dump(exclude={"name"}))

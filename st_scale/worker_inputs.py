@@ -1,0 +1,41 @@
+"""What the driver hands each Ray Train worker: one typed object, built by keyword in one place
+(`launch.validate_inputs`), after every input was checked on the driver."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Tests only: rank `rank` exits at global step `step`, once per run (`marker` records it)."""
+
+    step: int
+    rank: int
+    marker: str
+
+
+@dataclass(frozen=True)
+class WorkerInputs:
+    config: dict[str, Any]  # the validated Config as JSON, every path absolute
+    ds_config: dict[str, Any]  # the resolved DeepSpeed config (batch sizes filled in)
+    tracking_uri: str  # absolute: workers and trials do not share the driver's cwd
+    experiment_id: str
+    dataset: str  # what the training file says it holds (its metadata's source)
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (a sweep's parent run, trial id)
+    fault: FaultInjection | None = None
+
+    def to_loop_config(self) -> dict[str, Any]:
+        """Ray Train's train_loop_config (a dict) carrying these inputs."""
+        return {"inputs": self}
+
+    @staticmethod
+    def from_loop_config(loop_config: dict[str, Any]) -> "WorkerInputs":
+        inputs = loop_config["inputs"]
+        if not isinstance(inputs, WorkerInputs):
+            raise TypeError(f"train_loop_config['inputs'] is a {type(inputs).__name__}, not WorkerInputs")
+        return inputs
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
