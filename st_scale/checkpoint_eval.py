@@ -15,7 +15,7 @@ def evaluate_checkpoint(directory: Path, *, max_subnets: int | None = None, dest
                         recalibrate: bool = True) -> dict:
     from .data.integrity import read_metadata, verify_beton
     from .data.loaders import BatchPreparer, calibration_batches, eval_loader
-    from .eval_pass import (destruction_metrics, log_destruction, log_subnet_reports, main_metrics, run_destruction,
+    from .eval_pass import (destruction_metrics, first_images, log_destruction, log_subnet_reports, main_metrics, run_destruction,
                             subnet_metrics, subnet_reports)
     from .tracking import RunTracker
     from .train_loop import build_model_and_objective
@@ -45,7 +45,7 @@ def evaluate_checkpoint(directory: Path, *, max_subnets: int | None = None, dest
                          params={}, tags={}, system_metrics=False)
     log_subnet_reports(tracker, reports, folder="eval", stem="subnets", title=f"{title} (checkpoint, epoch {info.epoch})")
     if destruction:
-        rows = run_destruction(model, val, calibration)
+        rows = run_destruction(model, first_images(val, cfg.eval.destruction_images), calibration)
         metrics.update(destruction_metrics("eval", rows))
         log_destruction(tracker, rows, folder="eval", title=f"{title}: network destruction")
     tracker.log_metrics(metrics, step=info.step)

@@ -18,6 +18,7 @@ EPILOG = """examples:
   st-scale convert imagefolder /data/imagenet --out /shared/imagenet --write-mode proportion --max-resolution 256
   st-scale eval ~/st_scale_runs/demo-st/checkpoint_2026-11-27_...   all sub-nets + destruction tests of a checkpoint
   st-scale sweep tune/sampling_kl.yaml --set num_samples=32 --address auto
+  st-scale report tune/fashion_table1.yaml         a study's Table 1, loafing figure and destruction curves
   st-scale mlflow-server --port 5000                 the MLflow UI over ./mlflow.db on http://127.0.0.1:5000
 
 Re-running `train` with the same run.name (under run.storage_path) resumes it from its last complete
@@ -114,6 +115,18 @@ def _add_eval(sub) -> None:
     p.add_argument("--shared-stats", action="store_true", help="use the shared BN statistics, not per-network re-estimation")
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="a study's table (per method, over seeds), loafing figure and destruction curves",
+                       description="Read a finished (or running) sweep's child runs back from MLflow, average each "
+                                   "group over its seeds and write the paper's Table 1 for it (time per epoch, peak "
+                                   "memory, main top-1, all-sub-network mean ± std, min), the loafing figure "
+                                   "(sub-networks inside CT, inside ST, trained alone), destruction curves and the "
+                                   "sub-network accuracy distribution. Files go to --out and into the sweep's "
+                                   "parent run under study/.")
+    p.add_argument("sweep", help="the sweep spec (path or name in ./tune/) or its results folder")
+    p.add_argument("--out", help="output folder (default: <sweep folder>/report)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-scale", description="Distributed Stimulative Training of residual networks.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -123,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_convert(sub)
     _add_eval(sub)
+    _add_report(sub)
     _add_mlflow_server(sub)
     sub.add_parser("recipes", help="list the packaged recipes")
     return parser
@@ -218,7 +232,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "demo": cmd_demo, "convert": cmd_convert, "eval": cmd_eval,
+def cmd_report(args) -> int:
+    from .study import report
+
+    report(args.sweep, args.out)
+    return 0
+
+
+COMMANDS = {"report": cmd_report, "train": cmd_train, "sweep": cmd_sweep, "demo": cmd_demo, "convert": cmd_convert, "eval": cmd_eval,
             "mlflow-server": cmd_mlflow_server, "recipes": cmd_recipes}
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ class EvalSection(Section):
     recalibrate: bool = True
     shared_stats: bool = Field(True, description="also report figures on the shared running statistics")
     destruction: bool = Field(False, description="run network destruction tests at the end")
+    destruction_images: int | None = Field(None, ge=1, description="destruction tests on the first N validation "
+                                                                   "images (default: all; each test evaluates a net)")
     compare_calibration: bool = Field(False, description="at the end, also measure main net and sub-nets with BN "
                                                          "re-estimated under the other data.calibration_protocol")
 

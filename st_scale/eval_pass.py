@@ -77,6 +77,18 @@ def with_suffix(metrics: dict[str, float], suffix: str) -> dict[str, float]:
     return {k if k.endswith("/num_subnets") else k + suffix: v for k, v in metrics.items()}
 
 
+def first_images(batches: Iterable[Batch], limit: int | None) -> list[Batch]:
+    """The batches (cloned: FFCV's buffers rotate) up to `limit` images in all."""
+    kept, count = [], 0
+    for x, y in batches:
+        if limit is not None and count >= limit:
+            break
+        take = len(y) if limit is None else min(len(y), limit - count)
+        kept.append((x[:take].clone(), y[:take].clone()))
+        count += take
+    return kept
+
+
 def run_destruction(model: ElasticNet, val: Sequence[Batch], calibration: Sequence[Batch] | None) -> list[DestructionRow]:
     """The destruction tests on the shared running statistics and, with calibration, again with
     every damaged network's statistics re-estimated: both are reported, labelled."""

@@ -18,7 +18,7 @@ from . import checkpoint
 from .config import Config
 from .distributed import barrier
 from .engine import build_engine, lr_at, set_lr
-from .eval_pass import (calibration_suffix, log_destruction, log_subnet_reports, main_metrics, other_protocol,
+from .eval_pass import (calibration_suffix, first_images, log_destruction, log_subnet_reports, main_metrics, other_protocol,
                         run_destruction, subnet_metrics, subnet_reports, with_suffix)
 from .evaluation import Batch, preserved_bn, recalibrate_bn
 from .methods import build_objective
@@ -238,7 +238,7 @@ def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
             log_subnet_reports(ctx.tracker, {suffix: other[""]}, folder="subnets", stem=f"subnets_epoch{epoch + 1:03d}",
                                title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}, {suffix[1:]}")
     if final and cfg.eval.destruction and ctx.rank == 0:  # the other ranks wait at the next collective
-        val = [(x.clone(), y.clone()) for x, y in data.preparer.eval_batches(data.val_full)]
+        val = first_images(data.preparer.eval_batches(data.val_full), cfg.eval.destruction_images)
         log_destruction(ctx.tracker, run_destruction(model, val, data.calibration), folder="destruction",
                         title=f"{cfg.method.name} {cfg.model.name}: network destruction")
     return metrics

@@ -1,0 +1,346 @@
+"""`st-scale report SWEEP`: a study's results, read back from MLflow. A study is a sweep whose grid
+runs methods (and sub-network architectures trained alone) over seeds; this module averages each
+group over its seeds and writes the paper's Table 1 for it, the loafing figure, the destruction
+curves and the sub-network accuracy distribution, as files and into the sweep's parent run.
+
+Groups are the values of the sweep's search entries other than the seed (`run.seed`); a group whose
+config sets `model.stage_depths` is that sub-network's architecture trained alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import ConfigError
+from .eval_pass import SHARED, calibration_suffix
+from .evaluation import RECALIBRATED, DestructionRow
+
+SEED_LABEL = "run.seed"
+METHOD_ORDER = ("ct", "layer_supervision", "stage_supervision", "self_distillation", "stochastic_depth", "st")
+PAPER_NAMES = {"ct": "CT", "layer_supervision": "CT + layer supervision", "stage_supervision": "CT + stage supervision",
+               "self_distillation": "self-distillation", "stochastic_depth": "stochastic depth", "st": "ST"}
+
+
+@dataclass
+class StudyRun:
+    group: str
+    seed: int
+    run_id: str
+    status: str
+    metrics: dict[str, float]
+    epoch_time_s: float | None
+    stage_depths: tuple[int, ...] | None  # trained alone: this sub-network's architecture
+    subnets: dict[tuple[int, ...], dict[str, float]] = field(default_factory=dict)  # final: depths -> top1, macs
+    destruction: list[DestructionRow] = field(default_factory=list)
+
+
+@dataclass
+class GroupRow:
+    group: str
+    runs: int
+    epoch_time_s: float | None
+    peak_memory_mib: float | None
+    main_top1: list[float]
+    subnets_mean: list[float]
+    subnets_std: list[float]
+    subnets_min: list[float]
+    extra: dict[str, list[float]] = field(default_factory=dict)  # shared-statistics and other-protocol figures
+
+
+def sweep_state(sweep: str) -> tuple[Path, dict]:
+    """The sweep folder and its state file (parent run, tracking store), from a spec or a folder."""
+    from .sweep.parent import STATE_FILE
+
+    path = Path(sweep).expanduser()
+    if not (path / STATE_FILE).is_file():
+        from .sweep.spec import load_spec
+
+        spec = load_spec(sweep)
+        path = Path(spec.storage_path).expanduser().resolve() / spec.name
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise ConfigError(f"{sweep}: no sweep results at {path} (no {STATE_FILE}); run `st-scale sweep {sweep}` first")
+    state = json.loads(state_file.read_text())
+    if "tracking_uri" not in state:
+        raise ConfigError(f"{state_file} does not record the MLflow store; re-run the sweep with this version")
+    return path, state
+
+
+def _final_subnets_csv(client, run_id: str) -> str | None:
+    """The last epoch's sub-network table on per-network statistics (subnets/subnets_epochNNN.csv)."""
+    names = [a.path for a in client.list_artifacts(run_id, "subnets")]
+    plain = sorted(p for p in names if re.fullmatch(r"subnets/subnets_epoch\d+\.csv", p))
+    return plain[-1] if plain else None
+
+
+def _read_text(client, run_id: str, path: str) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        return Path(client.download_artifacts(run_id, path, directory)).read_text()
+
+
+def load_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[StudyRun]:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                  max_results=10_000)
+    runs = []
+    for child in children:
+        labels = {k.removeprefix("st_scale.sweep."): v for k, v in child.data.tags.items()
+                  if k.startswith("st_scale.sweep.")}
+        group = "/".join(v for k, v in sorted(labels.items()) if k != SEED_LABEL)
+        depths = child.data.params.get("model.stage_depths")
+        history = client.get_metric_history(child.info.run_id, "train/epoch_time_s")
+        run = StudyRun(group=group, seed=int(child.data.params.get("run.seed", 0)), run_id=child.info.run_id,
+                       status=child.info.status, metrics=dict(child.data.metrics),
+                       epoch_time_s=statistics.fmean(m.value for m in history) if history else None,
+                       stage_depths=tuple(json.loads(depths)) if depths and depths != "None" else None)
+        table = _final_subnets_csv(client, run.run_id)
+        if table:
+            for row in csv.DictReader(io.StringIO(_read_text(client, run.run_id, table))):
+                depths_key = tuple(int(d) for d in row["depths"].split("-"))
+                run.subnets[depths_key] = {"top1": float(row["top1"]), "macs": float(row["macs"])}
+        if any(a.path == "destruction/destruction.csv" for a in client.list_artifacts(run.run_id, "destruction")):
+            for row in csv.DictReader(io.StringIO(_read_text(client, run.run_id, "destruction/destruction.csv"))):
+                run.destruction.append(DestructionRow(row["test"], int(row["damage"]), row["detail"], float(row["top1"]),
+                                                      row["statistics"]))
+        runs.append(run)
+    return sorted(runs, key=lambda r: (_group_order(r.group), r.seed))
+
+
+def _group_order(group: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(group) if group in METHOD_ORDER else len(METHOD_ORDER), group)
+
+
+def group_rows(runs: list[StudyRun]) -> list[GroupRow]:
+    groups: dict[str, list[StudyRun]] = {}
+    for run in runs:
+        if run.status == "FINISHED":
+            groups.setdefault(run.group, []).append(run)
+    rows = []
+    for group, members in sorted(groups.items(), key=lambda kv: _group_order(kv[0])):
+        def values(key: str) -> list[float]:
+            return [r.metrics[key] for r in members if key in r.metrics]
+
+        times = [r.epoch_time_s for r in members if r.epoch_time_s is not None]
+        memory = values("train/peak_memory_mib")
+        extra_keys = sorted({k for r in members for k in r.metrics
+                             if k.startswith("val/") and (k.endswith(SHARED) or "_calib_" in k)})
+        rows.append(GroupRow(group, len(members), statistics.fmean(times) if times else None,
+                             statistics.fmean(memory) if memory else None, values("val/main_top1"),
+                             values("val/subnets_mean_top1"), values("val/subnets_std_top1"),
+                             values("val/subnets_min_top1"), {k: values(k) for k in extra_keys}))
+    return rows
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f}" if values else "-"
+
+
+def table_markdown(rows: list[GroupRow]) -> str:
+    """The paper's Table 1 columns: main top-1 is mean ± sd over seeds; "all sub-nets" is the mean
+    over seeds of each run's mean ± std over its sub-networks."""
+    ct_time = next((r.epoch_time_s for r in rows if r.group == "ct"), None)
+    lines = ["| method | seeds | time / epoch (s) | vs CT | peak memory (MiB) | main top-1 (%) | "
+             "all sub-nets top-1 (%) | min sub-net (%) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = PAPER_NAMES.get(r.group, r.group)
+        ratio = f"{r.epoch_time_s / ct_time:.2f}x" if ct_time and r.epoch_time_s else "-"
+        spread = f"{_mean(r.subnets_mean)} ± {_mean(r.subnets_std)}" if r.subnets_mean else "-"
+        time = f"{r.epoch_time_s:.1f}" if r.epoch_time_s else "-"
+        memory = f"{r.peak_memory_mib:.0f}" if r.peak_memory_mib else "-"
+        lines.append(f"| {name} | {r.runs} | {time} | {ratio} | {memory} | {_mean_sd(r.main_top1)} | {spread} | "
+                     f"{_mean(r.subnets_min)} |")
+    return "\n".join(lines)
+
+
+def secondary_markdown(rows: list[GroupRow]) -> str:
+    """The same trained networks measured otherwise: on the shared running BN statistics, and with
+    BN re-estimated under the other calibration protocol (where the run measured it)."""
+    suffixes = sorted({k[len("val/main_top1"):] for r in rows for k in r.extra if k.startswith("val/main_top1")})
+    if not suffixes:
+        return ""
+    header = "| method | " + " | ".join(f"main{s} | all sub-nets{s}" for s in suffixes) + " |"
+    lines = [header, "|---|" + "---|---|" * len(suffixes)]
+    for r in rows:
+        cells = []
+        for s in suffixes:
+            main = r.extra.get(f"val/main_top1{s}", [])
+            mean, std = r.extra.get(f"val/subnets_mean_top1{s}", []), r.extra.get(f"val/subnets_std_top1{s}", [])
+            cells += [_mean_sd(main), f"{_mean(mean)} ± {_mean(std)}" if mean else "-"]
+        lines.append(f"| {PAPER_NAMES.get(r.group, r.group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ figures
+def loafing_points(runs: list[StudyRun]) -> list[dict]:
+    """For each sub-network trained alone (and the full net): its accuracy inside the CT-trained
+    net, inside the ST-trained net and alone, each as mean and sd over seeds."""
+    finished = [r for r in runs if r.status == "FINISHED"]
+    inside = {g: [r for r in finished if r.group == g] for g in ("ct", "st")}
+    alone: dict[tuple[int, ...], list[float]] = {}
+    for r in finished:
+        if r.stage_depths is not None and "val/main_top1" in r.metrics:
+            alone.setdefault(r.stage_depths, []).append(r.metrics["val/main_top1"])
+    full = max((d for r in inside["ct"] for d in r.subnets), default=None, key=sum)
+    if full is not None:
+        alone.setdefault(full, [r.metrics["val/main_top1"] for r in inside["ct"] if "val/main_top1" in r.metrics])
+    points = []
+    for depths in sorted(alone, key=lambda d: (sum(d), d)):
+        point = {"depths": "-".join(map(str, depths)), "alone": alone[depths]}
+        for g, members in inside.items():
+            point[f"inside_{g}"] = [r.subnets[depths]["top1"] for r in members if depths in r.subnets]
+        points.append(point)
+    return points
+
+
+def loafing_figure(points: list[dict], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, ax = plt.subplots(figsize=(7.5, 4.2))
+    xs = np.arange(len(points))
+    for offset, (key, label, colour) in zip((-0.27, 0, 0.27), (("inside_ct", "inside the CT-trained net", "C3"),
+                                                                 ("inside_st", "inside the ST-trained net", "C2"),
+                                                                 ("alone", "trained alone", "C0"))):
+        means = [statistics.fmean(p[key]) if p.get(key) else np.nan for p in points]
+        sds = [statistics.stdev(p[key]) if len(p.get(key, [])) > 1 else 0.0 for p in points]
+        bars = ax.bar(xs + offset, means, width=0.26, yerr=sds, capsize=3, label=label, color=colour)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(xs, [f"{p['depths']}\n({sum(int(d) for d in p['depths'].split('-'))} blocks)" for p in points])
+    ax.set_xlabel("sub-network (blocks kept per stage)")
+    ax.set_ylabel("top-1 (%)")
+    low = min((statistics.fmean(v) for p in points for k, v in p.items() if k != "depths" and v), default=0)
+    ax.set_ylim(max(0, low - 15), 100)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def destruction_curves(runs: list[StudyRun], title: str):
+    """Top-1 against random blocks deleted, and per one-block deletion / adjacent swap: CT vs ST,
+    with and without BN re-estimation, averaged over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for group, colour in (("ct", "C3"), ("st", "C2")):
+        members = [r for r in runs if r.group == group and r.destruction]
+        for statistics_version, style in ((RECALIBRATED, "-"), ("shared", "--")):
+            rows = [d for r in members for d in r.destruction if d.statistics == statistics_version]
+            if not rows:
+                continue
+            label = f"{PAPER_NAMES[group]}, " + ("BN re-estimated" if statistics_version == RECALIBRATED else "shared BN stats")
+            by_k: dict[int, list[float]] = {}
+            for d in rows:
+                if d.test in ("intact", "delete_k"):
+                    by_k.setdefault(d.damage, []).append(d.top1)
+            ks = sorted(by_k)
+            axes[0].plot(ks, [statistics.fmean(by_k[k]) for k in ks], style, marker="o", color=colour, label=label)
+            tests = ("intact", "delete_one", "swap_adjacent")
+            means = [statistics.fmean([d.top1 for d in rows if d.test == t] or [float("nan")]) for t in tests]
+            axes[1].plot(range(len(tests)), means, style, marker="s", color=colour, label=label)
+            axes[1].set_xticks(range(len(tests)), ["intact", "one block deleted\n(mean over blocks)",
+                                                   "two adjacent swapped\n(mean over pairs)"])
+    axes[0].set_xlabel("random blocks deleted")
+    for ax in axes:
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def subnet_distribution(runs: list[StudyRun], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for group, colour in (("ct", "C3"), ("st", "C2")):
+        for i, run in enumerate(r for r in runs if r.group == group and r.subnets):
+            top1 = [v["top1"] for v in run.subnets.values()]
+            label = f"{PAPER_NAMES[group]}" if i == 0 else None
+            axes[0].scatter([v["macs"] / 1e6 for v in run.subnets.values()], top1, s=14, alpha=0.6, color=colour,
+                            marker="o" if i == 0 else "^", label=label)
+            axes[1].hist(top1, bins=20, range=(0, 100), alpha=0.45, color=colour, label=label)
+    axes[0].set_xlabel("MMACs per image")
+    axes[0].set_ylabel("top-1 (%)")
+    axes[1].set_xlabel("top-1 (%)")
+    axes[1].set_ylabel("sub-networks (all seeds)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+# ------------------------------------------------------------------------------------ command
+def report(sweep: str, out: str | Path | None = None) -> dict:
+    """Print the study table, write table.md, runs.csv, study.json and the figures to `out` (default:
+    <sweep folder>/report) and log them to the sweep's parent MLflow run under study/."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    sweep_dir, state = sweep_state(sweep)
+    runs = load_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
+    if not runs:
+        raise ConfigError(f"{sweep}: the sweep's parent run {state['parent_run_id']} has no child runs yet")
+    out = Path(out).expanduser() if out else sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = group_rows(runs)
+    table, secondary = table_markdown(rows), secondary_markdown(rows)
+    name = sweep_dir.name
+    text = f"{table}\n"
+    if secondary:
+        text += f"\nThe same networks, measured otherwise (shared running BN statistics; other calibration protocol):\n\n{secondary}\n"
+    (out / "table.md").write_text(text)
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        keys = sorted({k for r in runs for k in r.metrics})
+        writer.writerow(["group", "seed", "status", "mlflow_run_id", "epoch_time_s", *keys])
+        for r in runs:
+            writer.writerow([r.group, r.seed, r.status, r.run_id, r.epoch_time_s, *[r.metrics.get(k) for k in keys]])
+    points = loafing_points(runs)
+    summary = {"sweep": name, "parent_run_id": state["parent_run_id"], "rows": [asdict(r) for r in rows],
+               "loafing": points}
+    (out / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
+    figures = {"destruction.png": destruction_curves(runs, f"{name}: network destruction, CT vs ST"),
+               "subnets.png": subnet_distribution(runs, f"{name}: every sub-network's top-1, CT vs ST (BN re-estimated)")}
+    if points:
+        figures["loafing.png"] = loafing_figure(points, f"{name}: loafing (sub-network inside the trained net vs alone)")
+    for filename, figure in figures.items():
+        figure.savefig(out / filename, dpi=110)
+        plt.close(figure)
+    client = mlflow.MlflowClient(state["tracking_uri"])
+    for path in sorted(out.iterdir()):
+        client.log_artifact(state["parent_run_id"], str(path), "study")
+    print(f"{name}: {len(runs)} runs ({sum(r.status == 'FINISHED' for r in runs)} finished)\n\n{text}")
+    print(f"files in {out}; logged to MLflow run {state['parent_run_id']} under study/")
+    return summary
