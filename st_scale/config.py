@@ -48,6 +48,9 @@ class DataSection(Section):
     val_crop_ratio: float = Field(224 / 256, gt=0, le=1, description="imagenet: center crop / resize ratio")
     pad_crop: int = Field(4, ge=0, description="cifar: random crop after zero padding by this many pixels")
     flip: bool = True
+    color_jitter: float = Field(0.0, ge=0, lt=1, description="imagenet: brightness, contrast and saturation jitter "
+                                                             "(factors drawn in [1-v, 1+v], as torchvision's ColorJitter)")
+    pca_lighting: float = Field(0.0, ge=0, description="imagenet: AlexNet PCA lighting noise, std of the alphas")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = Field(128, ge=1, description="global batch size, split over the workers")
@@ -57,6 +60,16 @@ class DataSection(Section):
     calibration_protocol: Literal["eval", "train"] = Field(
         "eval", description="BN re-estimation images: eval = un-augmented, evaluation transform; train = the training "
                             "augmentation at training resolution (the authors' protocol)")
+
+
+    @model_validator(mode="after")
+    def _pipeline_fields(self) -> "DataSection":
+        if self.pipeline == "cifar":
+            for name in ("color_jitter", "pca_lighting"):
+                if getattr(self, name):
+                    raise ValueError(f"data.{name}={getattr(self, name)} applies to the imagenet pipeline only; "
+                                     f"remove it or set data.pipeline=imagenet")
+        return self
 
 
 class SamplingSection(Section):

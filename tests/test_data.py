@@ -2,6 +2,7 @@
 FFCV itself would silently read; the writer cannot hang; loaders and augmentation are seeded."""
 
 import pickle
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -172,3 +173,82 @@ def test_train_order_and_augmentation_are_functions_of_seed_and_epoch(digits_dir
     raw, _ = next(iter(loader))
     plain = BatchPreparer(cfg.data, device, torch.float32, seed=0, rank=0).eval(raw)
     assert a[0][0].shape == plain.shape and not torch.equal(a[0][0], plain)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _image_label_pairs(path: Path) -> list[tuple[str, int]]:
+    """(sha1 of the grey image, label) of every sample, in file order; checks the image is grey as RGB."""
+    import hashlib
+
+    data = load_config("demo_ct", [f"data.val={path}"]).data
+    pairs = []
+    for images, labels in eval_loader(data, data.val, indices=None, num_workers=1, device=torch.device("cpu")):
+        for image, label in zip(images.numpy(), labels.numpy()):
+            assert (image[0] == image[1]).all() and (image[0] == image[2]).all()
+            pairs.append((hashlib.sha1(np.ascontiguousarray(image[0]).tobytes()).hexdigest(), int(label)))
+    return pairs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist (`make fashion-mnist`)")
+def test_fashion_mnist_conversion_keeps_every_image_with_its_label(tmp_path):
+    """Every (image, label) of the written files is a pair of the source as torchvision's own
+    reader returns it; subsets are seeded and class-proportional."""
+    import hashlib
+
+    from torchvision.datasets import FashionMNIST
+
+    from st_scale.data.fashion import load_fashion_mnist
+
+    written = convert("fashion-mnist", None, tmp_path / "out", train_subset=600, val_subset=200, quiet=True)
+    assert written["train"]["num_samples"] == 600 and written["val"]["num_samples"] == 200
+    assert written["train"]["subset"] == {"size": 600, "of": 60000, "seed": 0}
+    load_fashion_mnist(None, cache=tmp_path / "idx")  # unpacks the IDX files where torchvision looks
+    again = convert("fashion-mnist", None, tmp_path / "again", train_subset=600, val_subset=200, quiet=True)
+    for split, train in (("train", True), ("val", False)):
+        source = FashionMNIST(str(tmp_path / "idx"), train=train, download=False)
+        labels_of: dict[str, set[int]] = {}
+        for image, label in zip(source.data.numpy(), source.targets.numpy()):
+            labels_of.setdefault(hashlib.sha1(image.tobytes()).hexdigest(), set()).add(int(label))
+        pairs = _image_label_pairs(tmp_path / "out" / f"{split}.beton")
+        assert all(label in labels_of[digest] for digest, label in pairs)
+        counts = np.bincount([label for _, label in pairs], minlength=10)
+        assert (counts == len(pairs) // 10).all(), counts  # Fashion-MNIST is balanced: so is the subset
+        assert _image_label_pairs(tmp_path / "again" / f"{split}.beton") == pairs  # seeded: the same samples, in order
+
+
+def test_fashion_mnist_from_a_folder_without_it_says_how_to_install(tmp_path):
+    with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
+        convert("fashion-mnist", str(tmp_path), tmp_path / "out", quiet=True)
+
+
+def test_colour_augmentation_matches_torchvision_colorjitter_and_alexnet_lighting():
+    """The reference's ColorJitter(0.4, 0.4, 0.4) + Lighting(0.1), checked against torchvision's
+    functional ops with the same drawn factors."""
+    import torchvision.transforms.functional as TF
+
+    from st_scale.data.loaders import PCA_EIGVAL, PCA_EIGVEC
+    from st_scale.sampling import STREAM_AUGMENT, step_rng
+
+    data = load_config("imagenet_resnet50_st_reference").data
+    preparer = BatchPreparer(data, torch.device("cpu"), torch.float32, seed=5, rank=1)
+    images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = preparer.train(images, step=7)
+    rng = step_rng(5, 7, rank=1, stream=STREAM_AUGMENT)
+    brightness, contrast, saturation = (rng.uniform(0.6, 1.4, 4) for _ in range(3))
+    alpha = torch.as_tensor(rng.normal(0, 0.1, (4, 3)), dtype=torch.float32)
+    mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
+    for i in range(4):
+        x = images[i].float() / 255
+        x = TF.adjust_brightness(x, float(brightness[i]))
+        x = TF.adjust_contrast(x, float(contrast[i]))
+        x = TF.adjust_saturation(x, float(saturation[i]))
+        x = x + (PCA_EIGVEC @ (alpha[i] * PCA_EIGVAL)).view(3, 1, 1)
+        assert torch.allclose(out[i], (x - mean) / std, atol=1e-4)
+
+
+def test_colour_augmentation_is_refused_where_it_would_be_ignored():
+    with pytest.raises(ConfigError, match="data.color_jitter=0.4 applies to the imagenet pipeline only"):
+        load_config("demo_ct", ["data.color_jitter=0.4"])

@@ -107,3 +107,56 @@ def test_destruction_tests_cover_every_droppable_block():
     # Deleting block 2 of stage 0 is the sub-network (2, 3, 3).
     deleted = next(r for r in by_test["delete_one"] if r.detail == "stage0.block2")
     assert deleted.top1 == evaluate_plan(model, model.plan_for_depths((2, 3, 3)), val, val).top1
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_an_evaluation_pass_leaves_the_model_and_its_shared_figures_describe_the_same_statistics():
+    """Both shared-statistics figures (main net and sub-nets) use the running statistics training
+    left, measured independently on an untouched copy; the model's buffers are unchanged."""
+    import copy
+
+    from st_scale.eval_pass import SHARED, main_metrics, subnet_metrics, subnet_reports
+
+    model = create_model("cifar_resnet20", 10)
+    perturb_bn(model, 16)
+    model.eval()
+    reference = copy.deepcopy(model)
+    val, calibration = random_batches(2, 16, 16, seed=1), random_batches(2, 16, 16, seed=2)
+    before = _state(model)
+    subnets = [(1, 1, 1), (2, 3, 1), (3, 3, 3)]
+    main = main_metrics(model, lambda: val, calibration, torch.device("cpu"), prefix="val", shared_stats=True)
+    reports = subnet_reports(model, subnets, lambda: val, calibration, shared_stats=True)
+    metrics = subnet_metrics("val", reports)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert main[f"val/main_top1{SHARED}"] == evaluate_main(reference, val).top1
+    shared_rows = {d: evaluate_plan(reference, reference.plan_for_depths(d), val).top1 for d in subnets}
+    assert [r.top1 for r in reports[SHARED].rows] == [shared_rows[d] for d in sorted(subnets)]
+    assert reports[SHARED].row((3, 3, 3)).top1 == main[f"val/main_top1{SHARED}"]
+    assert metrics[f"val/subnets_mean_top1{SHARED}"] == pytest.approx(sum(shared_rows.values()) / 3)
+    assert main["val/main_top1"] == evaluate_main(reference, val, calibration).top1
+    assert reports[""].row((3, 3, 3)).top1 == main["val/main_top1"]
+
+
+def test_destruction_is_reported_with_and_without_reestimation():
+    from st_scale.eval_pass import destruction_metrics, run_destruction
+    from st_scale.evaluation import RECALIBRATED, SHARED_STATS, destruction_csv
+
+    model = create_model("cifar_resnet20", 10)
+    perturb_bn(model, 16)
+    val, calibration = random_batches(1, 16, 16, seed=1), random_batches(2, 16, 16, seed=2)
+    rows = run_destruction(model, val, calibration)
+    shared = [r for r in rows if r.statistics == SHARED_STATS]
+    recal = [r for r in rows if r.statistics == RECALIBRATED]
+    assert len(shared) == len(recal) and len(rows) == 2 * len(shared)
+    deleted = next(r for r in shared if r.detail == "stage1.block1")  # keeps blocks 0 and 2 of stage 1
+    plan = tuple((0, 1, 2) if s != 1 else (0, 2) for s in range(3))
+    assert deleted.top1 == evaluate_plan(model, plan, val).top1  # no re-estimation: the damage as it is
+    assert next(r for r in recal if r.detail == "stage1.block1").top1 == evaluate_plan(model, plan, val, calibration).top1
+    summary = destruction_metrics("eval", rows)
+    assert summary["eval/destruction/intact/0_shared_stats"] == evaluate_main(model, val).top1
+    assert summary["eval/destruction/intact/0"] == evaluate_main(model, val, calibration).top1
+    lines = destruction_csv(rows).splitlines()
+    assert lines[0] == "test,damage,detail,statistics,top1" and len(lines) == len(rows) + 1

@@ -231,3 +231,17 @@ def test_unknown_method_lists_the_choices():
     model, _, _ = _setup()
     with pytest.raises(ValueError, match="unknown method 'kd'.*stochastic_depth"):
         build_objective("kd", model)
+
+
+def test_stochastic_depth_follows_the_run_seed():
+    """Every stochastic choice follows run.seed: two seeds draw different masks, one seed twice the same."""
+    from st_scale.config import load_config
+    from st_scale.train_loop import build_model_and_objective
+
+    def plans(seed):
+        cfg = load_config("demo_ct", ["method={name: stochastic_depth}", f"run.seed={seed}"])
+        model, _, objective = build_model_and_objective(cfg)
+        return [objective.sample_plan(model, step) for step in range(20)]
+
+    assert plans(3) == plans(3)
+    assert plans(3) != plans(4)

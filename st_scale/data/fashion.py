@@ -25,20 +25,24 @@ def _unpacked_root(source: Path, cache: Path) -> Path:
     raw = cache / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name in FILES:
-        target = raw / name
         plain, packed = source / name, source / f"{name}.gz"
-        if target.is_file() and target.stat().st_size > 0:
-            continue
-        partial = target.with_name(name + ".partial")
-        if plain.is_file():
-            shutil.copyfile(plain, partial)
-        elif packed.is_file():
-            with gzip.open(packed, "rb") as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
+        found = plain if plain.is_file() else packed if packed.is_file() else None
+        if found is None:
             raise FileNotFoundError(f"{source} has no {name}[.gz]: expected Fashion-MNIST's four IDX files there; "
                                     f"install them with `{APT_HINT}` or give the folder that holds them")
+        target = raw / name
+        stamp = target.with_name(name + ".from")  # which source file the unpacked copy came from
+        origin = f"{found.resolve()} {found.stat().st_size} {found.stat().st_mtime_ns}"
+        if target.is_file() and stamp.is_file() and stamp.read_text() == origin:
+            continue
+        partial = target.with_name(name + ".partial")
+        if found is plain:
+            shutil.copyfile(plain, partial)
+        else:
+            with gzip.open(packed, "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
         partial.replace(target)
+        stamp.write_text(origin)
     return cache
 
 

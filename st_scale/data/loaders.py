@@ -107,6 +107,16 @@ def calibration_batches(data: DataSection, preparer: "BatchPreparer", *, num_sam
     return batches
 
 
+# AlexNet's PCA of ImageNet's RGB pixels (as the reference code's Lighting transform uses it)
+PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of [0, 1] RGB images, N x 1 x H x W (torchvision's rgb_to_grayscale)."""
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
 class BatchPreparer:
     """uint8 NCHW -> normalised float (or bf16) on the device, with seeded CIFAR-size augmentation."""
 
@@ -123,15 +133,39 @@ class BatchPreparer:
         return self._normalise(images)
 
     def train(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        if self.data.pipeline != "cifar":
-            return self._normalise(images)
-        return self._augment(images, step_rng(self.seed, step, rank=self.rank, stream=STREAM_AUGMENT))
+        rng = step_rng(self.seed, step, rank=self.rank, stream=STREAM_AUGMENT)
+        return self._augment(images, rng) if self.data.pipeline == "cifar" else self._photometric(images, rng)
 
     def calibration(self, images: torch.Tensor, batch_index: int) -> torch.Tensor:
         """The training augmentation for calibration batch `batch_index`: the same on every rank."""
-        if self.data.pipeline != "cifar":
-            return self._normalise(images)  # cropped and flipped by the decoder already
-        return self._augment(images, step_rng(self.seed, batch_index, stream=STREAM_CALIBRATION))
+        rng = step_rng(self.seed, batch_index, stream=STREAM_CALIBRATION)
+        # ImageNet-size batches are cropped and flipped by the decoder already
+        return self._augment(images, rng) if self.data.pipeline == "cifar" else self._photometric(images, rng)
+
+    def _photometric(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """ImageNet-size colour augmentation, seeded: ColorJitter (brightness, contrast, saturation in
+        this order) then AlexNet PCA lighting, on [0, 1] images as the reference applies them."""
+        jitter, lighting = self.data.color_jitter, self.data.pca_lighting
+        if not jitter and not lighting:
+            return self._normalise(images)
+        x = images.to(self.device, non_blocking=True).float() / 255
+        n = x.shape[0]
+
+        def per_image(values) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=torch.float32, device=self.device).view(n, 1, 1, 1)
+
+        if jitter:
+            low, high = 1 - jitter, 1 + jitter
+            x = (x * per_image(rng.uniform(low, high, n))).clamp(0, 1)
+            grey_mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - grey_mean) * per_image(rng.uniform(low, high, n)) + grey_mean).clamp(0, 1)
+            grey = _grey(x)
+            x = ((x - grey) * per_image(rng.uniform(low, high, n)) + grey).clamp(0, 1)
+        if lighting:
+            alpha = torch.as_tensor(rng.normal(0, lighting, (n, 3)), dtype=torch.float32, device=self.device)
+            shift = (alpha * PCA_EIGVAL.to(self.device)) @ PCA_EIGVEC.to(self.device).T  # n x 3
+            x = x + shift[:, :, None, None]
+        return ((x * 255 - self.mean) / self.std).to(self.dtype).contiguous()
 
     def _augment(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float()
