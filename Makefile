@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 # ffcv compiles against OpenCV and libjpeg-turbo found through pkg-config.
 SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev
 
-.PHONY: help install system-deps fashion-mnist demo test test-fast bench study clean
+.PHONY: help install system-deps fashion-mnist demo lint format test test-fast bench study clean
 
 help:
 	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root);"
 	@echo "                PYTHON=python3.12 VENV=/opt/venv EXTRAS= is how the docker/ images install it"
 	@echo "make demo       the embedded default: CT vs ST on the bundled digits set"
+	@echo "make lint       ruff format --check and ruff check (CI runs it before the tests)"
+	@echo "make format     ruff format and the safe ruff fixes"
 	@echo "make test       the whole test suite"
 	@echo "make test-fast  unit tests only (no slow marker)"
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
@@ -58,6 +60,14 @@ $(STAMP): pyproject.toml | system-deps
 
 demo: install
 	$(BIN)/st-scale demo
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test: install fashion-mnist
 	$(BIN)/pytest -q

@@ -41,8 +41,13 @@ def write_image_folder(root: Path, images: int, classes: int, size: int) -> None
 
 
 def init_process_group(cuda: bool) -> None:
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29517")):
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29517"),
+    ):
         os.environ.setdefault(key, value)
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
@@ -55,14 +60,20 @@ def sync(device: torch.device) -> None:
 def loader_throughput(cfg, device, epochs: int) -> float:
     from st_scale.data.loaders import BatchPreparer, train_loader
 
-    loader = train_loader(cfg.data, batch_size=cfg.data.batch_size, seed=0, num_workers=cfg.data.num_workers,
-                          device=device, distributed=False)
+    loader = train_loader(
+        cfg.data,
+        batch_size=cfg.data.batch_size,
+        seed=0,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        distributed=False,
+    )
     preparer = BatchPreparer(cfg.data, device, torch.bfloat16 if device.type == "cuda" else torch.float32, 0, 0)
     for images, _ in loader:  # first pass compiles the pipeline
         preparer.train(images, 0)
     sync(device)
     start, seen = time.perf_counter(), 0
-    for epoch in range(epochs):
+    for _ in range(epochs):
         for step, (images, _) in enumerate(loader):
             preparer.train(images, step)
             seen += images.shape[0]
@@ -108,9 +119,13 @@ def train_throughput(cfg, device, steps: int, warmup: int, loader=None) -> dict:
         sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    result = {"images_per_s": batch * len(times) / sum(times), "median_step_s": statistics.median(times),
-              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-              "bf16": engine.bfloat16_enabled(), "zero_stage": engine.zero_optimization_stage()}
+    result = {
+        "images_per_s": batch * len(times) / sum(times),
+        "median_step_s": statistics.median(times),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "bf16": engine.bfloat16_enabled(),
+        "zero_stage": engine.zero_optimization_stage(),
+    }
     del engine, model, objective
     gc.collect()
     if device.type == "cuda":
@@ -141,18 +156,30 @@ def main() -> None:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     init_process_group(cuda)
-    report: dict = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-                    "torch": torch.__version__, "cuda": torch.version.cuda, "batch_size": args.batch_size,
-                    "image_size": args.image_size, "model": args.model}
+    report: dict = {
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "model": args.model,
+    }
     import deepspeed
 
     report["deepspeed"] = deepspeed.__version__
     report["backend"] = torch.distributed.get_backend()
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "st_scale_gpu_bench"
-    common = [f"data.train={work / 'beton' / 'train.beton'}", f"data.val={work / 'beton' / 'val.beton'}",
-              f"data.batch_size={args.batch_size}", f"data.image_size={args.image_size}", f"data.num_workers={args.workers}",
-              f"model.name={args.model}", "scaling.num_workers=1", "run.name=bench"]
+    common = [
+        f"data.train={work / 'beton' / 'train.beton'}",
+        f"data.val={work / 'beton' / 'val.beton'}",
+        f"data.batch_size={args.batch_size}",
+        f"data.image_size={args.image_size}",
+        f"data.num_workers={args.workers}",
+        f"model.name={args.model}",
+        "scaling.num_workers=1",
+        "run.name=bench",
+    ]
     if cuda:
         common += ["scaling.gpus_per_worker=1", "deepspeed.config=zero1_bf16.json"]
     else:
@@ -164,27 +191,40 @@ def main() -> None:
 
         start = time.perf_counter()
         write_image_folder(work / "images", args.images, classes=10, size=320)
-        convert("imagefolder", str(work / "images"), work / "beton", write_mode="jpg", max_resolution=256,
-                workers=args.workers, quiet=True)
+        convert(
+            "imagefolder",
+            str(work / "images"),
+            work / "beton",
+            write_mode="jpg",
+            max_resolution=256,
+            workers=args.workers,
+            quiet=True,
+        )
         report["dataset_prep_s"] = round(time.perf_counter() - start, 1)
         report["ffcv_loader_images_per_s"] = round(loader_throughput(cfg, device, epochs=2), 1)
         print("ffcv loader:", report["ffcv_loader_images_per_s"], "images/s", flush=True)
-        loader = train_loader(cfg.data, batch_size=args.batch_size, seed=0, num_workers=args.workers, device=device,
-                              distributed=False)
+        loader = train_loader(
+            cfg.data, batch_size=args.batch_size, seed=0, num_workers=args.workers, device=device, distributed=False
+        )
     except Exception as error:  # noqa: BLE001  (reported, not hidden)
         report["ffcv_error"] = f"{type(error).__name__}: {error}"
         print("FFCV part failed:", report["ffcv_error"], flush=True)
 
-    variants = {"ct": ["method.name=ct"], "st_shared": ["method.name=st", "method.share_prefix=true"],
-                "st_unshared": ["method.name=st", "method.share_prefix=false"]}
+    variants = {
+        "ct": ["method.name=ct"],
+        "st_shared": ["method.name=st", "method.share_prefix=true"],
+        "st_unshared": ["method.name=st", "method.share_prefix=false"],
+    }
     report["train"] = {}
     for name, extra in variants.items():
-        report["train"][name] = train_throughput(load_config("imagenet_resnet50_st", common + extra), device,
-                                                 args.steps, args.warmup)
+        report["train"][name] = train_throughput(
+            load_config("imagenet_resnet50_st", common + extra), device, args.steps, args.warmup
+        )
         print(name, report["train"][name], flush=True)
     if loader is not None:
         report["train"]["st_shared_ffcv_fed"] = train_throughput(
-            load_config("imagenet_resnet50_st", common + variants["st_shared"]), device, args.steps, args.warmup, loader)
+            load_config("imagenet_resnet50_st", common + variants["st_shared"]), device, args.steps, args.warmup, loader
+        )
         print("st_shared fed by ffcv", report["train"]["st_shared_ffcv_fed"], flush=True)
     ct = report["train"]["ct"]["images_per_s"]
     report["st_time_ratio_shared"] = round(ct / report["train"]["st_shared"]["images_per_s"], 3)

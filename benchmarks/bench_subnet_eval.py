@@ -37,7 +37,12 @@ def main() -> None:
         out, left = [], args.images
         while left > 0:
             n = min(args.batch_size, left)
-            out.append((torch.randn(n, 3, args.image_size, args.image_size, generator=g), torch.randint(0, 10, (n,), generator=g)))
+            out.append(
+                (
+                    torch.randn(n, 3, args.image_size, args.image_size, generator=g),
+                    torch.randint(0, 10, (n,), generator=g),
+                )
+            )
             left -= n
         return out
 

@@ -121,14 +121,19 @@ def main() -> None:
     memory = {name: statistics.fmean(values) for name, values in memory.items()}
     ct_time, ct_mem = statistics.median(times["CT"]), memory["CT"]
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"{args.model}, batch {args.batch_size}, {args.image_size} px, {args.threads} threads, "
-          f"median time and mean saved activations of {args.steps} steps; parameters {params / 2**20:.1f} MiB (+ as much again for grads and momentum)")
+    print(
+        f"{args.model}, batch {args.batch_size}, {args.image_size} px, {args.threads} threads, "
+        f"median time and mean saved activations of {args.steps} steps; parameters {params / 2**20:.1f} MiB "
+        f"(+ as much again for grads and momentum)"
+    )
     print("| objective | step time (s) | time / CT | MAC estimate / CT | saved activations (MiB) | memory / CT |")
     print("|---|---|---|---|---|---|")
     for name in variants:
         t = statistics.median(times[name])
-        print(f"| {name} | {t:.3f} | {t / ct_time:.2f}x | {estimate[name]:.2f}x | "
-              f"{memory[name] / 2**20:.0f} | {memory[name] / ct_mem:.2f}x |")
+        print(
+            f"| {name} | {t:.3f} | {t / ct_time:.2f}x | {estimate[name]:.2f}x | "
+            f"{memory[name] / 2**20:.0f} | {memory[name] / ct_mem:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ def _rng_file(directory: Path, rank: int) -> Path:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -75,7 +79,9 @@ def save(engine, directory: Path, rank: int, client_state: dict, run_info: RunIn
         (directory / RUN_FILE).write_text(json.dumps(run_info.__dict__, indent=1))
     engine.save_checkpoint(str(directory), tag=ENGINE_TAG, client_state=client_state)
     torch.save(rng_state(), _rng_file(directory, rank))
-    _commit_marker(directory, rank).write_text(json.dumps({"epoch": client_state["epoch"], "step": client_state["step"]}))
+    _commit_marker(directory, rank).write_text(
+        json.dumps({"epoch": client_state["epoch"], "step": client_state["step"]})
+    )
 
 
 def committed_ranks(directory: Path) -> list[int]:
@@ -96,8 +102,9 @@ def load(engine, directory: Path, rank: int, world_size: int) -> dict:
     """Restore engine, optimizer and this rank's RNG state; return the client state."""
     directory = Path(directory)
     check_complete(directory, world_size)
-    _, client_state = engine.load_checkpoint(str(directory), tag=ENGINE_TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+    _, client_state = engine.load_checkpoint(
+        str(directory), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     set_rng_state(torch.load(_rng_file(directory, rank), weights_only=False))
@@ -109,12 +116,16 @@ def read_run(directory: Path) -> RunInfo:
     directory = Path(directory)
     info_file = directory / RUN_FILE
     if not info_file.is_file():
-        raise ConfigError(f"{directory} is not an st-scale checkpoint folder (no {RUN_FILE}); give a "
-                          f"checkpoint_* folder under <run.storage_path>/<run.name>/")
+        raise ConfigError(
+            f"{directory} is not an st-scale checkpoint folder (no {RUN_FILE}); give a "
+            f"checkpoint_* folder under <run.storage_path>/<run.name>/"
+        )
     ranks = committed_ranks(directory)
     if not ranks:
-        raise ConfigError(f"{directory} is incomplete (no commit markers): it was interrupted while saving; "
-                          f"give an earlier checkpoint_* folder")
+        raise ConfigError(
+            f"{directory} is incomplete (no commit markers): it was interrupted while saving; "
+            f"give an earlier checkpoint_* folder"
+        )
     check_complete(directory, max(ranks) + 1)
     return RunInfo(**json.loads(info_file.read_text()))
 
@@ -128,7 +139,11 @@ def module_state(directory: Path) -> dict[str, torch.Tensor]:
 def model_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The elastic model's plain weights (fp32), as `model.load_state_dict` takes them."""
     module = module_state(directory)
-    return {k[len("model."):]: v.float() if v.is_floating_point() else v for k, v in module.items() if k.startswith("model.")}
+    return {
+        k[len("model.") :]: v.float() if v.is_floating_point() else v
+        for k, v in module.items()
+        if k.startswith("model.")
+    }
 
 
 def load_weights(directory: Path, model) -> None:

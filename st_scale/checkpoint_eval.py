@@ -11,12 +11,21 @@ import torch
 from . import checkpoint
 
 
-def evaluate_checkpoint(directory: Path, *, max_subnets: int | None = None, destruction: bool = True,
-                        recalibrate: bool = True) -> dict:
+def evaluate_checkpoint(
+    directory: Path, *, max_subnets: int | None = None, destruction: bool = True, recalibrate: bool = True
+) -> dict:
     from .data.integrity import read_metadata, verify_beton
     from .data.loaders import BatchPreparer, calibration_batches, eval_loader
-    from .eval_pass import (destruction_metrics, first_images, log_destruction, log_subnet_reports, main_metrics, run_destruction,
-                            subnet_metrics, subnet_reports)
+    from .eval_pass import (
+        destruction_metrics,
+        first_images,
+        log_destruction,
+        log_subnet_reports,
+        main_metrics,
+        run_destruction,
+        subnet_metrics,
+        subnet_reports,
+    )
     from .tracking import RunTracker
     from .train_loop import build_model_and_objective
 
@@ -32,18 +41,39 @@ def evaluate_checkpoint(directory: Path, *, max_subnets: int | None = None, dest
     preparer = BatchPreparer(cfg.data, device, torch.float32, cfg.run.seed, 0)
     calibration = None
     if recalibrate:
-        calibration = calibration_batches(cfg.data, preparer, num_samples=read_metadata(cfg.data.train)["num_samples"],
-                                          seed=cfg.run.seed, num_workers=threads, device=device)
-    val = [(x.clone(), y.clone()) for x, y in preparer.eval_batches(eval_loader(cfg.data, cfg.data.val, indices=None,
-                                                                                 num_workers=threads, device=device))]
+        calibration = calibration_batches(
+            cfg.data,
+            preparer,
+            num_samples=read_metadata(cfg.data.train)["num_samples"],
+            seed=cfg.run.seed,
+            num_workers=threads,
+            device=device,
+        )
+    val = [
+        (x.clone(), y.clone())
+        for x, y in preparer.eval_batches(
+            eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=threads, device=device)
+        )
+    ]
     subnets = space.sample_subset(max_subnets or cfg.eval.max_subnets, seed=cfg.run.seed)
     reports = subnet_reports(model, subnets, lambda: val, calibration, shared_stats=cfg.eval.shared_stats)
-    metrics = {**main_metrics(model, lambda: val, calibration, device, prefix="eval", shared_stats=cfg.eval.shared_stats),
-               **subnet_metrics("eval", reports)}
+    metrics = {
+        **main_metrics(model, lambda: val, calibration, device, prefix="eval", shared_stats=cfg.eval.shared_stats),
+        **subnet_metrics("eval", reports),
+    }
     title = f"{cfg.method.name} {cfg.model.name}"
-    tracker = RunTracker(info.tracking_uri, info.experiment_id, run_id=info.mlflow_run_id, run_name=None,
-                         params={}, tags={}, system_metrics=False)
-    log_subnet_reports(tracker, reports, folder="eval", stem="subnets", title=f"{title} (checkpoint, epoch {info.epoch})")
+    tracker = RunTracker(
+        info.tracking_uri,
+        info.experiment_id,
+        run_id=info.mlflow_run_id,
+        run_name=None,
+        params={},
+        tags={},
+        system_metrics=False,
+    )
+    log_subnet_reports(
+        tracker, reports, folder="eval", stem="subnets", title=f"{title} (checkpoint, epoch {info.epoch})"
+    )
     if destruction:
         rows = run_destruction(model, first_images(val, cfg.eval.destruction_images), calibration)
         metrics.update(destruction_metrics("eval", rows))
@@ -51,7 +81,9 @@ def evaluate_checkpoint(directory: Path, *, max_subnets: int | None = None, dest
     tracker.log_metrics(metrics, step=info.step)
     tracker.finish("FINISHED")
     s = reports[""].stats
-    print(f"{title}, epoch {info.epoch}: main top-1 {metrics['eval/main_top1']:.2f}, "
-          f"{int(s['num_subnets'])} sub-nets {s['mean_top1']:.2f} ± {s['std_top1']:.2f} (min {s['min_top1']:.2f}); "
-          f"logged to MLflow run {info.mlflow_run_id}")
+    print(
+        f"{title}, epoch {info.epoch}: main top-1 {metrics['eval/main_top1']:.2f}, "
+        f"{int(s['num_subnets'])} sub-nets {s['mean_top1']:.2f} ± {s['std_top1']:.2f} (min {s['min_top1']:.2f}); "
+        f"logged to MLflow run {info.mlflow_run_id}"
+    )
     return metrics

@@ -27,109 +27,176 @@ sweep (Tune restores it, unfinished trials continue from their checkpoints, same
 
 
 def _add_ray_address(p) -> None:
-    p.add_argument("--address", help="Ray cluster address, e.g. 10.0.0.1:6379 or auto (default: $RAY_ADDRESS, which "
-                                     "`ray job submit` sets; else a local Ray on 127.0.0.1)")
+    p.add_argument(
+        "--address",
+        help="Ray cluster address, e.g. 10.0.0.1:6379 or auto (default: $RAY_ADDRESS, which "
+        "`ray job submit` sets; else a local Ray on 127.0.0.1)",
+    )
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train one run (local Ray, or a cluster via --address / RAY_ADDRESS)",
-                       description="Train with Ray Train + DeepSpeed + FFCV; track in MLflow.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = sub.add_parser(
+        "train",
+        help="train one run (local Ray, or a cluster via --address / RAY_ADDRESS)",
+        description="Train with Ray Train + DeepSpeed + FFCV; track in MLflow.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
     p.add_argument("recipe", help="packaged recipe name (see `st-scale recipes`) or a .yaml path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set optimizer.epochs=5 (repeatable; value parsed as YAML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set optimizer.epochs=5 (repeatable; value parsed as YAML)",
+    )
     _add_ray_address(p)
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def _add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="a Ray Tune sweep of ST training runs (one MLflow parent run, a child per trial)",
-                       description="Sweep a recipe's fields (sampling distribution, KL weight, ...) with Ray Tune: each "
-                                   "trial fits a TorchTrainer of DeepSpeed workers; the scheduler (ASHA) stops weak "
-                                   "trials early. MLflow gets one parent run per sweep with the best trial and a "
-                                   "comparison plot, and one child run per trial.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = sub.add_parser(
+        "sweep",
+        help="a Ray Tune sweep of ST training runs (one MLflow parent run, a child per trial)",
+        description="Sweep a recipe's fields (sampling distribution, KL weight, ...) with Ray Tune: each "
+        "trial fits a TorchTrainer of DeepSpeed workers; the scheduler (ASHA) stops weak "
+        "trials early. MLflow gets one parent run per sweep with the best trial and a "
+        "comparison plot, and one child run per trial.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
     p.add_argument("spec", help="a sweep spec .yaml, or the name of one in ./tune/ (e.g. sampling_kl)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set num_samples=4 or --set set.optimizer.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set num_samples=4 or --set set.optimizer.epochs=3 (repeatable)",
+    )
     _add_ray_address(p)
     p.add_argument("--summary-json", metavar="PATH", help="write the trials table and the best trial as JSON")
     p.add_argument("--check", action="store_true", help="check the spec against its recipe and exit")
 
 
 def _add_mlflow_server(sub) -> None:
-    p = sub.add_parser("mlflow-server", help="serve the MLflow UI and tracking API (SQLite store, local artifacts)",
-                       description="Run `mlflow server` on 127.0.0.1 over a SQLite store. Point training at it with "
-                                   "MLFLOW_TRACKING_URI=http://HOST:PORT (or --set tracking.tracking_uri=...).")
+    p = sub.add_parser(
+        "mlflow-server",
+        help="serve the MLflow UI and tracking API (SQLite store, local artifacts)",
+        description="Run `mlflow server` on 127.0.0.1 over a SQLite store. Point training at it with "
+        "MLFLOW_TRACKING_URI=http://HOST:PORT (or --set tracking.tracking_uri=...).",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (use 0.0.0.0 only behind a firewall)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--backend-store", default="mlflow.db", help="SQLite file (or any MLflow backend store URI)")
-    p.add_argument("--artifacts", default="mlartifacts", help="where logged artifacts are stored (shared storage on a cluster)")
+    p.add_argument(
+        "--artifacts", default="mlartifacts", help="where logged artifacts are stored (shared storage on a cluster)"
+    )
     p.add_argument("--workers", type=int, default=1)
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the embedded default: CT vs ST on the bundled digits set",
-                       description="Convert the bundled digits set once, train CT and ST on a local Ray with 2 CPU "
-                                   "workers through DeepSpeed, log both to MLflow, print main and all-sub-network "
-                                   "accuracy side by side.")
+    p = sub.add_parser(
+        "demo",
+        help="the embedded default: CT vs ST on the bundled digits set",
+        description="Convert the bundled digits set once, train CT and ST on a local Ray with 2 CPU "
+        "workers through DeepSpeed, log both to MLflow, print main and all-sub-network "
+        "accuracy side by side.",
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (recipe default: 12)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of both demo recipes")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of both demo recipes",
+    )
     p.add_argument("--data-dir", default="~/.cache/st_scale/digits32", help="where the digits .beton files go")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--summary-json", metavar="PATH", help="write both runs' summaries as JSON")
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="write train/val .beton files (with checksums) from a dataset",
-                       description="Write <out>/train.beton and <out>/val.beton, each with a .sha256 and a .json "
-                                   "metadata file beside it.")
+    p = sub.add_parser(
+        "convert",
+        help="write train/val .beton files (with checksums) from a dataset",
+        description="Write <out>/train.beton and <out>/val.beton, each with a .sha256 and a .json "
+        "metadata file beside it.",
+    )
     p.add_argument("source", choices=("digits", "fashion-mnist", "cifar", "imagefolder"))
-    p.add_argument("path", nargs="?", help="cifar: the folder holding cifar-10-batches-py/ or cifar-100-python/; "
-                                           "imagefolder: the root holding train/ and val/; fashion-mnist: the folder "
-                                           "of its IDX files (default /usr/share/datasets/fashion-mnist, where "
-                                           "Debian's dataset-fashion-mnist package puts them)")
+    p.add_argument(
+        "path",
+        nargs="?",
+        help="cifar: the folder holding cifar-10-batches-py/ or cifar-100-python/; "
+        "imagefolder: the root holding train/ and val/; fashion-mnist: the folder "
+        "of its IDX files (default /usr/share/datasets/fashion-mnist, where "
+        "Debian's dataset-fashion-mnist package puts them)",
+    )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--write-mode", default=None, choices=("raw", "jpg", "smart", "proportion"),
-                   help="image storage (default: raw for digits/cifar, proportion for imagefolder)")
+    p.add_argument(
+        "--write-mode",
+        default=None,
+        choices=("raw", "jpg", "smart", "proportion"),
+        help="image storage (default: raw for digits/cifar, proportion for imagefolder)",
+    )
     p.add_argument("--max-resolution", type=int, default=None, help="resize so the longer side is at most this")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=2, help="writer processes")
     p.add_argument("--image-size", type=int, default=32, help="digits: upscaled size")
-    p.add_argument("--train-subset", type=int, default=None, metavar="N",
-                   help="fashion-mnist: keep a seeded, class-proportional random subset of N training images")
-    p.add_argument("--val-subset", type=int, default=None, metavar="N", help="fashion-mnist: the same for the test split")
+    p.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fashion-mnist: keep a seeded, class-proportional random subset of N training images",
+    )
+    p.add_argument(
+        "--val-subset", type=int, default=None, metavar="N", help="fashion-mnist: the same for the test split"
+    )
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subsets (recorded in the metadata)")
     p.add_argument("--no-validate", action="store_true", help="imagefolder: skip decoding every image first")
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="all-sub-network evaluation and destruction tests of a checkpoint",
-                       description="Evaluate a training checkpoint (a folder Ray Train wrote) in this process and "
-                                   "log the results into the run's MLflow run.")
+    p = sub.add_parser(
+        "eval",
+        help="all-sub-network evaluation and destruction tests of a checkpoint",
+        description="Evaluate a training checkpoint (a folder Ray Train wrote) in this process and "
+        "log the results into the run's MLflow run.",
+    )
     p.add_argument("checkpoint", help="checkpoint folder (holds checkpoint/ and st_scale_config.json)")
     p.add_argument("--max-subnets", type=int, default=None)
     p.add_argument("--no-destruction", action="store_true")
-    p.add_argument("--shared-stats", action="store_true", help="use the shared BN statistics, not per-network re-estimation")
+    p.add_argument(
+        "--shared-stats", action="store_true", help="use the shared BN statistics, not per-network re-estimation"
+    )
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="a study's table (per method, over seeds), loafing figure and destruction curves",
-                       description="Read a finished (or running) sweep's child runs back from MLflow, average each "
-                                   "group over its seeds and write the paper's Table 1 for it (time per epoch, peak "
-                                   "memory, main top-1, all-sub-network mean ± std, min), the loafing figure "
-                                   "(sub-networks inside CT, inside ST, trained alone), destruction curves and the "
-                                   "sub-network accuracy distribution. Files go to --out and into the sweep's "
-                                   "parent run under study/.")
+    p = sub.add_parser(
+        "report",
+        help="a study's table (per method, over seeds), loafing figure and destruction curves",
+        description="Read a finished (or running) sweep's child runs back from MLflow, average each "
+        "group over its seeds and write the paper's Table 1 for it (time per epoch, peak "
+        "memory, main top-1, all-sub-network mean ± std, min), the loafing figure "
+        "(sub-networks inside CT, inside ST, trained alone), destruction curves and the "
+        "sub-network accuracy distribution. Files go to --out and into the sweep's "
+        "parent run under study/.",
+    )
     p.add_argument("sweep", help="the sweep spec (path or name in ./tune/) or its results folder")
     p.add_argument("--out", help="output folder (default: <sweep folder>/report)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="st-scale", description="Distributed Stimulative Training of residual networks.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser = argparse.ArgumentParser(
+        prog="st-scale",
+        description="Distributed Stimulative Training of residual networks.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_sweep(sub)
@@ -187,8 +254,10 @@ def cmd_sweep(args) -> int:
 
     if args.check:
         checked = check_spec(load_spec(args.spec, args.overrides))
-        print(f"{checked.spec.name}: {len(checked.dimensions)} search entries over recipe {checked.spec.recipe!r}, "
-              f"objective {checked.spec.objective.describe()} ({checked.spec.objective.mode}): OK")
+        print(
+            f"{checked.spec.name}: {len(checked.dimensions)} search entries over recipe {checked.spec.recipe!r}, "
+            f"objective {checked.spec.objective.describe()} ({checked.spec.objective.mode}): OK"
+        )
         return 0
     from .sweep.driver import print_sweep, run_sweep, write_sweep_json
 
@@ -202,33 +271,53 @@ def cmd_sweep(args) -> int:
 def cmd_mlflow_server(args) -> int:
     from .tracking import serve_mlflow
 
-    return serve_mlflow(host=args.host, port=args.port, backend_store=args.backend_store, artifacts=args.artifacts,
-                        workers=args.workers)
+    return serve_mlflow(
+        host=args.host, port=args.port, backend_store=args.backend_store, artifacts=args.artifacts, workers=args.workers
+    )
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(epochs=args.epochs, overrides=args.overrides, data_dir=args.data_dir, address=args.address,
-             summary_json=args.summary_json)
+    run_demo(
+        epochs=args.epochs,
+        overrides=args.overrides,
+        data_dir=args.data_dir,
+        address=args.address,
+        summary_json=args.summary_json,
+    )
     return 0
 
 
 def cmd_convert(args) -> int:
     from .data.commands import convert
 
-    convert(args.source, args.path, Path(args.out).expanduser(), write_mode=args.write_mode,
-            max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality, workers=args.workers,
-            image_size=args.image_size, validate=not args.no_validate, train_subset=args.train_subset,
-            val_subset=args.val_subset, subset_seed=args.subset_seed)
+    convert(
+        args.source,
+        args.path,
+        Path(args.out).expanduser(),
+        write_mode=args.write_mode,
+        max_resolution=args.max_resolution,
+        jpeg_quality=args.jpeg_quality,
+        workers=args.workers,
+        image_size=args.image_size,
+        validate=not args.no_validate,
+        train_subset=args.train_subset,
+        val_subset=args.val_subset,
+        subset_seed=args.subset_seed,
+    )
     return 0
 
 
 def cmd_eval(args) -> int:
     from .checkpoint_eval import evaluate_checkpoint
 
-    evaluate_checkpoint(Path(args.checkpoint).expanduser(), max_subnets=args.max_subnets,
-                        destruction=not args.no_destruction, recalibrate=not args.shared_stats)
+    evaluate_checkpoint(
+        Path(args.checkpoint).expanduser(),
+        max_subnets=args.max_subnets,
+        destruction=not args.no_destruction,
+        recalibrate=not args.shared_stats,
+    )
     return 0
 
 
@@ -239,8 +328,16 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"report": cmd_report, "train": cmd_train, "sweep": cmd_sweep, "demo": cmd_demo, "convert": cmd_convert, "eval": cmd_eval,
-            "mlflow-server": cmd_mlflow_server, "recipes": cmd_recipes}
+COMMANDS = {
+    "report": cmd_report,
+    "train": cmd_train,
+    "sweep": cmd_sweep,
+    "demo": cmd_demo,
+    "convert": cmd_convert,
+    "eval": cmd_eval,
+    "mlflow-server": cmd_mlflow_server,
+    "recipes": cmd_recipes,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

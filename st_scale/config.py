@@ -30,8 +30,10 @@ class ModelSection(Section):
     name: str
     num_classes: int = Field(ge=2)
     stage_depths: list[int] | None = Field(
-        None, description="build only the first d blocks of each stage: a sub-network's architecture as a model of "
-                          "its own (e.g. [1, 1, 1] of cifar_resnet20 is ResNet-8), to train it alone")
+        None,
+        description="build only the first d blocks of each stage: a sub-network's architecture as a model of "
+        "its own (e.g. [1, 1, 1] of cifar_resnet20 is ResNet-8), to train it alone",
+    )
 
     @field_validator("name")
     @classmethod
@@ -48,27 +50,37 @@ class DataSection(Section):
     val_crop_ratio: float = Field(224 / 256, gt=0, le=1, description="imagenet: center crop / resize ratio")
     pad_crop: int = Field(4, ge=0, description="cifar: random crop after zero padding by this many pixels")
     flip: bool = True
-    color_jitter: float = Field(0.0, ge=0, lt=1, description="imagenet: brightness, contrast and saturation jitter "
-                                                             "(factors drawn in [1-v, 1+v], as torchvision's ColorJitter)")
+    color_jitter: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="imagenet: brightness, contrast and saturation jitter "
+        "(factors drawn in [1-v, 1+v], as torchvision's ColorJitter)",
+    )
     pca_lighting: float = Field(0.0, ge=0, description="imagenet: AlexNet PCA lighting noise, std of the alphas")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = Field(128, ge=1, description="global batch size, split over the workers")
     val_batch_size: int = Field(256, ge=1, description="per-worker evaluation batch size")
     num_workers: int | None = Field(None, ge=1, description="loader threads (default: the worker's CPUs)")
-    calibration_images: int = Field(512, ge=1, description="training images for BN re-estimation (a seeded random sample)")
+    calibration_images: int = Field(
+        512, ge=1, description="training images for BN re-estimation (a seeded random sample)"
+    )
     calibration_protocol: Literal["eval", "train"] = Field(
-        "eval", description="BN re-estimation images: eval = un-augmented, evaluation transform; train = the training "
-                            "augmentation at training resolution (the authors' protocol)")
-
+        "eval",
+        description="BN re-estimation images: eval = un-augmented, evaluation transform; train = the training "
+        "augmentation at training resolution (the authors' protocol)",
+    )
 
     @model_validator(mode="after")
-    def _pipeline_fields(self) -> "DataSection":
+    def _pipeline_fields(self) -> DataSection:
         if self.pipeline == "cifar":
             for name in ("color_jitter", "pca_lighting"):
                 if getattr(self, name):
-                    raise ValueError(f"data.{name}={getattr(self, name)} applies to the imagenet pipeline only; "
-                                     f"remove it or set data.pipeline=imagenet")
+                    raise ValueError(
+                        f"data.{name}={getattr(self, name)} applies to the imagenet pipeline only; "
+                        f"remove it or set data.pipeline=imagenet"
+                    )
         return self
 
 
@@ -80,7 +92,7 @@ class SamplingSection(Section):
     per_rank: bool = False
 
     @model_validator(mode="after")
-    def _restricted_needs_bounds(self) -> "SamplingSection":
+    def _restricted_needs_bounds(self) -> SamplingSection:
         if self.space == "restricted" and self.max_dropped is None:
             raise ValueError("space 'restricted' needs max_dropped, one entry per stage (e.g. [0, 1, 3, 0])")
         return self
@@ -119,10 +131,16 @@ class EvalSection(Section):
     recalibrate: bool = True
     shared_stats: bool = Field(True, description="also report figures on the shared running statistics")
     destruction: bool = Field(False, description="run network destruction tests at the end")
-    destruction_images: int | None = Field(None, ge=1, description="destruction tests on the first N validation "
-                                                                   "images (default: all; each test evaluates a net)")
-    compare_calibration: bool = Field(False, description="at the end, also measure main net and sub-nets with BN "
-                                                         "re-estimated under the other data.calibration_protocol")
+    destruction_images: int | None = Field(
+        None,
+        ge=1,
+        description="destruction tests on the first N validation images (default: all; each test evaluates a net)",
+    )
+    compare_calibration: bool = Field(
+        False,
+        description="at the end, also measure main net and sub-nets with BN "
+        "re-estimated under the other data.calibration_protocol",
+    )
 
 
 class TrackingSection(Section):
@@ -139,7 +157,9 @@ class RunSection(Section):
     seed: int = Field(0, ge=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
     checkpoints_to_keep: int = Field(2, ge=1)
-    stop_after_epochs: int | None = Field(None, ge=1, description="end the job after N epochs (resumable), e.g. for smoke runs")
+    stop_after_epochs: int | None = Field(
+        None, ge=1, description="end the job after N epochs (resumable), e.g. for smoke runs"
+    )
 
 
 class Config(Section):
@@ -155,7 +175,7 @@ class Config(Section):
     run: RunSection
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         if self.data.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} is not divisible by scaling.num_workers="
@@ -181,7 +201,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("st_scale.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("st_scale.recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _recipe_text(recipe: str) -> tuple[str, str]:
@@ -192,7 +214,9 @@ def _recipe_text(recipe: str) -> tuple[str, str]:
         return path.read_text(), str(path.resolve())
     packaged = resources.files("st_scale.recipes") / f"{recipe}.yaml"
     if not packaged.is_file():
-        raise ConfigError(f"unknown recipe {recipe!r}; packaged recipes: {', '.join(recipe_names())} (or give a .yaml path)")
+        raise ConfigError(
+            f"unknown recipe {recipe!r}; packaged recipes: {', '.join(recipe_names())} (or give a .yaml path)"
+        )
     return packaged.read_text(), f"st_scale/recipes/{recipe}.yaml"
 
 
@@ -261,7 +285,9 @@ def explain_validation_error(error: ValidationError, title: str = "invalid confi
         field = ".".join(str(p) for p in loc) or "(top level)"
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden" and method:
-            message = f"unknown key for method {method!r} (its options: {', '.join(METHODS[method].options.model_fields)})"
+            message = (
+                f"unknown key for method {method!r} (its options: {', '.join(METHODS[method].options.model_fields)})"
+            )
             owners = [m for m, spec in METHODS.items() if loc[-1] in spec.options.model_fields]
             if owners:
                 message += f"; {loc[-1]!r} is an option of method {' / '.join(owners)}"

@@ -23,8 +23,14 @@ def ensure_digits(data_dir: Path, image_size: int = 32) -> None:
         convert("digits", None, data_dir, image_size=image_size)
 
 
-def run_demo(*, epochs: int | None = None, overrides: list[str] = (), data_dir: str = "~/.cache/st_scale/digits32",
-             address: str | None = None, summary_json: str | None = None):
+def run_demo(
+    *,
+    epochs: int | None = None,
+    overrides: list[str] = (),
+    data_dir: str = "~/.cache/st_scale/digits32",
+    address: str | None = None,
+    summary_json: str | None = None,
+):
     data = Path(data_dir).expanduser().resolve()
     ensure_digits(data)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -34,8 +40,11 @@ def run_demo(*, epochs: int | None = None, overrides: list[str] = (), data_dir: 
     summaries, cfg = [], None
     for recipe in ("demo_ct", "demo_st"):
         cfg = load_config(recipe, [*common, f"run.name={recipe.replace('_', '-')}-{stamp}"])
-        print(f"\n=== {recipe}: {cfg.method.name.upper()} {cfg.model.name}, {cfg.optimizer.epochs} epochs, "
-              f"{cfg.scaling.num_workers} workers ===", flush=True)
+        print(
+            f"\n=== {recipe}: {cfg.method.name.upper()} {cfg.model.name}, {cfg.optimizer.epochs} epochs, "
+            f"{cfg.scaling.num_workers} workers ===",
+            flush=True,
+        )
         summaries.append(train(cfg, address=address))
     print_summaries(summaries, cfg)
     if summary_json:

@@ -20,8 +20,9 @@ def rank_and_world() -> tuple[int, int]:
 
 def sum_accuracy(acc: Accuracy, device: torch.device) -> Accuracy:
     """Combine per-rank accuracies over disjoint shards of the validation set."""
-    counts = torch.tensor([acc.top1 * acc.samples / 100, acc.top5 * acc.samples / 100, acc.samples],
-                          dtype=torch.float64, device=device)
+    counts = torch.tensor(
+        [acc.top1 * acc.samples / 100, acc.top5 * acc.samples / 100, acc.samples], dtype=torch.float64, device=device
+    )
     if is_distributed():
         dist.all_reduce(counts)
     top1, top5, samples = (float(c) for c in counts.round())

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -47,8 +45,10 @@ def resolve_ds_config(cfg: Config) -> dict:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({error})") from None
     for key, value in cfg.deepspeed.overrides.items():
         set_dotted(ds, key, value, what=f"deepspeed.overrides.{key}")
-    for forbidden, why in (("optimizer", "st-scale passes a torch optimizer (optimizer section of the recipe)"),
-                           ("scheduler", "st-scale owns the LR schedule (optimizer section of the recipe)")):
+    for forbidden, why in (
+        ("optimizer", "st-scale passes a torch optimizer (optimizer section of the recipe)"),
+        ("scheduler", "st-scale owns the LR schedule (optimizer section of the recipe)"),
+    ):
         if forbidden in ds:
             raise ConfigError(f"deepspeed.config: {path.name} has an {forbidden!r} block; remove it: {why}")
     world = cfg.scaling.num_workers
@@ -59,8 +59,11 @@ def resolve_ds_config(cfg: Config) -> dict:
             f"data.batch_size={global_batch} is not divisible by scaling.num_workers={world} x "
             f"gradient_accumulation_steps={accumulation}"
         )
-    derived = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": global_batch // (world * accumulation),
-               "gradient_accumulation_steps": accumulation}
+    derived = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // (world * accumulation),
+        "gradient_accumulation_steps": accumulation,
+    }
     for key, value in derived.items():
         if key in ds and int(ds[key]) != value:
             raise ConfigError(
@@ -70,11 +73,15 @@ def resolve_ds_config(cfg: Config) -> dict:
     ds.update(derived)
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     if bf16 and not cfg.scaling.use_gpu:
-        raise ConfigError(f"deepspeed.config: {path.name} enables bf16, which st-scale runs on GPUs only; "
-                          f"use cpu_fp32.json on CPU workers or set scaling.gpus_per_worker")
+        raise ConfigError(
+            f"deepspeed.config: {path.name} enables bf16, which st-scale runs on GPUs only; "
+            f"use cpu_fp32.json on CPU workers or set scaling.gpus_per_worker"
+        )
     if bf16 and ds.get("data_types", {}).get("buffer_dtype") != "bf16":
-        raise ConfigError(f"deepspeed.config: {path.name} enables bf16 without data_types.buffer_dtype='bf16'; "
-                          f"BatchNorm buffers must be bf16 too")
+        raise ConfigError(
+            f"deepspeed.config: {path.name} enables bf16 without data_types.buffer_dtype='bf16'; "
+            f"BatchNorm buffers must be bf16 too"
+        )
     return ds
 
 
@@ -131,8 +138,12 @@ def build_engine(model: ElasticNet, objective: Objective, cfg: Config, ds_config
     if not cfg.scaling.use_gpu:
         _skip_cpu_shm_build()
     module = TrainModule(model, objective)
-    optimizer = torch.optim.SGD(parameter_groups(module, cfg.optimizer), lr=cfg.optimizer.lr,
-                                momentum=cfg.optimizer.momentum, nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0)
+    optimizer = torch.optim.SGD(
+        parameter_groups(module, cfg.optimizer),
+        lr=cfg.optimizer.lr,
+        momentum=cfg.optimizer.momentum,
+        nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0,
+    )
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine
 

@@ -12,13 +12,21 @@ rank's shard of the validation set and summed, the sub-networks are split over t
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .distributed import gather_lists, rank_and_world, sum_accuracy
-from .evaluation import (Batch, DestructionRow, SubnetReport, destruction_csv, destruction_tests, evaluate_main,
-                         evaluate_subnets, summarise_destruction)
+from .evaluation import (
+    Batch,
+    DestructionRow,
+    SubnetReport,
+    destruction_csv,
+    destruction_tests,
+    evaluate_main,
+    evaluate_subnets,
+    summarise_destruction,
+)
 from .models import Depths, ElasticNet
 
 SUBNET_STATS = ("mean_top1", "std_top1", "min_top1", "max_top1")
@@ -26,8 +34,15 @@ SHARED = "_shared_stats"  # suffix of every figure measured on the shared runnin
 BatchesFn = Callable[[], Iterable[Batch]]
 
 
-def main_metrics(model: ElasticNet, val: BatchesFn, calibration: Sequence[Batch] | None, device: torch.device, *,
-                 prefix: str, shared_stats: bool) -> dict[str, float]:
+def main_metrics(
+    model: ElasticNet,
+    val: BatchesFn,
+    calibration: Sequence[Batch] | None,
+    device: torch.device,
+    *,
+    prefix: str,
+    shared_stats: bool,
+) -> dict[str, float]:
     """Main-net top-1/top-5 (on re-estimated statistics when `calibration` is given) and, with
     `shared_stats`, top-1 on the running statistics."""
     metrics: dict[str, float] = {}
@@ -38,8 +53,14 @@ def main_metrics(model: ElasticNet, val: BatchesFn, calibration: Sequence[Batch]
     return metrics
 
 
-def subnet_reports(model: ElasticNet, subnets: Sequence[Depths], val: BatchesFn, calibration: Sequence[Batch] | None,
-                   *, shared_stats: bool) -> dict[str, SubnetReport]:
+def subnet_reports(
+    model: ElasticNet,
+    subnets: Sequence[Depths],
+    val: BatchesFn,
+    calibration: Sequence[Batch] | None,
+    *,
+    shared_stats: bool,
+) -> dict[str, SubnetReport]:
     """{suffix: report} for '' (re-estimated statistics, or shared ones without calibration) and,
     with `shared_stats` and calibration, '_shared_stats'. Every rank gets the whole reports."""
     versions = {"": calibration}
@@ -89,7 +110,9 @@ def first_images(batches: Iterable[Batch], limit: int | None) -> list[Batch]:
     return kept
 
 
-def run_destruction(model: ElasticNet, val: Sequence[Batch], calibration: Sequence[Batch] | None) -> list[DestructionRow]:
+def run_destruction(
+    model: ElasticNet, val: Sequence[Batch], calibration: Sequence[Batch] | None
+) -> list[DestructionRow]:
     """The destruction tests on the shared running statistics and, with calibration, again with
     every damaged network's statistics re-estimated: both are reported, labelled."""
     rows = destruction_tests(model, val, None)
@@ -137,7 +160,9 @@ def reported_metrics(cfg) -> tuple[set[str], set[str]]:
             subnets |= {f"val/subnets_{k}{SHARED}" for k in SUBNET_STATS}
     if cfg.eval.compare_calibration and cfg.eval.recalibrate:
         suffix = calibration_suffix(other_protocol(cfg.data.calibration_protocol))
-        subnets |= {f"val/main_top1{suffix}", f"val/main_top5{suffix}"} | {f"val/subnets_{k}{suffix}" for k in SUBNET_STATS}
+        subnets |= {f"val/main_top1{suffix}", f"val/main_top5{suffix}"} | {
+            f"val/subnets_{k}{suffix}" for k in SUBNET_STATS
+        }
     if cfg.eval.subnets_every == 1 or cfg.optimizer.epochs == 1:
         return every | subnets, set()
     return every, subnets

@@ -17,8 +17,8 @@ import csv
 import io
 import math
 import statistics
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -206,7 +206,9 @@ class _TreeWalk:
         self.model = model
         self.trie = _trie(subnets)
         self.layers: dict[tuple[int, int], list] = {
-            (i, j): batchnorm_layers(block) for i, seg in enumerate(model.segments) for j, block in enumerate(seg.blocks)
+            (i, j): batchnorm_layers(block)
+            for i, seg in enumerate(model.segments)
+            for j, block in enumerate(seg.blocks)
         }
         self.bank: dict | None = None
         self.update_bank = False
@@ -280,7 +282,7 @@ def evaluate_subnets(
             image_size = image_size or images.shape[-1]
 
             def leaf(depths: Depths, logits: torch.Tensor) -> None:
-                counts[depths].add(logits, labels)
+                counts[depths].add(logits, labels)  # noqa: B023  (called within this iteration only)
                 if on_logits is not None:
                     on_logits(depths, logits)
 

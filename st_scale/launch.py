@@ -5,6 +5,7 @@ TorchTrainer of DeepSpeed workers, and summarise the run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -58,12 +59,21 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as error:
-            raise ConfigError(f"--address/RAY_ADDRESS={address!r}: cannot connect to a Ray cluster "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+            raise ConfigError(
+                f"--address/RAY_ADDRESS={address!r}: cannot connect to a Ray cluster "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            ) from None
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             object_store_memory=512 * 2**20, _temp_dir=LOCAL_RAY_TEMP_DIR, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}})
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        object_store_memory=512 * 2**20,
+        _temp_dir=LOCAL_RAY_TEMP_DIR,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}},
+    )
 
 
 def _check_address_answers(address: str, timeout_s: float = 5.0) -> None:
@@ -78,23 +88,45 @@ def _check_address_answers(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
     except (OSError, ValueError) as error:
-        raise ConfigError(f"--address/RAY_ADDRESS={address!r}: no Ray cluster answers there ({error}); start one "
-                          f"(`ray start --head`) or fix the address (the head's GCS port, default 6379)") from None
+        raise ConfigError(
+            f"--address/RAY_ADDRESS={address!r}: no Ray cluster answers there ({error}); start one "
+            f"(`ray start --head`) or fix the address (the head's GCS port, default 6379)"
+        ) from None
+
+
+def copies_that_fit(needs: list[tuple[str, float, str]], total: dict[str, float], fix: str) -> int:
+    """How many copies of `needs` fit in the cluster's resources `total` (at least one, or a
+    ConfigError). `needs` holds (resource, amount, phrase) where "<phrase> 4 CPUs" says who asks."""
+    limits = []
+    for resource, need, phrase in needs:
+        if need <= 0:
+            continue
+        have = total.get(resource, 0.0)
+        if need > have + 1e-9:
+            raise ConfigError(f"{phrase} {need:g} {resource}s but the Ray cluster has {have:g}; {fix}")
+        limits.append(math.floor(have / need + 1e-9))
+    return min(limits) if limits else 1
 
 
 def check_cluster_fits(cfg: Config) -> None:
     import ray
 
-    total = ray.cluster_resources()
     s = cfg.scaling
-    for resource, per_worker, field in (("CPU", s.cpus_per_worker, "cpus_per_worker"), ("GPU", s.gpus_per_worker, "gpus_per_worker")):
-        need = per_worker * s.num_workers
-        have = total.get(resource, 0.0)
-        if need > have + 1e-9:
-            raise ConfigError(
-                f"scaling.num_workers={s.num_workers} x scaling.{field}={per_worker} needs {need:g} {resource}s "
-                f"but the Ray cluster has {have:g}; lower them or add nodes"
+    copies_that_fit(
+        [
+            (
+                resource,
+                per_worker * s.num_workers,
+                f"scaling.num_workers={s.num_workers} x scaling.{field}={per_worker} needs",
             )
+            for resource, per_worker, field in (
+                ("CPU", s.cpus_per_worker, "cpus_per_worker"),
+                ("GPU", s.gpus_per_worker, "gpus_per_worker"),
+            )
+        ],
+        ray.cluster_resources(),
+        "lower them or add nodes",
+    )
 
 
 def validate_inputs(cfg: Config) -> WorkerInputs:
@@ -109,15 +141,22 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
             raise ConfigError(f"data.{field}: {error}") from None
     classes = metadata["train"].get("num_classes")
     if classes and classes > cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.train} has {classes} classes; "
-                          f"set model.num_classes={classes}")
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but {cfg.data.train} has {classes} classes; "
+            f"set model.num_classes={classes}"
+        )
     ds_config = resolve_ds_config(cfg)
     cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     experiment_id = check_tracking_uri(tracking_uri, cfg.tracking.experiment)
-    return WorkerInputs(config=cfg.model_dump(mode="json"), ds_config=ds_config, tracking_uri=tracking_uri,
-                        experiment_id=experiment_id, dataset=metadata["train"].get("source", cfg.data.train),
-                        fault=_fault_from_env(cfg))
+    return WorkerInputs(
+        config=cfg.model_dump(mode="json"),
+        ds_config=ds_config,
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        dataset=metadata["train"].get("source", cfg.data.train),
+        fault=_fault_from_env(cfg),
+    )
 
 
 def _fault_from_env(cfg: Config) -> FaultInjection | None:
@@ -163,16 +202,27 @@ def train(cfg: Config, *, address: str | None = None) -> RunSummary:
     wall = time.perf_counter() - start
     m = result.metrics or {}
     return RunSummary(
-        method=cfg.method.name, model=cfg.model.name, dataset=inputs.dataset,
-        main_top1=m.get("val/main_top1"), subnets_mean_top1=m.get("val/subnets_mean_top1"),
-        subnets_std_top1=m.get("val/subnets_std_top1"), subnets_min_top1=m.get("val/subnets_min_top1"),
+        method=cfg.method.name,
+        model=cfg.model.name,
+        dataset=inputs.dataset,
+        main_top1=m.get("val/main_top1"),
+        subnets_mean_top1=m.get("val/subnets_mean_top1"),
+        subnets_std_top1=m.get("val/subnets_std_top1"),
+        subnets_min_top1=m.get("val/subnets_min_top1"),
         num_subnets=int(m["val/num_subnets"]) if "val/num_subnets" in m else None,
-        mlflow_run_id=m.get("mlflow_run_id"), epochs=int(m.get("epoch", 0)), wall_s=round(wall, 1),
+        mlflow_run_id=m.get("mlflow_run_id"),
+        epochs=int(m.get("epoch", 0)),
+        wall_s=round(wall, 1),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
     )
 
 
 def write_summary_json(path: str | Path, summaries: list[RunSummary]) -> None:
+    write_json(path, {"runs": [asdict(s) for s in summaries]})
+
+
+def write_json(path: str | Path, payload) -> None:
+    """A summary file (--summary-json): indented JSON, its folder created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": [asdict(s) for s in summaries]}, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

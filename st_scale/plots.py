@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -29,8 +29,10 @@ def subnet_figure(report: SubnetReport, title: str):
     axes[2].set_ylabel("sub-networks")
     s = report.stats
     label = "per-network BN statistics" if report.recalibrated else "shared BN statistics"
-    figure.suptitle(f"{title}: {int(s['num_subnets'])} sub-nets, {s['mean_top1']:.1f} ± {s['std_top1']:.1f} "
-                    f"(min {s['min_top1']:.1f}), {label}")
+    figure.suptitle(
+        f"{title}: {int(s['num_subnets'])} sub-nets, {s['mean_top1']:.1f} ± {s['std_top1']:.1f} "
+        f"(min {s['min_top1']:.1f}), {label}"
+    )
     figure.tight_layout()
     return figure
 
@@ -50,8 +52,14 @@ def destruction_figure(rows: Sequence[DestructionRow], title: str):
         label = "BN re-estimated per network" if version == RECALIBRATED else "shared running BN statistics"
         axes[0].plot(ks, [sum(delete_k[k]) / len(delete_k[k]) for k in ks], marker="o", color=f"C{colour}", label=label)
         one = [r for r in mine if r.test in ("delete_one", "swap_adjacent")]
-        axes[1].scatter(range(len(one)), [r.top1 for r in one], color=f"C{colour}", label=label,
-                        marker="o" if version == RECALIBRATED else "s", s=18)
+        axes[1].scatter(
+            range(len(one)),
+            [r.top1 for r in one],
+            color=f"C{colour}",
+            label=label,
+            marker="o" if version == RECALIBRATED else "s",
+            s=18,
+        )
         axes[1].set_xticks(range(len(one)), [r.detail for r in one], rotation=90, fontsize=6)
     axes[0].set_xlabel("random blocks deleted")
     axes[0].set_ylabel("top-1 (%)")
@@ -99,9 +107,13 @@ def sweep_figure(rows, dimensions, title: str):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("objective")
     if colour_by:
-        handles = [plt.Line2D([], [], marker="o", linestyle="", color=palette(i % 10), label=v)
-                   for i, v in enumerate(colour_values)]
-        handles.append(plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey", label="stopped early"))
+        handles = [
+            plt.Line2D([], [], marker="o", linestyle="", color=palette(i % 10), label=v)
+            for i, v in enumerate(colour_values)
+        ]
+        handles.append(
+            plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey", label="stopped early")
+        )
         axes[0][-1].legend(handles=handles, title=colour_by, fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .launch import RunSummary
 
@@ -12,23 +12,29 @@ def _pct(value: float | None) -> str:
 
 
 def summary_table(summaries: Sequence[RunSummary]) -> str:
-    lines = ["| method | model | main top-1 | all sub-nets top-1 (mean ± std) | min | sub-nets | epochs | wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | model | main top-1 | all sub-nets top-1 (mean ± std) | min | sub-nets | epochs | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
         spread = "-" if s.subnets_mean_top1 is None else f"{s.subnets_mean_top1:.2f} ± {s.subnets_std_top1:.2f}"
-        lines.append(f"| {s.method} | {s.model} | {_pct(s.main_top1)} | {spread} | {_pct(s.subnets_min_top1)} | "
-                     f"{s.num_subnets or '-'} | {s.epochs} | {s.wall_s:.0f} |")
+        lines.append(
+            f"| {s.method} | {s.model} | {_pct(s.main_top1)} | {spread} | {_pct(s.subnets_min_top1)} | "
+            f"{s.num_subnets or '-'} | {s.epochs} | {s.wall_s:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def print_summaries(summaries: Sequence[RunSummary], cfg) -> None:
-    from .tracking import resolve_tracking_uri
+    from .tracking import resolve_tracking_uri, sqlite_path
 
     print()
     print(summary_table(summaries))
     print("\nAccuracies in %, each network on its own re-estimated BatchNorm statistics.")
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    print(f"MLflow: experiment {cfg.tracking.experiment!r} in {uri}; runs "
-          + ", ".join(s.mlflow_run_id or "?" for s in summaries))
-    if uri.startswith("sqlite:///"):
-        print(f"Open the UI:  st-scale mlflow-server --backend-store {uri[len('sqlite:///'):]}   (http://127.0.0.1:5000)")
+    print(
+        f"MLflow: experiment {cfg.tracking.experiment!r} in {uri}; runs "
+        + ", ".join(s.mlflow_run_id or "?" for s in summaries)
+    )
+    if sqlite_path(uri) is not None:
+        print(f"Open the UI:  st-scale mlflow-server --backend-store {sqlite_path(uri)}   (http://127.0.0.1:5000)")

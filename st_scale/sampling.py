@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -19,10 +19,14 @@ Depths = tuple[int, ...]
 
 # Stream ids keep the random numbers of different consumers (sub-net choice, input size, ...)
 # independent even when they share (seed, step, k).
-STREAM_SUBNET, STREAM_INPUT_SIZE, STREAM_STOCHASTIC_DEPTH, STREAM_EVAL_SAMPLE, STREAM_AUGMENT, STREAM_CALIBRATION = range(6)
+STREAM_SUBNET, STREAM_INPUT_SIZE, STREAM_STOCHASTIC_DEPTH, STREAM_EVAL_SAMPLE, STREAM_AUGMENT, STREAM_CALIBRATION = (
+    range(6)
+)
 
 
-def step_rng(seed: int, step: int, k: int = 0, *, rank: int | None = None, stream: int = STREAM_SUBNET) -> np.random.Generator:
+def step_rng(
+    seed: int, step: int, k: int = 0, *, rank: int | None = None, stream: int = STREAM_SUBNET
+) -> np.random.Generator:
     """The generator for one draw. `rank=None` means the same draw on every rank."""
     for field, value in (("seed", seed), ("step", step), ("k", k)):
         if value < 0:
@@ -55,19 +59,18 @@ class SubnetSpace:
                 raise ValueError(f"stage {s}: depth bounds [{lo}, {hi}] must lie within 1..{size}")
             if lo > hi:
                 raise ValueError(
-                    f"stage {s}: min depth {lo} > max depth {hi} excludes every sub-network; "
-                    f"choose min <= max"
+                    f"stage {s}: min depth {lo} > max depth {hi} excludes every sub-network; choose min <= max"
                 )
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
-    def full(cls, stage_sizes: Sequence[int]) -> "SubnetSpace":
+    def full(cls, stage_sizes: Sequence[int]) -> SubnetSpace:
         """The paper's space: every stage keeps 1..n_s blocks."""
         sizes = tuple(int(n) for n in stage_sizes)
         return cls(sizes, (1,) * len(sizes), sizes)
 
     @classmethod
-    def restricted(cls, stage_sizes: Sequence[int], max_dropped: Sequence[int]) -> "SubnetSpace":
+    def restricted(cls, stage_sizes: Sequence[int], max_dropped: Sequence[int]) -> SubnetSpace:
         """ST++ inter-stage rules: stage s may drop at most max_dropped[s] trailing blocks."""
         sizes = tuple(int(n) for n in stage_sizes)
         if len(max_dropped) != len(sizes):

@@ -18,13 +18,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
-from .eval_pass import SHARED, calibration_suffix
+from .eval_pass import SHARED
 from .evaluation import RECALIBRATED, DestructionRow
 
 SEED_LABEL = "run.seed"
 METHOD_ORDER = ("ct", "layer_supervision", "stage_supervision", "self_distillation", "stochastic_depth", "st")
-PAPER_NAMES = {"ct": "CT", "layer_supervision": "CT + layer supervision", "stage_supervision": "CT + stage supervision",
-               "self_distillation": "self-distillation", "stochastic_depth": "stochastic depth", "st": "ST"}
+PAPER_NAMES = {
+    "ct": "CT",
+    "layer_supervision": "CT + layer supervision",
+    "stage_supervision": "CT + stage supervision",
+    "self_distillation": "self-distillation",
+    "stochastic_depth": "stochastic depth",
+    "st": "ST",
+}
 
 
 @dataclass
@@ -90,19 +96,26 @@ def load_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[StudyRun
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                  max_results=10_000)
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10_000
+    )
     runs = []
     for child in children:
-        labels = {k.removeprefix("st_scale.sweep."): v for k, v in child.data.tags.items()
-                  if k.startswith("st_scale.sweep.")}
+        labels = {
+            k.removeprefix("st_scale.sweep."): v for k, v in child.data.tags.items() if k.startswith("st_scale.sweep.")
+        }
         group = "/".join(v for k, v in sorted(labels.items()) if k != SEED_LABEL)
         depths = child.data.params.get("model.stage_depths")
         history = client.get_metric_history(child.info.run_id, "train/epoch_time_s")
-        run = StudyRun(group=group, seed=int(child.data.params.get("run.seed", 0)), run_id=child.info.run_id,
-                       status=child.info.status, metrics=dict(child.data.metrics),
-                       epoch_time_s=statistics.fmean(m.value for m in history) if history else None,
-                       stage_depths=tuple(json.loads(depths)) if depths and depths != "None" else None)
+        run = StudyRun(
+            group=group,
+            seed=int(child.data.params.get("run.seed", 0)),
+            run_id=child.info.run_id,
+            status=child.info.status,
+            metrics=dict(child.data.metrics),
+            epoch_time_s=statistics.fmean(m.value for m in history) if history else None,
+            stage_depths=tuple(json.loads(depths)) if depths and depths != "None" else None,
+        )
         table = _final_subnets_csv(client, run.run_id)
         if table:
             for row in csv.DictReader(io.StringIO(_read_text(client, run.run_id, table))):
@@ -110,8 +123,11 @@ def load_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[StudyRun
                 run.subnets[depths_key] = {"top1": float(row["top1"]), "macs": float(row["macs"])}
         if any(a.path == "destruction/destruction.csv" for a in client.list_artifacts(run.run_id, "destruction")):
             for row in csv.DictReader(io.StringIO(_read_text(client, run.run_id, "destruction/destruction.csv"))):
-                run.destruction.append(DestructionRow(row["test"], int(row["damage"]), row["detail"], float(row["top1"]),
-                                                      row["statistics"]))
+                run.destruction.append(
+                    DestructionRow(
+                        row["test"], int(row["damage"]), row["detail"], float(row["top1"]), row["statistics"]
+                    )
+                )
         runs.append(run)
     return sorted(runs, key=lambda r: (_group_order(r.group), r.seed))
 
@@ -127,17 +143,28 @@ def group_rows(runs: list[StudyRun]) -> list[GroupRow]:
             groups.setdefault(run.group, []).append(run)
     rows = []
     for group, members in sorted(groups.items(), key=lambda kv: _group_order(kv[0])):
+
         def values(key: str) -> list[float]:
-            return [r.metrics[key] for r in members if key in r.metrics]
+            return [r.metrics[key] for r in members if key in r.metrics]  # noqa: B023  (used in this iteration)
 
         times = [r.epoch_time_s for r in members if r.epoch_time_s is not None]
         memory = values("train/peak_memory_mib")
-        extra_keys = sorted({k for r in members for k in r.metrics
-                             if k.startswith("val/") and (k.endswith(SHARED) or "_calib_" in k)})
-        rows.append(GroupRow(group, len(members), statistics.fmean(times) if times else None,
-                             statistics.fmean(memory) if memory else None, values("val/main_top1"),
-                             values("val/subnets_mean_top1"), values("val/subnets_std_top1"),
-                             values("val/subnets_min_top1"), {k: values(k) for k in extra_keys}))
+        extra_keys = sorted(
+            {k for r in members for k in r.metrics if k.startswith("val/") and (k.endswith(SHARED) or "_calib_" in k)}
+        )
+        rows.append(
+            GroupRow(
+                group,
+                len(members),
+                statistics.fmean(times) if times else None,
+                statistics.fmean(memory) if memory else None,
+                values("val/main_top1"),
+                values("val/subnets_mean_top1"),
+                values("val/subnets_std_top1"),
+                values("val/subnets_min_top1"),
+                {k: values(k) for k in extra_keys},
+            )
+        )
     return rows
 
 
@@ -157,23 +184,28 @@ def table_markdown(rows: list[GroupRow]) -> str:
     """The paper's Table 1 columns: main top-1 is mean ± sd over seeds; "all sub-nets" is the mean
     over seeds of each run's mean ± std over its sub-networks."""
     ct_time = next((r.epoch_time_s for r in rows if r.group == "ct"), None)
-    lines = ["| method | seeds | time / epoch (s) | vs CT | peak memory (MiB) | main top-1 (%) | "
-             "all sub-nets top-1 (%) | min sub-net (%) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | seeds | time / epoch (s) | vs CT | peak memory (MiB) | main top-1 (%) | "
+        "all sub-nets top-1 (%) | min sub-net (%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         name = PAPER_NAMES.get(r.group, r.group)
         ratio = f"{r.epoch_time_s / ct_time:.2f}x" if ct_time and r.epoch_time_s else "-"
         spread = f"{_mean(r.subnets_mean)} ± {_mean(r.subnets_std)}" if r.subnets_mean else "-"
         time = f"{r.epoch_time_s:.1f}" if r.epoch_time_s else "-"
         memory = f"{r.peak_memory_mib:.0f}" if r.peak_memory_mib else "-"
-        lines.append(f"| {name} | {r.runs} | {time} | {ratio} | {memory} | {_mean_sd(r.main_top1)} | {spread} | "
-                     f"{_mean(r.subnets_min)} |")
+        lines.append(
+            f"| {name} | {r.runs} | {time} | {ratio} | {memory} | {_mean_sd(r.main_top1)} | {spread} | "
+            f"{_mean(r.subnets_min)} |"
+        )
     return "\n".join(lines)
 
 
 def secondary_markdown(rows: list[GroupRow]) -> str:
     """The same trained networks measured otherwise: on the shared running BN statistics, and with
     BN re-estimated under the other calibration protocol (where the run measured it)."""
-    suffixes = sorted({k[len("val/main_top1"):] for r in rows for k in r.extra if k.startswith("val/main_top1")})
+    suffixes = sorted({k[len("val/main_top1") :] for r in rows for k in r.extra if k.startswith("val/main_top1")})
     if not suffixes:
         return ""
     header = "| method | " + " | ".join(f"main{s} | all sub-nets{s}" for s in suffixes) + " |"
@@ -219,9 +251,14 @@ def loafing_figure(points: list[dict], title: str):
 
     figure, ax = plt.subplots(figsize=(7.5, 4.2))
     xs = np.arange(len(points))
-    for offset, (key, label, colour) in zip((-0.27, 0, 0.27), (("inside_ct", "inside the CT-trained net", "C3"),
-                                                                 ("inside_st", "inside the ST-trained net", "C2"),
-                                                                 ("alone", "trained alone", "C0"))):
+    for offset, (key, label, colour) in zip(
+        (-0.27, 0, 0.27),
+        (
+            ("inside_ct", "inside the CT-trained net", "C3"),
+            ("inside_st", "inside the ST-trained net", "C2"),
+            ("alone", "trained alone", "C0"),
+        ),
+    ):
         means = [statistics.fmean(p[key]) if p.get(key) else np.nan for p in points]
         sds = [statistics.stdev(p[key]) if len(p.get(key, [])) > 1 else 0.0 for p in points]
         bars = ax.bar(xs + offset, means, width=0.26, yerr=sds, capsize=3, label=label, color=colour)
@@ -253,7 +290,9 @@ def destruction_curves(runs: list[StudyRun], title: str):
             rows = [d for r in members for d in r.destruction if d.statistics == statistics_version]
             if not rows:
                 continue
-            label = f"{PAPER_NAMES[group]}, " + ("BN re-estimated" if statistics_version == RECALIBRATED else "shared BN stats")
+            label = f"{PAPER_NAMES[group]}, " + (
+                "BN re-estimated" if statistics_version == RECALIBRATED else "shared BN stats"
+            )
             by_k: dict[int, list[float]] = {}
             for d in rows:
                 if d.test in ("intact", "delete_k"):
@@ -263,8 +302,10 @@ def destruction_curves(runs: list[StudyRun], title: str):
             tests = ("intact", "delete_one", "swap_adjacent")
             means = [statistics.fmean([d.top1 for d in rows if d.test == t] or [float("nan")]) for t in tests]
             axes[1].plot(range(len(tests)), means, style, marker="s", color=colour, label=label)
-            axes[1].set_xticks(range(len(tests)), ["intact", "one block deleted\n(mean over blocks)",
-                                                   "two adjacent swapped\n(mean over pairs)"])
+            axes[1].set_xticks(
+                range(len(tests)),
+                ["intact", "one block deleted\n(mean over blocks)", "two adjacent swapped\n(mean over pairs)"],
+            )
     axes[0].set_xlabel("random blocks deleted")
     for ax in axes:
         ax.set_ylabel("top-1 (%)")
@@ -286,8 +327,15 @@ def subnet_distribution(runs: list[StudyRun], title: str):
         for i, run in enumerate(r for r in runs if r.group == group and r.subnets):
             top1 = [v["top1"] for v in run.subnets.values()]
             label = f"{PAPER_NAMES[group]}" if i == 0 else None
-            axes[0].scatter([v["macs"] / 1e6 for v in run.subnets.values()], top1, s=14, alpha=0.6, color=colour,
-                            marker="o" if i == 0 else "^", label=label)
+            axes[0].scatter(
+                [v["macs"] / 1e6 for v in run.subnets.values()],
+                top1,
+                s=14,
+                alpha=0.6,
+                color=colour,
+                marker="o" if i == 0 else "^",
+                label=label,
+            )
             axes[1].hist(top1, bins=20, range=(0, 100), alpha=0.45, color=colour, label=label)
     axes[0].set_xlabel("MMACs per image")
     axes[0].set_ylabel("top-1 (%)")
@@ -319,7 +367,10 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
     name = sweep_dir.name
     text = f"{table}\n"
     if secondary:
-        text += f"\nThe same networks, measured otherwise (shared running BN statistics; other calibration protocol):\n\n{secondary}\n"
+        text += (
+            f"\nThe same networks, measured otherwise (shared running BN statistics; other calibration "
+            f"protocol):\n\n{secondary}\n"
+        )
     (out / "table.md").write_text(text)
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -328,13 +379,21 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
         for r in runs:
             writer.writerow([r.group, r.seed, r.status, r.run_id, r.epoch_time_s, *[r.metrics.get(k) for k in keys]])
     points = loafing_points(runs)
-    summary = {"sweep": name, "parent_run_id": state["parent_run_id"], "rows": [asdict(r) for r in rows],
-               "loafing": points}
+    summary = {
+        "sweep": name,
+        "parent_run_id": state["parent_run_id"],
+        "rows": [asdict(r) for r in rows],
+        "loafing": points,
+    }
     (out / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
-    figures = {"destruction.png": destruction_curves(runs, f"{name}: network destruction, CT vs ST"),
-               "subnets.png": subnet_distribution(runs, f"{name}: every sub-network's top-1, CT vs ST (BN re-estimated)")}
+    figures = {
+        "destruction.png": destruction_curves(runs, f"{name}: network destruction, CT vs ST"),
+        "subnets.png": subnet_distribution(runs, f"{name}: every sub-network's top-1, CT vs ST (BN re-estimated)"),
+    }
     if points:
-        figures["loafing.png"] = loafing_figure(points, f"{name}: loafing (sub-network inside the trained net vs alone)")
+        figures["loafing.png"] = loafing_figure(
+            points, f"{name}: loafing (sub-network inside the trained net vs alone)"
+        )
     for filename, figure in figures.items():
         figure.savefig(out / filename, dpi=110)
         plt.close(figure)

@@ -19,11 +19,20 @@ DEFAULT_STORE = "mlflow.db"
 RUN_KEY_TAG = "st_scale.run_key"  # storage_path/run.name: one MLflow run per Ray Train run
 
 
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The database file of a SQLite tracking URI (sqlite:///relative or sqlite:////absolute), else None."""
+    return uri[len(SQLITE) :] if uri.startswith(SQLITE) else None
+
+
 def resolve_tracking_uri(uri: str | None) -> str:
     """An absolute URI (workers and Tune trials do not share the driver's cwd)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{DEFAULT_STORE}"
+    database = sqlite_path(uri)
+    if database is not None and not database.startswith("/"):
+        return SQLITE + str(Path(database).expanduser().resolve())
     if "://" not in uri:
         return Path(uri).expanduser().resolve().as_uri()
     return uri
@@ -34,15 +43,17 @@ def check_tracking_uri(uri: str, experiment: str) -> str:
     unreachable or not writable. Returns the experiment id."""
     import mlflow
 
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    if sqlite_path(uri) is not None:
+        folder = Path(sqlite_path(uri)).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder):
                 pass
         except OSError as error:
-            raise ConfigError(f"tracking.tracking_uri={uri!r}: cannot write to {folder} ({error.strerror}); "
-                              f"choose a writable location") from None
+            raise ConfigError(
+                f"tracking.tracking_uri={uri!r}: cannot write to {folder} ({error.strerror}); "
+                f"choose a writable location"
+            ) from None
     if uri.startswith(("http://", "https://")):
         _check_server_answers(uri)
     try:
@@ -50,14 +61,18 @@ def check_tracking_uri(uri: str, experiment: str) -> str:
         found = client.get_experiment_by_name(experiment)
         return found.experiment_id if found else client.create_experiment(experiment)
     except Exception as error:
-        raise ConfigError(f"tracking.tracking_uri={uri!r}: the MLflow store cannot be used ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:300]}); start the server or fix the URI") from None
+        raise ConfigError(
+            f"tracking.tracking_uri={uri!r}: the MLflow store cannot be used ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:300]}); start the server or fix the URI"
+        ) from None
 
 
 def find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
     """The id of the (oldest) run in the experiment carrying all these tags, if any."""
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
+    runs = client.search_runs(
+        [experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -73,8 +88,10 @@ def _check_server_answers(uri: str, timeout_s: float = 10.0) -> None:
         return  # it answers (a proxy may not route /health); the client call below has the last word
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise ConfigError(f"tracking.tracking_uri={uri!r}: no MLflow server answers there ({reason}); start one "
-                          f"(`st-scale mlflow-server`) or fix the URI / MLFLOW_TRACKING_URI") from None
+        raise ConfigError(
+            f"tracking.tracking_uri={uri!r}: no MLflow server answers there ({reason}); start one "
+            f"(`st-scale mlflow-server`) or fix the URI / MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
@@ -83,12 +100,21 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 
     items = [Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start:start + 100])
+        client.log_batch(run_id, params=items[start : start + 100])
 
 
 class RunTracker:
-    def __init__(self, uri: str, experiment_id: str, *, run_id: str | None, run_name: str | None,
-                 params: dict[str, Any], tags: dict[str, str], system_metrics: bool):
+    def __init__(
+        self,
+        uri: str,
+        experiment_id: str,
+        *,
+        run_id: str | None,
+        run_name: str | None,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        system_metrics: bool,
+    ):
         import mlflow
 
         self.mlflow = mlflow
@@ -97,8 +123,13 @@ class RunTracker:
         if run_id is None and RUN_KEY_TAG in tags:
             run_id = find_run(self.client, experiment_id, {RUN_KEY_TAG: tags[RUN_KEY_TAG]})
         resumed = run_id is not None
-        self.run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if resumed else run_name,
-                                    tags=None if resumed else tags, log_system_metrics=system_metrics)
+        self.run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            run_name=None if resumed else run_name,
+            tags=None if resumed else tags,
+            log_system_metrics=system_metrics,
+        )
         self.run_id = self.run.info.run_id
         self.last_logged: dict[str, int] = {}
         if resumed:
@@ -134,14 +165,35 @@ def serve_mlflow(*, host: str, port: int, backend_store: str, artifacts: str, wo
     import shutil
     import sys
 
-    store = resolve_tracking_uri(backend_store if "://" in backend_store else f"sqlite:///{backend_store}")
+    store = resolve_tracking_uri(backend_store if "://" in backend_store else f"{SQLITE}{backend_store}")
     artifacts_dir = Path(artifacts).expanduser().resolve()
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow_cli is None:
-        raise ConfigError("mlflow-server: the `mlflow` command is not installed next to this Python; run `make install`")
-    print(f"MLflow UI and API on http://{host}:{port}  (store {store}, artifacts {artifacts_dir})\n"
-          f"log runs there with: export MLFLOW_TRACKING_URI=http://{host}:{port}", file=sys.stderr, flush=True)
-    os.execv(mlflow_cli, [mlflow_cli, "server", "--host", host, "--port", str(port), "--workers", str(workers),
-                          "--backend-store-uri", store, "--artifacts-destination", str(artifacts_dir)])
+        raise ConfigError(
+            "mlflow-server: the `mlflow` command is not installed next to this Python; run `make install`"
+        )
+    print(
+        f"MLflow UI and API on http://{host}:{port}  (store {store}, artifacts {artifacts_dir})\n"
+        f"log runs there with: export MLFLOW_TRACKING_URI=http://{host}:{port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.execv(
+        mlflow_cli,
+        [
+            mlflow_cli,
+            "server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--backend-store-uri",
+            store,
+            "--artifacts-destination",
+            str(artifacts_dir),
+        ],
+    )
     return 0  # not reached

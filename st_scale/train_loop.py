@@ -7,9 +7,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -18,8 +19,18 @@ from . import checkpoint
 from .config import Config
 from .distributed import barrier
 from .engine import build_engine, lr_at, set_lr
-from .eval_pass import (calibration_suffix, first_images, log_destruction, log_subnet_reports, main_metrics, other_protocol,
-                        run_destruction, subnet_metrics, subnet_reports, with_suffix)
+from .eval_pass import (
+    calibration_suffix,
+    first_images,
+    log_destruction,
+    log_subnet_reports,
+    main_metrics,
+    other_protocol,
+    run_destruction,
+    subnet_metrics,
+    subnet_reports,
+    with_suffix,
+)
 from .evaluation import Batch, preserved_bn, recalibrate_bn
 from .methods import build_objective
 from .models import ElasticNet, create_model
@@ -34,8 +45,10 @@ class NonFiniteLossError(RuntimeError):
 def build_space(cfg: Config, model: ElasticNet) -> SubnetSpace:
     if cfg.sampling.space == "restricted":
         if len(cfg.sampling.max_dropped) != model.num_stages:
-            raise ValueError(f"sampling.max_dropped={cfg.sampling.max_dropped} needs one entry per stage of "
-                             f"{model.name} ({model.num_stages} stages: {list(model.stage_sizes)})")
+            raise ValueError(
+                f"sampling.max_dropped={cfg.sampling.max_dropped} needs one entry per stage of "
+                f"{model.name} ({model.num_stages} stages: {list(model.stage_sizes)})"
+            )
         return SubnetSpace.restricted(model.stage_sizes, cfg.sampling.max_dropped)
     return SubnetSpace.full(model.stage_sizes)
 
@@ -44,8 +57,13 @@ def build_model_and_objective(cfg: Config, rank: int = 0):
     """The elastic model, its sub-network space and the training objective, as a run builds them."""
     model = create_model(cfg.model.name, cfg.model.num_classes, stage_depths=cfg.model.stage_depths)
     space = build_space(cfg, model)
-    sampler = SubnetSampler(space, seed=cfg.run.seed, decay=cfg.sampling.decay,
-                            include_full=cfg.sampling.include_full, per_rank=cfg.sampling.per_rank)
+    sampler = SubnetSampler(
+        space,
+        seed=cfg.run.seed,
+        decay=cfg.sampling.decay,
+        include_full=cfg.sampling.include_full,
+        per_rank=cfg.sampling.per_rank,
+    )
     objective = build_objective(cfg.method, model, sampler=sampler, seed=cfg.run.seed, rank=rank)
     return model, space, objective
 
@@ -100,10 +118,19 @@ def train_worker(loop_config: dict) -> None:
     engine = build_engine(model, objective, cfg, inputs.ds_config)
     data = _setup_data(cfg, inputs, engine, rank, world, device)
     resumed = _resume(engine, rank, world)
-    ctx = WorkerContext(cfg=cfg, inputs=inputs, rank=rank, world=world, device=device, engine=engine, model=model,
-                        data=data, subnets=space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed),
-                        images_per_step=inputs.ds_config["train_micro_batch_size_per_gpu"] * world,
-                        run_id=resumed.run_id)
+    ctx = WorkerContext(
+        cfg=cfg,
+        inputs=inputs,
+        rank=rank,
+        world=world,
+        device=device,
+        engine=engine,
+        model=model,
+        data=data,
+        subnets=space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed),
+        images_per_step=inputs.ds_config["train_micro_batch_size_per_gpu"] * world,
+        run_id=resumed.run_id,
+    )
     if rank == 0:
         ctx.tracker = _open_tracker(cfg, inputs, resumed.run_id)
         ctx.run_id = ctx.tracker.run_id
@@ -145,18 +172,23 @@ def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int
     preparer = BatchPreparer(cfg.data, device, dtype, cfg.run.seed, rank)
     threads = cfg.data.num_workers or max(1, int(cfg.scaling.cpus_per_worker))
     micro_batch = inputs.ds_config["train_micro_batch_size_per_gpu"]
-    train = train_loader(cfg.data, batch_size=micro_batch, seed=cfg.run.seed, num_workers=threads, device=device,
-                         distributed=world > 1)
+    train = train_loader(
+        cfg.data, batch_size=micro_batch, seed=cfg.run.seed, num_workers=threads, device=device, distributed=world > 1
+    )
     n_train, n_val = read_metadata(cfg.data.train)["num_samples"], read_metadata(cfg.data.val)["num_samples"]
     calibration = other = None
     if cfg.eval.recalibrate:
-        calibration = calibration_batches(cfg.data, preparer, num_samples=n_train, seed=cfg.run.seed,
-                                          num_workers=threads, device=device)
+        calibration = calibration_batches(
+            cfg.data, preparer, num_samples=n_train, seed=cfg.run.seed, num_workers=threads, device=device
+        )
     if cfg.eval.recalibrate and cfg.eval.compare_calibration:
         data = cfg.data.model_copy(update={"calibration_protocol": other_protocol(cfg.data.calibration_protocol)})
-        other = calibration_batches(data, preparer, num_samples=n_train, seed=cfg.run.seed, num_workers=threads,
-                                    device=device)
-    val_shard = eval_loader(cfg.data, cfg.data.val, indices=range(rank, n_val, world), num_workers=threads, device=device)
+        other = calibration_batches(
+            data, preparer, num_samples=n_train, seed=cfg.run.seed, num_workers=threads, device=device
+        )
+    val_shard = eval_loader(
+        cfg.data, cfg.data.val, indices=range(rank, n_val, world), num_workers=threads, device=device
+    )
     val_full = eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=threads, device=device)
     return WorkerData(preparer, train, val_shard, val_full, calibration, other)
 
@@ -175,12 +207,22 @@ def _resume(engine, rank: int, world: int) -> ResumeState:
 def _open_tracker(cfg: Config, inputs: WorkerInputs, run_id: str | None):
     from .tracking import RUN_KEY_TAG, RunTracker
 
-    tracker = RunTracker(inputs.tracking_uri, inputs.experiment_id, run_id=run_id,
-                         run_name=cfg.tracking.run_name or cfg.run.name, params=cfg.flat(),
-                         tags={"st_scale.method": cfg.method.name, "st_scale.model": cfg.model.name,
-                               "st_scale.run_name": cfg.run.name, "st_scale.dataset": inputs.dataset,
-                               RUN_KEY_TAG: f"{cfg.run.storage_path}/{cfg.run.name}", **inputs.tags},
-                         system_metrics=cfg.tracking.system_metrics)
+    tracker = RunTracker(
+        inputs.tracking_uri,
+        inputs.experiment_id,
+        run_id=run_id,
+        run_name=cfg.tracking.run_name or cfg.run.name,
+        params=cfg.flat(),
+        tags={
+            "st_scale.method": cfg.method.name,
+            "st_scale.model": cfg.model.name,
+            "st_scale.run_name": cfg.run.name,
+            "st_scale.dataset": inputs.dataset,
+            RUN_KEY_TAG: f"{cfg.run.storage_path}/{cfg.run.name}",
+            **inputs.tags,
+        },
+        system_metrics=cfg.tracking.system_metrics,
+    )
     if run_id is None:
         tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
     return tracker
@@ -191,11 +233,17 @@ def _run_epochs(ctx: WorkerContext, start_epoch: int, stop_at: int, step: int) -
     for epoch in range(start_epoch, stop_at):
         started = time.perf_counter()
         step, memory_mib = _train_epoch(ctx, epoch, step)
-        metrics = {"epoch": epoch + 1, "step": step, "train/epoch_time_s": time.perf_counter() - started,
-                   "train/peak_memory_mib": memory_mib, **_evaluate(ctx, epoch)}
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train/epoch_time_s": time.perf_counter() - started,
+            "train/peak_memory_mib": memory_mib,
+            **_evaluate(ctx, epoch),
+        }
         if ctx.tracker:
-            ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}
-                                    | {"epoch": epoch + 1}, step)
+            ctx.tracker.log_metrics(
+                {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))} | {"epoch": epoch + 1}, step
+            )
             if epoch + 1 == stop_at:  # before the last report: a Tune scheduler may end the trial right after it
                 _close_run(ctx, stop_at)
         _checkpoint(ctx, epoch, step, {**metrics, "mlflow_run_id": ctx.run_id})
@@ -216,31 +264,62 @@ def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
     cfg, model, data = ctx.cfg, ctx.model, ctx.data
     final = epoch + 1 == cfg.optimizer.epochs
     model.eval()
-    metrics = main_metrics(model, lambda: data.preparer.eval_batches(data.val_shard), data.calibration, ctx.device,
-                           prefix="val", shared_stats=cfg.eval.shared_stats)
+    metrics = main_metrics(
+        model,
+        lambda: data.preparer.eval_batches(data.val_shard),
+        data.calibration,
+        ctx.device,
+        prefix="val",
+        shared_stats=cfg.eval.shared_stats,
+    )
     every = cfg.eval.subnets_every
     if final or (every and (epoch + 1) % every == 0):
-        reports = subnet_reports(model, ctx.subnets, lambda: data.preparer.eval_batches(data.val_full), data.calibration,
-                                 shared_stats=cfg.eval.shared_stats)
+        reports = subnet_reports(
+            model,
+            ctx.subnets,
+            lambda: data.preparer.eval_batches(data.val_full),
+            data.calibration,
+            shared_stats=cfg.eval.shared_stats,
+        )
         metrics.update(subnet_metrics("val", reports))
         if ctx.tracker:
-            log_subnet_reports(ctx.tracker, reports, folder="subnets", stem=f"subnets_epoch{epoch + 1:03d}",
-                               title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}")
+            log_subnet_reports(
+                ctx.tracker,
+                reports,
+                folder="subnets",
+                stem=f"subnets_epoch{epoch + 1:03d}",
+                title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}",
+            )
     if final and data.other_calibration is not None:  # the same networks, BN re-estimated under the other protocol
         suffix = calibration_suffix(other_protocol(cfg.data.calibration_protocol))
-        val_shard, val_full = (lambda: data.preparer.eval_batches(data.val_shard),
-                               lambda: data.preparer.eval_batches(data.val_full))
-        metrics.update(with_suffix(main_metrics(model, val_shard, data.other_calibration, ctx.device, prefix="val",
-                                                shared_stats=False), suffix))
+        val_shard, val_full = (
+            lambda: data.preparer.eval_batches(data.val_shard),
+            lambda: data.preparer.eval_batches(data.val_full),
+        )
+        metrics.update(
+            with_suffix(
+                main_metrics(model, val_shard, data.other_calibration, ctx.device, prefix="val", shared_stats=False),
+                suffix,
+            )
+        )
         other = subnet_reports(model, ctx.subnets, val_full, data.other_calibration, shared_stats=False)
         metrics.update(with_suffix(subnet_metrics("val", other), suffix))
         if ctx.tracker:
-            log_subnet_reports(ctx.tracker, {suffix: other[""]}, folder="subnets", stem=f"subnets_epoch{epoch + 1:03d}",
-                               title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}, {suffix[1:]}")
+            log_subnet_reports(
+                ctx.tracker,
+                {suffix: other[""]},
+                folder="subnets",
+                stem=f"subnets_epoch{epoch + 1:03d}",
+                title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}, {suffix[1:]}",
+            )
     if final and cfg.eval.destruction and ctx.rank == 0:  # the other ranks wait at the next collective
         val = first_images(data.preparer.eval_batches(data.val_full), cfg.eval.destruction_images)
-        log_destruction(ctx.tracker, run_destruction(model, val, data.calibration), folder="destruction",
-                        title=f"{cfg.method.name} {cfg.model.name}: network destruction")
+        log_destruction(
+            ctx.tracker,
+            run_destruction(model, val, data.calibration),
+            folder="destruction",
+            title=f"{cfg.method.name} {cfg.model.name}: network destruction",
+        )
     return metrics
 
 
@@ -252,9 +331,14 @@ def _checkpoint(ctx: WorkerContext, epoch: int, step: int, metrics: dict) -> Non
     client_state = {"epoch": epoch + 1, "step": step, "mlflow_run_id": ctx.run_id, "metrics": metrics}
     run_info = None
     if ctx.rank == 0:
-        run_info = checkpoint.RunInfo(config=ctx.cfg.model_dump(mode="json"), epoch=epoch + 1, step=step,
-                                      mlflow_run_id=ctx.run_id, tracking_uri=ctx.inputs.tracking_uri,
-                                      experiment_id=ctx.inputs.experiment_id)
+        run_info = checkpoint.RunInfo(
+            config=ctx.cfg.model_dump(mode="json"),
+            epoch=epoch + 1,
+            step=step,
+            mlflow_run_id=ctx.run_id,
+            tracking_uri=ctx.inputs.tracking_uri,
+            experiment_id=ctx.inputs.experiment_id,
+        )
     with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
         checkpoint.save(ctx.engine, Path(directory), ctx.rank, client_state, run_info)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
@@ -321,8 +405,13 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
     memory_bytes = None
     sums: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optimizer.epochs}", disable=ctx.rank != 0,
-               mininterval=2.0, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{cfg.optimizer.epochs}",
+        disable=ctx.rank != 0,
+        mininterval=2.0,
+        dynamic_ncols=True,
+    )
     for images, labels in _with_fault(data.train, ctx.inputs.fault, ctx.rank, step):
         lr = lr_at(step, total_steps, steps_per_epoch, cfg.optimizer)
         set_lr(engine, lr)
@@ -339,7 +428,8 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             raise NonFiniteLossError(
                 f"loss became {loss_value} at global step {step} (epoch {epoch + 1}; {shown}); training stopped, the "
-                f"last good checkpoint is kept. Lower optimizer.lr or method.kl_weight and resume with the same run.name"
+                f"last good checkpoint is kept. Lower optimizer.lr or method.kl_weight and resume with the same "
+                f"run.name"
             )
         engine.backward(loss)
         engine.step()
@@ -352,7 +442,9 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
         if ctx.tracker and step % cfg.tracking.log_every_steps == 0:
             elapsed = time.perf_counter() - window_start
             logged = {f"train/{k}": v / window_steps for k, v in sums.items()}
-            logged.update({"train/lr": lr, "train/images_per_s": window_steps * ctx.images_per_step / max(elapsed, 1e-9)})
+            logged.update(
+                {"train/lr": lr, "train/images_per_s": window_steps * ctx.images_per_step / max(elapsed, 1e-9)}
+            )
             ctx.tracker.log_metrics(logged, step)
             bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{lr:.3g}")
             sums, window_steps, window_start = {}, 0, time.perf_counter()

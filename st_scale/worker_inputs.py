@@ -31,7 +31,7 @@ class WorkerInputs:
         return {"inputs": self}
 
     @staticmethod
-    def from_loop_config(loop_config: dict[str, Any]) -> "WorkerInputs":
+    def from_loop_config(loop_config: dict[str, Any]) -> WorkerInputs:
         inputs = loop_config["inputs"]
         if not isinstance(inputs, WorkerInputs):
             raise TypeError(f"train_loop_config['inputs'] is a {type(inputs).__name__}, not WorkerInputs")

@@ -33,9 +33,18 @@ def class_sorted_digits(tmp_path_factory):
 
 
 def _data(directory, **overrides) -> DataSection:
-    fields = dict(train=str(directory / "train.beton"), val=str(directory / "val.beton"), pipeline="cifar",
-                  image_size=32, pad_crop=2, flip=False, mean=(0.5,) * 3, std=(0.5,) * 3, val_batch_size=128,
-                  calibration_images=256)
+    fields = dict(
+        train=str(directory / "train.beton"),
+        val=str(directory / "val.beton"),
+        pipeline="cifar",
+        image_size=32,
+        pad_crop=2,
+        flip=False,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        val_batch_size=128,
+        calibration_images=256,
+    )
     return DataSection(**(fields | overrides))
 
 
@@ -50,7 +59,11 @@ def test_the_converted_imagefolder_is_class_sorted(class_sorted_digits):
 
 
 def test_calibration_indices_are_a_seeded_sample_of_the_whole_file():
-    a, b, c = calibration_indices(1000, 100, seed=3), calibration_indices(1000, 100, seed=3), calibration_indices(1000, 100, seed=4)
+    a, b, c = (
+        calibration_indices(1000, 100, seed=3),
+        calibration_indices(1000, 100, seed=3),
+        calibration_indices(1000, 100, seed=4),
+    )
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert len(set(a.tolist())) == 100 and a.min() >= 0 and a.max() < 1000
     assert a.max() > 500 and not np.array_equal(np.sort(a), np.arange(100))  # not the first 100
@@ -61,7 +74,9 @@ def test_calibration_batches_span_the_classes_in_random_order(class_sorted_digit
     data = _data(class_sorted_digits)
     n_train = len(_labels_in_file_order(data))
     preparer = BatchPreparer(data, torch.device("cpu"), torch.float32, seed=0, rank=0)
-    batches = calibration_batches(data, preparer, num_samples=n_train, seed=0, num_workers=1, device=torch.device("cpu"))
+    batches = calibration_batches(
+        data, preparer, num_samples=n_train, seed=0, num_workers=1, device=torch.device("cpu")
+    )
     labels = torch.cat([y for _, y in batches]).numpy()
     assert len(labels) == 256 and set(labels.tolist()) == set(range(10))
     # labels follow the sample's order: the file's label at each drawn index
@@ -102,15 +117,17 @@ def test_on_a_class_sorted_file_reestimated_accuracy_matches_the_running_statist
     for epoch in range(4):
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
         for start in range(0, len(y), 64):
-            batch = order[start:start + 64]
+            batch = order[start : start + 64]
             loss = F.cross_entropy(model(x[batch]), y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     data = _data(class_sorted_digits, calibration_images=128, val_batch_size=32)  # the first 128 are one class
     preparer = BatchPreparer(data, torch.device("cpu"), torch.float32, seed=0, rank=0)
-    calibration = calibration_batches(data, preparer, num_samples=1438, seed=0, num_workers=1, device=torch.device("cpu"))
-    val_batches = [(vx[i:i + 128], vy[i:i + 128]) for i in range(0, len(vy), 128)]
+    calibration = calibration_batches(
+        data, preparer, num_samples=1438, seed=0, num_workers=1, device=torch.device("cpu")
+    )
+    val_batches = [(vx[i : i + 128], vy[i : i + 128]) for i in range(0, len(vy), 128)]
     running = evaluate_main(model, val_batches).top1
     reestimated = evaluate_main(model, val_batches, calibration).top1
     assert running > 60, running  # the net has learned: the premise of the comparison

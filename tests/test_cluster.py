@@ -79,15 +79,32 @@ def ray_head():
     import psutil
 
     temp_dir = f"/tmp/strh{os.getpid()}"  # short: Ray's unix sockets have a path limit; unique: ours alone
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24),
-                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                        "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = os.environ | {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(24),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     gcs, dashboard = free_port(), free_port()
-    command = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-               "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={512 * 2**20}", f"--temp-dir={temp_dir}",
-               "--disable-usage-stats"]
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--object-store-memory={512 * 2**20}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     ours = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
     try:
@@ -113,9 +130,21 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     log = open(root / "server.log", "w")
-    process = subprocess.Popen([str(BIN / "st-scale"), "mlflow-server", "--port", str(port), "--backend-store",
-                                str(root / "mlflow.db"), "--artifacts", str(root / "artifacts")],
-                               stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"})
+    process = subprocess.Popen(
+        [
+            str(BIN / "st-scale"),
+            "mlflow-server",
+            "--port",
+            str(port),
+            "--backend-store",
+            str(root / "mlflow.db"),
+            "--artifacts",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     url = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -142,36 +171,78 @@ def get_json(url: str, payload: dict | None = None) -> dict:
 
 
 def digits_overrides(digits_dir) -> list[str]:
-    return [f"data.train={digits_dir}/train.beton", f"data.val={digits_dir}/val.beton", "data.calibration_images=128",
-            "eval.max_subnets=8", "tracking.system_metrics=false"]
+    return [
+        f"data.train={digits_dir}/train.beton",
+        f"data.val={digits_dir}/val.beton",
+        "data.calibration_images=128",
+        "eval.max_subnets=8",
+        "tracking.system_metrics=false",
+    ]
 
 
 def test_job_submit_trains_and_logs_to_the_mlflow_server(ray_head, mlflow_server, digits_dir, tmp_path):
     submission = f"st-scale-test-{secrets.token_hex(4)}"
-    overrides = digits_overrides(digits_dir) + ["optimizer.epochs=1", "run.name=job-st", f"run.storage_path={tmp_path}/runs"]
+    overrides = digits_overrides(digits_dir) + [
+        "optimizer.epochs=1",
+        "run.name=job-st",
+        f"run.storage_path={tmp_path}/runs",
+    ]
     entrypoint = "st-scale train demo_st " + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}}
     ray = str(BIN / "ray")
-    submitted = subprocess.run([ray, "job", "submit", "--address", ray_head.dashboard, "--submission-id", submission,
-                                "--runtime-env-json", json.dumps(runtime_env), "--", *shlex.split(entrypoint)],
-                               env=ray_head.env, capture_output=True, text=True, timeout=600)
+    submitted = subprocess.run(
+        [
+            ray,
+            "job",
+            "submit",
+            "--address",
+            ray_head.dashboard,
+            "--submission-id",
+            submission,
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            *shlex.split(entrypoint),
+        ],
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
-    status = subprocess.run([ray, "job", "status", "--address", ray_head.dashboard, submission],
-                            env=ray_head.env, capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [ray, "job", "status", "--address", ray_head.dashboard, submission],
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert f"Job '{submission}' succeeded" in status.stdout + status.stderr
-    logs = subprocess.run([ray, "job", "logs", "--address", ray_head.dashboard, submission],
-                          env=ray_head.env, capture_output=True, text=True, timeout=60).stdout
+    logs = subprocess.run(
+        [ray, "job", "logs", "--address", ray_head.dashboard, submission],
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "| st | cifar_resnet20 |" in logs and f"in {mlflow_server.url}" in logs
 
     # The same token is what lets the client in: without it the job server refuses.
-    refused = subprocess.run([ray, "job", "status", "--address", ray_head.dashboard, submission],
-                             env=ray_head.env | {"RAY_AUTH_TOKEN": "wrong-token"}, capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [ray, "job", "status", "--address", ray_head.dashboard, submission],
+        env=ray_head.env | {"RAY_AUTH_TOKEN": "wrong-token"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode != 0 and "succeeded" not in refused.stdout + refused.stderr
 
     # The server's REST API and UI list the run the job logged.
     experiment = get_json(f"{mlflow_server.url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=st-scale-demo")
-    runs = get_json(f"{mlflow_server.url}/api/2.0/mlflow/runs/search",
-                    {"experiment_ids": [experiment["experiment"]["experiment_id"]]})["runs"]
+    runs = get_json(
+        f"{mlflow_server.url}/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [experiment["experiment"]["experiment_id"]]},
+    )["runs"]
     assert len(runs) == 1
     run = runs[0]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
@@ -202,11 +273,18 @@ def sweep_spec(tmp_path, digits_dir, store: str) -> Path:
 def test_sweep_too_big_for_the_cluster_fails_before_any_trial(ray_head, digits_dir, tmp_path):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     spec = sweep_spec(tmp_path, digits_dir, store)
-    result = subprocess.run([str(BIN / "st-scale"), "sweep", str(spec), "--set", "trial.cpus=2"],
-                            env=ray_head.env | {"RAY_ADDRESS": ray_head.address}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(BIN / "st-scale"), "sweep", str(spec), "--set", "trial.cpus=2"],
+        env=ray_head.env | {"RAY_ADDRESS": ray_head.address},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert ("a trial needs trial.cpus=2 + scaling.num_workers=2 x scaling.cpus_per_worker=0.5 = 3 CPUs but the Ray "
-            "cluster has 2") in result.stderr
+    assert (
+        "a trial needs trial.cpus=2 + scaling.num_workers=2 x scaling.cpus_per_worker=0.5 = 3 CPUs but the Ray "
+        "cluster has 2"
+    ) in result.stderr
     assert not (tmp_path / "sweeps" / "cluster-sweep").exists()
 
 
@@ -221,8 +299,13 @@ def test_sweep_resumes_after_its_driver_dies(ray_head, digits_dir, tmp_path):
     with open(tmp_path / "first_driver.log", "w") as log:
         first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: first.poll() is not None or any(p.stat().st_size for p in sweep_dir.glob("trial_*/result.json")),
-                     420, "the first trial's first epoch to reach Tune")
+            wait_for(
+                lambda: (
+                    first.poll() is not None or any(p.stat().st_size for p in sweep_dir.glob("trial_*/result.json"))
+                ),
+                420,
+                "the first trial's first epoch to reach Tune",
+            )
             assert first.poll() is None, (tmp_path / "first_driver.log").read_text()[-3000:]
         finally:
             first.send_signal(signal.SIGKILL)  # the driver dies; the cluster lives on
@@ -262,5 +345,11 @@ def test_sweep_resumes_after_its_driver_dies(ray_head, digits_dir, tmp_path):
     assert parent.data.metrics["best/objective"] == pytest.approx(best["objective"])
     assert parent.data.params["objective"] == "0.5*val/main_top1 + 0.5*val/subnets_mean_top1"
     artifacts = {a.path for folder in ("sweep", "plots") for a in client.list_artifacts(parent.info.run_id, folder)}
-    assert {"sweep/spec.yaml", "sweep/search_space.yaml", "sweep/trials.csv", "sweep/best_config.yaml",
-            "sweep/best_trial.json", "plots/objective_vs_search_space.png"} <= artifacts
+    assert {
+        "sweep/spec.yaml",
+        "sweep/search_space.yaml",
+        "sweep/trials.csv",
+        "sweep/best_config.yaml",
+        "sweep/best_trial.json",
+        "plots/objective_vs_search_space.png",
+    } <= artifacts

@@ -58,7 +58,9 @@ def test_gpu_image_cuda_matches_torch():
 
     base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-(\w+)-ubuntu", (DOCKER / "Dockerfile.gpu").read_text(), re.M)
     assert base, "the GPU image must start from an nvidia/cuda image"
-    assert f"{base[1]}.{base[2]}" == torch.version.cuda, f"torch {torch.__version__} is built for CUDA {torch.version.cuda}"
+    assert f"{base[1]}.{base[2]}" == torch.version.cuda, (
+        f"torch {torch.__version__} is built for CUDA {torch.version.cuda}"
+    )
     assert base[3] in ("runtime", "cudnn-runtime")
 
 

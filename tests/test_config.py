@@ -13,8 +13,15 @@ DIGITS = ["data.train=/nonexistent/train.beton", "data.val=/nonexistent/val.beto
 
 def test_packaged_recipes_all_validate():
     names = recipe_names()
-    assert {"demo_ct", "demo_st", "cifar100_resnet56_ct", "cifar100_resnet56_st", "imagenet_resnet50_ct",
-            "imagenet_resnet50_st", "imagenet_resnet50_stpp"} <= set(names)
+    assert {
+        "demo_ct",
+        "demo_st",
+        "cifar100_resnet56_ct",
+        "cifar100_resnet56_st",
+        "imagenet_resnet50_ct",
+        "imagenet_resnet50_st",
+        "imagenet_resnet50_stpp",
+    } <= set(names)
     for name in names:
         cfg = load_config(name)
         resolve_ds_config(cfg)
@@ -29,24 +36,28 @@ def test_stpp_recipe_is_the_papers():
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config("demo_st", ["method.kl_weight=0.25", "eval.recalibrate=false", "sampling.max_dropped=[0, 1, 1]",
-                                  "run.name=x"])
+    cfg = load_config(
+        "demo_st", ["method.kl_weight=0.25", "eval.recalibrate=false", "sampling.max_dropped=[0, 1, 1]", "run.name=x"]
+    )
     assert cfg.method.kl_weight == 0.25 and cfg.eval.recalibrate is False and cfg.sampling.max_dropped == [0, 1, 1]
     assert cfg.flat()["method.kl_weight"] == 0.25
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["method.kl_weigth=1"], "method.kl_weigth: unknown key"),
-    (["method.kl_weight=-1"], r"method.kl_weight: Input should be greater than or equal to 0 \(got -1\)"),
-    (["method.temperature=0"], "method.temperature: Input should be greater than 0"),
-    (["method.num_subnets=0"], "method.num_subnets: Input should be greater than or equal to 1"),
-    (["optimizer.epochs=ten"], r"optimizer.epochs: Input should be a valid integer.*\(got 'ten'\)"),
-    (["model.name=resnet51"], "model.name: unknown model 'resnet51'"),
-    (["method.name=kd"], "method.name: unknown method 'kd'"),
-    (["data.batch_size=63"], "data.batch_size=63 is not divisible by scaling.num_workers=2"),
-    (["sampling.space=restricted"], "space 'restricted' needs max_dropped"),
-    (["bogus.key=1"], "bogus: unknown key"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.kl_weigth=1"], "method.kl_weigth: unknown key"),
+        (["method.kl_weight=-1"], r"method.kl_weight: Input should be greater than or equal to 0 \(got -1\)"),
+        (["method.temperature=0"], "method.temperature: Input should be greater than 0"),
+        (["method.num_subnets=0"], "method.num_subnets: Input should be greater than or equal to 1"),
+        (["optimizer.epochs=ten"], r"optimizer.epochs: Input should be a valid integer.*\(got 'ten'\)"),
+        (["model.name=resnet51"], "model.name: unknown model 'resnet51'"),
+        (["method.name=kd"], "method.name: unknown method 'kd'"),
+        (["data.batch_size=63"], "data.batch_size=63 is not divisible by scaling.num_workers=2"),
+        (["sampling.space=restricted"], "space 'restricted' needs max_dropped"),
+        (["bogus.key=1"], "bogus: unknown key"),
+    ],
+)
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo_st", overrides)
@@ -70,7 +81,11 @@ def test_recipe_files_and_bases(tmp_path):
 
 def test_deepspeed_batch_sizes_come_from_the_recipe():
     ds = resolve_ds_config(load_config("demo_st", ["data.batch_size=96"]))
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (96, 48, 1)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        96,
+        48,
+        1,
+    )
     ds = resolve_ds_config(load_config("imagenet_resnet50_st"))
     assert ds["train_micro_batch_size_per_gpu"] == 64 and ds["bf16"]["enabled"]
 
@@ -82,7 +97,9 @@ def _ds_file(tmp_path: Path, content: dict) -> str:
 
 
 def test_deepspeed_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(ConfigError, match="deepspeed.config: file 'nope.json' not found; available in ds_configs/: .*cpu_fp32.json"):
+    with pytest.raises(
+        ConfigError, match="deepspeed.config: file 'nope.json' not found; available in ds_configs/: .*cpu_fp32.json"
+    ):
         resolve_ds_config(load_config("demo_st", ["deepspeed.config=nope.json"]))
     contradicting = _ds_file(tmp_path, {"train_batch_size": 32, "zero_optimization": {"stage": 0}})
     with pytest.raises(ConfigError, match="sets train_batch_size=32, which contradicts the recipe"):
@@ -93,5 +110,8 @@ def test_deepspeed_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="enables bf16, which st-scale runs on GPUs only"):
         resolve_ds_config(load_config("demo_st", ["deepspeed.config=zero1_bf16.json"]))
     accumulation = _ds_file(tmp_path, {"gradient_accumulation_steps": 3})
-    with pytest.raises(ConfigError, match="data.batch_size=64 is not divisible by scaling.num_workers=2 x gradient_accumulation_steps=3"):
+    with pytest.raises(
+        ConfigError,
+        match="data.batch_size=64 is not divisible by scaling.num_workers=2 x gradient_accumulation_steps=3",
+    ):
         resolve_ds_config(load_config("demo_st", [f"deepspeed.config={accumulation}"]))

@@ -2,8 +2,8 @@
 FFCV itself would silently read; the writer cannot hang; loaders and augmentation are seeded."""
 
 import pickle
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +30,9 @@ def _copy(digits_dir, tmp_path):
 
 
 def test_missing_file_names_the_file_and_the_fix(tmp_path):
-    with pytest.raises(DatasetFileError, match=r"dataset file .*nothere.beton does not exist; rebuild it with `st-scale convert`"):
+    with pytest.raises(
+        DatasetFileError, match=r"dataset file .*nothere.beton does not exist; rebuild it with `st-scale convert`"
+    ):
         verify_beton(tmp_path / "nothere.beton")
 
 
@@ -56,8 +58,14 @@ def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path)
 
     path = _copy(digits_dir, tmp_path)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
-    cfg = load_config("demo_st", [f"data.train={digits_dir / 'train.beton'}", f"data.val={path}",
-                                  f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    cfg = load_config(
+        "demo_st",
+        [
+            f"data.train={digits_dir / 'train.beton'}",
+            f"data.val={path}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+        ],
+    )
     with pytest.raises(ConfigError, match="data.val: .*val.beton does not match its checksum"):
         validate_inputs(cfg)
 
@@ -83,8 +91,10 @@ def _fake_cifar(root, classes=10, per_batch=6):
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if classes == 10 else ["train", "test"]
     key = b"labels" if classes == 10 else b"fine_labels"
     for name in names:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 key: list(rng.integers(0, classes, per_batch))}
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            key: list(rng.integers(0, classes, per_batch)),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     return folder
@@ -99,8 +109,13 @@ def test_cifar_directory_conversion(tmp_path, classes):
     assert written["train"]["num_classes"] == classes
     # Pixels survive the round trip (raw mode).
     data = pickle.load(open(folder / ("test_batch" if classes == 10 else "test"), "rb"), encoding="bytes")
-    loader = eval_loader(load_config("demo_st").data, str(tmp_path / "out" / "val.beton"), indices=None,
-                         num_workers=1, device=torch.device("cpu"))
+    loader = eval_loader(
+        load_config("demo_st").data,
+        str(tmp_path / "out" / "val.beton"),
+        indices=None,
+        num_workers=1,
+        device=torch.device("cpu"),
+    )
     images, labels = next(iter(loader))
     original = torch.from_numpy(data[b"data"].reshape(-1, 3, 32, 32))
     assert torch.equal(images.contiguous(), original)
@@ -139,8 +154,16 @@ def test_imagefolder_conversion_and_an_unreadable_image(tmp_path):
 def test_imagenet_size_pipeline_decodes_crops(tmp_path):
     _image_folder(tmp_path / "src")
     convert("imagefolder", str(tmp_path / "src"), tmp_path / "out", quiet=True)
-    cfg = load_config("imagenet_resnet50_st", [f"data.train={tmp_path}/out/train.beton", f"data.val={tmp_path}/out/val.beton",
-                                               "data.image_size=24", "data.val_image_size=28", "data.val_batch_size=4"])
+    cfg = load_config(
+        "imagenet_resnet50_st",
+        [
+            f"data.train={tmp_path}/out/train.beton",
+            f"data.val={tmp_path}/out/val.beton",
+            "data.image_size=24",
+            "data.val_image_size=28",
+            "data.val_batch_size=4",
+        ],
+    )
     device = torch.device("cpu")
     train = train_loader(cfg.data, batch_size=4, seed=0, num_workers=1, device=device, distributed=False)
     images, labels = next(iter(train))
@@ -206,7 +229,7 @@ def test_fashion_mnist_conversion_keeps_every_image_with_its_label(tmp_path):
     assert written["train"]["num_samples"] == 600 and written["val"]["num_samples"] == 200
     assert written["train"]["subset"] == {"size": 600, "of": 60000, "seed": 0}
     load_fashion_mnist(None, cache=tmp_path / "idx")  # unpacks the IDX files where torchvision looks
-    again = convert("fashion-mnist", None, tmp_path / "again", train_subset=600, val_subset=200, quiet=True)
+    convert("fashion-mnist", None, tmp_path / "again", train_subset=600, val_subset=200, quiet=True)
     for split, train in (("train", True), ("val", False)):
         source = FashionMNIST(str(tmp_path / "idx"), train=train, download=False)
         labels_of: dict[str, set[int]] = {}

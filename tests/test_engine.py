@@ -7,16 +7,23 @@ import shutil
 import pytest
 import torch
 
+from st_scale.checkpoint import load as load_checkpoint
+from st_scale.checkpoint import save as save_checkpoint
 from st_scale.config import load_config
-from st_scale.checkpoint import load as load_checkpoint, save as save_checkpoint
 from st_scale.engine import build_engine, lr_at, parameter_groups, resolve_ds_config, set_lr
 from st_scale.train_loop import build_model_and_objective
 
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29533"), ("DS_ACCELERATOR", "cpu")):
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29533"),
+        ("DS_ACCELERATOR", "cpu"),
+    ):
         os.environ[key] = value
     torch.distributed.init_process_group("gloo")
     yield
@@ -24,8 +31,17 @@ def process_group():
 
 
 def _engine(ds_config="cpu_fp32.json", method="st"):
-    cfg = load_config("demo_st", ["scaling.num_workers=1", f"deepspeed.config={ds_config}", f"method.name={method}",
-                                  "data.batch_size=16", "optimizer.lr=0.05", "run.name=engine"])
+    cfg = load_config(
+        "demo_st",
+        [
+            "scaling.num_workers=1",
+            f"deepspeed.config={ds_config}",
+            f"method.name={method}",
+            "data.batch_size=16",
+            "optimizer.lr=0.05",
+            "run.name=engine",
+        ],
+    )
     torch.manual_seed(0)
     model, _, objective = build_model_and_objective(cfg)
     return cfg, model, build_engine(model, objective, cfg, resolve_ds_config(cfg))

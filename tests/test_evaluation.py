@@ -2,22 +2,33 @@
 
 import pytest
 import torch
-
 from conftest import perturb_bn, random_batches
+
 from st_scale.evaluation import (
-    destruction_tests, evaluate_main, evaluate_plan, evaluate_subnets, evaluate_subnets_naive,
-    recalibrate_bn, summarise_destruction,
+    destruction_tests,
+    evaluate_main,
+    evaluate_plan,
+    evaluate_subnets,
+    evaluate_subnets_naive,
+    recalibrate_bn,
+    summarise_destruction,
 )
 from st_scale.models import create_model
 from st_scale.models.elastic import batchnorm_layers
 from st_scale.sampling import SubnetSpace
 
-CASES = [("cifar_resnet20", 16, None), ("mobilenet_v3_small", 32, None), ("resnet18", 32, None),
-         ("cifar_resnet56", 16, 40)]
+CASES = [
+    ("cifar_resnet20", 16, None),
+    ("mobilenet_v3_small", 32, None),
+    ("resnet18", 32, None),
+    ("cifar_resnet56", 16, 40),
+]
 
 
 def _bn_buffers(model):
-    return [t.clone() for bn in batchnorm_layers(model) for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    return [
+        t.clone() for bn in batchnorm_layers(model) for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    ]
 
 
 @pytest.mark.parametrize("name, size, sample", CASES)
@@ -32,8 +43,13 @@ def test_tree_walk_equals_naive_evaluation_exactly(name, size, sample, recalibra
     before = _bn_buffers(model)
 
     tree_logits = {}
-    report = evaluate_subnets(model, subnets, val, calibration,
-                              on_logits=lambda d, logits: tree_logits.setdefault(d, []).append(logits.clone()))
+    report = evaluate_subnets(
+        model,
+        subnets,
+        val,
+        calibration,
+        on_logits=lambda d, logits: tree_logits.setdefault(d, []).append(logits.clone()),
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, _bn_buffers(model))), "model statistics changed"
 
     for depths in subnets[:: max(1, len(subnets) // 12)]:
@@ -48,8 +64,9 @@ def test_tree_walk_equals_naive_evaluation_exactly(name, size, sample, recalibra
                 assert torch.equal(reference.run(images, plan), logits), depths
 
     naive = evaluate_subnets_naive(model, subnets, val, calibration)
-    assert [(r.depths, r.top1, r.top5, r.macs) for r in report.rows] == \
-           [(r.depths, r.top1, r.top5, r.macs) for r in naive.rows]
+    assert [(r.depths, r.top1, r.top5, r.macs) for r in report.rows] == [
+        (r.depths, r.top1, r.top5, r.macs) for r in naive.rows
+    ]
     assert report.recalibrated == recalibrate
 
 
@@ -60,8 +77,9 @@ def test_recalibration_changes_results_and_restores_the_model():
     before = _bn_buffers(model)
     shared = evaluate_subnets(model, [(1, 1, 1), (3, 3, 3)], val)
     recal = evaluate_subnets(model, [(1, 1, 1), (3, 3, 3)], val, calibration)
-    assert [r.top1 for r in shared.rows] != [r.top1 for r in recal.rows] or \
-           [r.top5 for r in shared.rows] != [r.top5 for r in recal.rows]
+    assert [r.top1 for r in shared.rows] != [r.top1 for r in recal.rows] or [r.top5 for r in shared.rows] != [
+        r.top5 for r in recal.rows
+    ]
     assert evaluate_main(model, val, calibration).top1 == recal.row((3, 3, 3)).top1
     assert evaluate_main(model, val).top1 == shared.row((3, 3, 3)).top1
     assert all(torch.equal(a, b) for a, b in zip(before, _bn_buffers(model)))
@@ -154,7 +172,9 @@ def test_destruction_is_reported_with_and_without_reestimation():
     deleted = next(r for r in shared if r.detail == "stage1.block1")  # keeps blocks 0 and 2 of stage 1
     plan = tuple((0, 1, 2) if s != 1 else (0, 2) for s in range(3))
     assert deleted.top1 == evaluate_plan(model, plan, val).top1  # no re-estimation: the damage as it is
-    assert next(r for r in recal if r.detail == "stage1.block1").top1 == evaluate_plan(model, plan, val, calibration).top1
+    assert (
+        next(r for r in recal if r.detail == "stage1.block1").top1 == evaluate_plan(model, plan, val, calibration).top1
+    )
     summary = destruction_metrics("eval", rows)
     assert summary["eval/destruction/intact/0_shared_stats"] == evaluate_main(model, val).top1
     assert summary["eval/destruction/intact/0"] == evaluate_main(model, val, calibration).top1

@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from st_scale.methods import (
-    CommonTraining, StimulativeTraining, StochasticDepth, build_objective, distillation_kl,
+    CommonTraining,
+    StimulativeTraining,
+    StochasticDepth,
+    build_objective,
+    distillation_kl,
 )
 from st_scale.models import create_model
 from st_scale.sampling import SubnetSampler, SubnetSpace
@@ -146,7 +150,10 @@ def test_small_inputs_resize_the_original_batch_within_range():
     # Resizing commutes with per-channel normalisation: normalising once is enough.
     mean, std = torch.tensor([0.4, 0.5, 0.6])[:, None, None], torch.tensor([0.2, 0.3, 0.25])[:, None, None]
     raw = torch.rand(2, 3, 32, 32)
-    resize = lambda x: F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False, antialias=True)
+
+    def resize(x):
+        return F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False, antialias=True)
+
     assert torch.allclose(resize((raw - mean) / std), (resize(raw) - mean) / std, atol=1e-5)
     out = objective(model, images, labels, 1)
     assert torch.isfinite(out.loss)
@@ -183,7 +190,9 @@ def test_stochastic_depth_scales_branches_at_test_time_only():
     assert torch.isfinite(build_objective("stochastic_depth", model)(model, images, labels, 0).loss)
 
 
-@pytest.mark.parametrize("method, heads", [("layer_supervision", 8), ("stage_supervision", 2), ("self_distillation", 2)])
+@pytest.mark.parametrize(
+    "method, heads", [("layer_supervision", 8), ("stage_supervision", 2), ("self_distillation", 2)]
+)
 def test_auxiliary_supervision_heads_train(method, heads):
     model, images, labels = _setup()
     objective = build_objective(method, model)
@@ -214,13 +223,16 @@ def test_st_learns_a_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"kl_weight": -1.0}, "kl_weight=-1.0: must be a finite number >= 0"),
-    ({"temperature": 0.0}, "temperature=0.0: must be > 0"),
-    ({"temperature": -2.0}, "temperature=-2.0: must be > 0"),
-    ({"num_subnets": 0}, r"num_subnets=0: must be >= 1"),
-    ({"subnet_reduction": "max"}, "subnet_reduction='max': choose one of"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"kl_weight": -1.0}, "kl_weight=-1.0: must be a finite number >= 0"),
+        ({"temperature": 0.0}, "temperature=0.0: must be > 0"),
+        ({"temperature": -2.0}, "temperature=-2.0: must be > 0"),
+        ({"num_subnets": 0}, r"num_subnets=0: must be >= 1"),
+        ({"subnet_reduction": "max"}, "subnet_reduction='max': choose one of"),
+    ],
+)
 def test_bad_st_options_are_named(options, message):
     model, _, _ = _setup()
     with pytest.raises(ValueError, match=message):

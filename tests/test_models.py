@@ -52,9 +52,19 @@ def test_subnet_forward_runs_the_first_blocks_of_each_stage():
     model = create_model("resnet18", 10).eval()
     net = model.net
     plain = nn.Sequential(
-        net.conv1, net.bn1, net.relu, net.maxpool,
-        net.layer1[0], net.layer2[0], net.layer2[1], net.layer3[0], net.layer4[0], net.layer4[1],
-        net.avgpool, nn.Flatten(1), net.fc,
+        net.conv1,
+        net.bn1,
+        net.relu,
+        net.maxpool,
+        net.layer1[0],
+        net.layer2[0],
+        net.layer2[1],
+        net.layer3[0],
+        net.layer4[0],
+        net.layer4[1],
+        net.avgpool,
+        nn.Flatten(1),
+        net.fc,
     )
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -69,12 +79,15 @@ def test_mobilenet_drops_only_identity_shortcut_blocks():
         assert not getattr(blocks[0], "use_res_connect", False)
 
 
-@pytest.mark.parametrize("depths, message", [
-    ((3, 3), "has 2 entries but cifar_resnet20 has 3 stages"),
-    ((3, 3, 3, 3), "has 4 entries"),
-    ((0, 3, 3), "stage 0 depth 0 is out of range; cifar_resnet20 allows 1..3"),
-    ((3, 4, 3), "stage 1 depth 4 is out of range"),
-])
+@pytest.mark.parametrize(
+    "depths, message",
+    [
+        ((3, 3), "has 2 entries but cifar_resnet20 has 3 stages"),
+        ((3, 3, 3, 3), "has 4 entries"),
+        ((0, 3, 3), "stage 0 depth 0 is out of range; cifar_resnet20 allows 1..3"),
+        ((3, 4, 3), "stage 1 depth 4 is out of range"),
+    ],
+)
 def test_bad_depth_vectors_are_named(depths, message):
     model = create_model("cifar_resnet20", 10)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -9,13 +9,16 @@ from scipy import stats
 from st_scale.sampling import SubnetSampler, SubnetSpace, step_rng
 
 
-@pytest.mark.parametrize("stage_sizes, count", [
-    ((3, 4, 6, 3), 216),        # ResNet-50
-    ((3, 4, 23, 3), 828),       # ResNet-101
-    ((3, 8, 36, 3), 2592),      # ResNet-152
-    ((9, 9, 9), 729),           # CIFAR ResNet-56
-    ((18, 18, 18), 5832),       # CIFAR ResNet-110
-])
+@pytest.mark.parametrize(
+    "stage_sizes, count",
+    [
+        ((3, 4, 6, 3), 216),  # ResNet-50
+        ((3, 4, 23, 3), 828),  # ResNet-101
+        ((3, 8, 36, 3), 2592),  # ResNet-152
+        ((9, 9, 9), 729),  # CIFAR ResNet-56
+        ((18, 18, 18), 5832),  # CIFAR ResNet-110
+    ],
+)
 def test_space_sizes_match_the_paper(stage_sizes, count):
     space = SubnetSpace.full(stage_sizes)
     assert len(space) == count
@@ -68,13 +71,16 @@ def _expected(space, decay, include_full):
     return {d: w / total for d, w in weights.items()}
 
 
-@pytest.mark.parametrize("space, decay, include_full", [
-    (SubnetSpace.full((3, 3, 3)), 1.0, True),                          # the paper's uniform sampling
-    (SubnetSpace.full((3, 3, 3)), 1.0, False),                         # without the full net
-    (SubnetSpace.full((3, 4, 2)), 0.5, True),                          # biased towards larger sub-nets
-    (SubnetSpace.restricted((3, 4, 6, 3), (0, 1, 3, 0)), 1.0, True),   # ST++ 8-net space
-    (SubnetSpace.restricted((3, 4, 6, 3), (0, 1, 3, 0)), 0.7, False),
-])
+@pytest.mark.parametrize(
+    "space, decay, include_full",
+    [
+        (SubnetSpace.full((3, 3, 3)), 1.0, True),  # the paper's uniform sampling
+        (SubnetSpace.full((3, 3, 3)), 1.0, False),  # without the full net
+        (SubnetSpace.full((3, 4, 2)), 0.5, True),  # biased towards larger sub-nets
+        (SubnetSpace.restricted((3, 4, 6, 3), (0, 1, 3, 0)), 1.0, True),  # ST++ 8-net space
+        (SubnetSpace.restricted((3, 4, 6, 3), (0, 1, 3, 0)), 0.7, False),
+    ],
+)
 def test_sampler_draws_its_distribution(space, decay, include_full):
     sampler = SubnetSampler(space, seed=3, decay=decay, include_full=include_full)
     reference = _expected(space, decay, include_full)
@@ -97,7 +103,9 @@ def test_chi_square_rejects_a_wrong_distribution():
 def test_draws_are_a_pure_function_of_seed_step_and_k():
     space = SubnetSpace.full((9, 9, 9))
     a, b = SubnetSampler(space, seed=7), SubnetSampler(space, seed=7)
-    assert [a.sample(s, k) for s in range(50) for k in range(3)] == [b.sample(s, k) for s in range(50) for k in range(3)]
+    assert [a.sample(s, k) for s in range(50) for k in range(3)] == [
+        b.sample(s, k) for s in range(50) for k in range(3)
+    ]
     assert [a.sample(s) for s in range(50)] != [SubnetSampler(space, seed=8).sample(s) for s in range(50)]
     assert [a.sample(s, 0) for s in range(50)] != [a.sample(s, 1) for s in range(50)]
 

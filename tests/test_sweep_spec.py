@@ -62,29 +62,35 @@ def test_family_options_expand_to_config_fields():
     assert seen == {"uniform", "biased_to_large"}
 
 
-@pytest.mark.parametrize("space_entry, field, message", [
-    ({"method.kl_wieght": {"loguniform": [0.1, 10]}}, "space.method.kl_wieght", "did you mean method.kl_weight"),
-    ({"method.kl_weight": {"loguniform": [10, 0.1]}}, "space.method.kl_weight", "empty or inverted"),
-    ({"method.kl_weight": {"uniform": [1.0, 1.0]}}, "space.method.kl_weight", "empty or inverted"),
-    ({"method.kl_weight": {"loguniform": [0.0, 1.0]}}, "space.method.kl_weight", "low > 0"),
-    ({"method.num_subnets": {"choice": []}}, "space.method.num_subnets", "non-empty list"),
-    ({"method.num_subnets": {"randint": [3, 1]}}, "space.method.num_subnets", "empty or inverted"),
-    ({"sampling.decay": {"uniform": [0.5, 1.5]}}, "space.sampling.decay", "less than or equal to 1"),
-    ({"method.kl_weight": 1.0}, "space.method.kl_weight", "fixed values go under `set:`"),
-    ({"sampler": {"family": {"odd": {"sampling.spce": "full"}}}}, "space.sampler (option 'odd')", "sampling.space"),
-])
+@pytest.mark.parametrize(
+    "space_entry, field, message",
+    [
+        ({"method.kl_wieght": {"loguniform": [0.1, 10]}}, "space.method.kl_wieght", "did you mean method.kl_weight"),
+        ({"method.kl_weight": {"loguniform": [10, 0.1]}}, "space.method.kl_weight", "empty or inverted"),
+        ({"method.kl_weight": {"uniform": [1.0, 1.0]}}, "space.method.kl_weight", "empty or inverted"),
+        ({"method.kl_weight": {"loguniform": [0.0, 1.0]}}, "space.method.kl_weight", "low > 0"),
+        ({"method.num_subnets": {"choice": []}}, "space.method.num_subnets", "non-empty list"),
+        ({"method.num_subnets": {"randint": [3, 1]}}, "space.method.num_subnets", "empty or inverted"),
+        ({"sampling.decay": {"uniform": [0.5, 1.5]}}, "space.sampling.decay", "less than or equal to 1"),
+        ({"method.kl_weight": 1.0}, "space.method.kl_weight", "fixed values go under `set:`"),
+        ({"sampler": {"family": {"odd": {"sampling.spce": "full"}}}}, "space.sampler (option 'odd')", "sampling.space"),
+    ],
+)
 def test_bad_search_space_names_the_field(tmp_path, space_entry, field, message):
     with pytest.raises(ConfigError) as error:
         check_spec(load_spec(spec_file(tmp_path, space=space_entry)))
     assert field in str(error.value) and message in str(error.value), str(error.value)
 
 
-@pytest.mark.parametrize("objective, field, message", [
-    ({"metric": "val/subnet_mean"}, "objective.metric", "never reports 'val/subnet_mean'"),
-    ({"weights": {"val/main_top1": 0.5, "val/top1": 0.5}}, "objective.weights.val/top1", "never reports"),
-    ({"metric": "val/main_top1", "weights": {"val/main_top1": 1}}, "objective", "exactly one of"),
-    ({"metric": "val/main_top1", "mode": "maximise"}, "objective.mode", "'max' or 'min'"),
-])
+@pytest.mark.parametrize(
+    "objective, field, message",
+    [
+        ({"metric": "val/subnet_mean"}, "objective.metric", "never reports 'val/subnet_mean'"),
+        ({"weights": {"val/main_top1": 0.5, "val/top1": 0.5}}, "objective.weights.val/top1", "never reports"),
+        ({"metric": "val/main_top1", "weights": {"val/main_top1": 1}}, "objective", "exactly one of"),
+        ({"metric": "val/main_top1", "mode": "maximise"}, "objective.mode", "'max' or 'min'"),
+    ],
+)
 def test_bad_objective_names_the_field(tmp_path, objective, field, message):
     with pytest.raises(ConfigError) as error:
         check_spec(load_spec(spec_file(tmp_path, objective=objective)))
@@ -117,8 +123,10 @@ def test_spec_level_errors(tmp_path):
 
 
 def test_cli_overrides_reach_set_and_space(tmp_path):
-    spec = load_spec(spec_file(tmp_path), ["num_samples=5", "set.optimizer.epochs=3",
-                                           "space.method.kl_weight={loguniform: [0.5, 2.0]}"])
+    spec = load_spec(
+        spec_file(tmp_path),
+        ["num_samples=5", "set.optimizer.epochs=3", "space.method.kl_weight={loguniform: [0.5, 2.0]}"],
+    )
     assert spec.num_samples == 5 and spec.set["optimizer.epochs"] == 3
     assert spec.space["method.kl_weight"] == {"loguniform": [0.5, 2.0]}
 
@@ -135,8 +143,18 @@ def test_unreachable_tracking_server_fails_before_ray(tmp_path, digits_dir, caps
     import ray
 
     path = spec_file(tmp_path, storage_path=str(tmp_path / "sweeps"))
-    code = main(["sweep", path, "--set", f"set.data.train={digits_dir}/train.beton", "--set",
-                 f"set.data.val={digits_dir}/val.beton", "--set", "set.tracking.tracking_uri=http://127.0.0.1:9"])
+    code = main(
+        [
+            "sweep",
+            path,
+            "--set",
+            f"set.data.train={digits_dir}/train.beton",
+            "--set",
+            f"set.data.val={digits_dir}/val.beton",
+            "--set",
+            "set.tracking.tracking_uri=http://127.0.0.1:9",
+        ]
+    )
     assert code == 2
     assert "tracking.tracking_uri='http://127.0.0.1:9': no MLflow server answers there" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "sweeps").exists()
@@ -155,8 +173,20 @@ def test_unreachable_ray_address_fails_fast(tmp_path, digits_dir, capsys):
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     path = spec_file(tmp_path, storage_path=str(tmp_path / "sweeps"))
-    code = main(["sweep", path, "--address", "127.0.0.1:1", "--set", f"set.data.train={digits_dir}/train.beton",
-                 "--set", f"set.data.val={digits_dir}/val.beton", "--set", f"set.tracking.tracking_uri={store}"])
+    code = main(
+        [
+            "sweep",
+            path,
+            "--address",
+            "127.0.0.1:1",
+            "--set",
+            f"set.data.train={digits_dir}/train.beton",
+            "--set",
+            f"set.data.val={digits_dir}/val.beton",
+            "--set",
+            f"set.tracking.tracking_uri={store}",
+        ]
+    )
     assert code == 2
     assert "--address/RAY_ADDRESS='127.0.0.1:1': no Ray cluster answers there" in capsys.readouterr().err
     experiment = mlflow.MlflowClient(store).get_experiment_by_name("st-scale-demo")
@@ -164,11 +194,14 @@ def test_unreachable_ray_address_fails_fast(tmp_path, digits_dir, capsys):
     assert not (tmp_path / "sweeps").exists()
 
 
-@pytest.mark.parametrize("resources, max_concurrent, expected", [
-    ({"CPU": 2.0}, None, 1),  # trial 1 CPU + 2 workers x 0.5
-    ({"CPU": 4.5}, None, 2),
-    ({"CPU": 2.0}, 3, 3),  # the spec's limit: an autoscaler adds the nodes for the others
-])
+@pytest.mark.parametrize(
+    "resources, max_concurrent, expected",
+    [
+        ({"CPU": 2.0}, None, 1),  # trial 1 CPU + 2 workers x 0.5
+        ({"CPU": 4.5}, None, 2),
+        ({"CPU": 2.0}, 3, 3),  # the spec's limit: an autoscaler adds the nodes for the others
+    ],
+)
 def test_concurrent_trials_fit_the_cluster(tmp_path, resources, max_concurrent, expected):
     from st_scale.sweep.driver import concurrent_trials
 
@@ -181,6 +214,9 @@ def test_a_trial_that_needs_gpus_the_cluster_lacks(tmp_path):
     from st_scale.sweep.driver import concurrent_trials
 
     checked = check_spec(load_spec(spec_file(tmp_path), ["set.scaling.gpus_per_worker=1"]))
-    with pytest.raises(ConfigError, match=r"scaling.num_workers=2 x scaling.gpus_per_worker=1 = 2 GPUs but the Ray "
-                                          r"cluster has 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"scaling.num_workers=2 x scaling.gpus_per_worker=1 = 2 GPUs but the Ray "
+        r"cluster has 0",
+    ):
         concurrent_trials(checked, {"CPU": 64.0})

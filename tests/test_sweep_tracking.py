@@ -8,8 +8,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from st_scale.sweep.parent import (CloseChildRuns, TrialRow, best_row, finish_parent_run, open_parent_run, outcome_of,
-                                   rows_csv)
+from st_scale.sweep.parent import (
+    CloseChildRuns,
+    TrialRow,
+    best_row,
+    finish_parent_run,
+    open_parent_run,
+    outcome_of,
+    rows_csv,
+)
 from st_scale.sweep.spec import check_spec, load_spec
 from st_scale.tracking import RUN_KEY_TAG, RunTracker, check_tracking_uri
 
@@ -23,8 +30,9 @@ def store(tmp_path):
 
 
 def child(uri, experiment_id, parent_id, trial_id) -> str:
-    run = mlflow.MlflowClient(uri).create_run(experiment_id, tags={"mlflow.parentRunId": parent_id,
-                                                                   "st_scale.trial_id": trial_id})
+    run = mlflow.MlflowClient(uri).create_run(
+        experiment_id, tags={"mlflow.parentRunId": parent_id, "st_scale.trial_id": trial_id}
+    )
     return run.info.run_id
 
 
@@ -43,19 +51,23 @@ def test_parent_run_is_created_once_and_reopened(store, tmp_path):
     assert {a.path for a in client.list_artifacts(first, "sweep")} == {"sweep/spec.yaml", "sweep/search_space.yaml"}
 
 
-@pytest.mark.parametrize("tune_status, epoch, expected_status, outcome", [
-    ("TERMINATED", 2, "FINISHED", "completed"),
-    ("TERMINATED", 1, "KILLED", "stopped early"),  # ASHA stopped it
-    ("ERROR", 1, "FAILED", "failed"),
-])
+@pytest.mark.parametrize(
+    "tune_status, epoch, expected_status, outcome",
+    [
+        ("TERMINATED", 2, "FINISHED", "completed"),
+        ("TERMINATED", 1, "KILLED", "stopped early"),  # ASHA stopped it
+        ("ERROR", 1, "FAILED", "failed"),
+    ],
+)
 def test_children_end_with_the_status_their_trial_earned(store, tune_status, epoch, expected_status, outcome):
     uri, experiment_id = store
     client = mlflow.MlflowClient(uri)
     parent = client.create_run(experiment_id).info.run_id
     run_id = child(uri, experiment_id, parent, "t1")
     other = child(uri, experiment_id, parent, "t2")
-    CloseChildRuns(uri, experiment_id, parent, epochs=2).close("t1", {"epoch": epoch, "step": 44, "objective": 71.5},
-                                                              tune_status)
+    CloseChildRuns(uri, experiment_id, parent, epochs=2).close(
+        "t1", {"epoch": epoch, "step": 44, "objective": 71.5}, tune_status
+    )
     run = client.get_run(run_id)
     assert run.info.status == expected_status and run.data.tags["st_scale.trial_outcome"] == outcome
     assert run.data.metrics["sweep/objective"] == 71.5
@@ -81,12 +93,14 @@ def test_a_restarted_run_without_checkpoint_reuses_its_mlflow_run(store):
     """No duplicate child when a trial is retried before its first checkpoint: the run key finds it."""
     uri, experiment_id = store
     tags = {RUN_KEY_TAG: "/runs/sweep-t1", "st_scale.trial_id": "t1"}
-    first = RunTracker(uri, experiment_id, run_id=None, run_name="sweep-t1", params={"a": 1}, tags=tags,
-                       system_metrics=False)
+    first = RunTracker(
+        uri, experiment_id, run_id=None, run_name="sweep-t1", params={"a": 1}, tags=tags, system_metrics=False
+    )
     first.log_metrics({"train/loss": 2.0}, step=10)
     first.finish("FAILED")
-    second = RunTracker(uri, experiment_id, run_id=None, run_name="sweep-t1", params={"a": 1}, tags=tags,
-                        system_metrics=False)
+    second = RunTracker(
+        uri, experiment_id, run_id=None, run_name="sweep-t1", params={"a": 1}, tags=tags, system_metrics=False
+    )
     second.log_metrics({"train/loss": 2.0}, step=10)  # replayed: skipped
     second.log_metrics({"train/loss": 1.5}, step=20)
     second.finish()
@@ -98,12 +112,27 @@ def test_a_restarted_run_without_checkpoint_reuses_its_mlflow_run(store):
 
 def rows() -> list[TrialRow]:
     def row(trial_id, outcome, objective, kl, family):
-        return TrialRow(trial_id, outcome, 2 if outcome == "completed" else 1, objective, objective, objective,
-                        {"method.kl_weight": kl, "sampler": family}, f"run-{trial_id}",
-                        {"method.kl_weight": kl, "sampler": {"family": family, "sampling.decay": 1.0 if family ==
-                                                             "uniform" else 0.7}})
-    return [row("a", "completed", 80.0, 1.0, "uniform"), row("b", "stopped early", 85.0, 0.5, "biased_to_large"),
-            row("c", "completed", 82.5, 2.0, "biased_to_large"), row("d", "failed", None, 0.4, "uniform")]
+        return TrialRow(
+            trial_id,
+            outcome,
+            2 if outcome == "completed" else 1,
+            objective,
+            objective,
+            objective,
+            {"method.kl_weight": kl, "sampler": family},
+            f"run-{trial_id}",
+            {
+                "method.kl_weight": kl,
+                "sampler": {"family": family, "sampling.decay": 1.0 if family == "uniform" else 0.7},
+            },
+        )
+
+    return [
+        row("a", "completed", 80.0, 1.0, "uniform"),
+        row("b", "stopped early", 85.0, 0.5, "biased_to_large"),
+        row("c", "completed", 82.5, 2.0, "biased_to_large"),
+        row("d", "failed", None, 0.4, "uniform"),
+    ]
 
 
 def test_best_is_the_best_completed_trial():
@@ -125,12 +154,17 @@ def test_finish_parent_run_records_best_table_and_plot(store, tmp_path):
     assert run.data.tags["best.sampler"] == "biased_to_large" and run.data.metrics["best/objective"] == 82.5
     assert run.data.metrics["trials/completed"] == 2 and run.data.metrics["trials/stopped_early"] == 1
     artifacts = {a.path for folder in ("sweep", "plots") for a in client.list_artifacts(parent, folder)}
-    assert {"sweep/trials.csv", "sweep/best_config.yaml", "sweep/best_trial.json",
-            "plots/objective_vs_search_space.png"} <= artifacts
+    assert {
+        "sweep/trials.csv",
+        "sweep/best_config.yaml",
+        "sweep/best_trial.json",
+        "plots/objective_vs_search_space.png",
+    } <= artifacts
     local = Path(client.download_artifacts(parent, "sweep/best_config.yaml", str(tmp_path)))
     import yaml
 
     best_config = yaml.safe_load(local.read_text())
     assert best_config["method"]["kl_weight"] == 2.0 and best_config["sampling"]["decay"] == 0.7
-    assert rows_csv(rows()).splitlines()[0] == ("trial_id,outcome,epochs,objective,main_top1,subnets_mean_top1,"
-                                                "method.kl_weight,sampler,mlflow_run_id")
+    assert rows_csv(rows()).splitlines()[0] == (
+        "trial_id,outcome,epochs,objective,main_top1,subnets_mean_top1,method.kl_weight,sampler,mlflow_run_id"
+    )

@@ -31,12 +31,21 @@ def workspace(tmp_path_factory, digits_dir):
 
 
 def make_config(digits_dir, root: Path, name: str, *extra: str):
-    return load_config("demo_st", [
-        f"data.train={digits_dir / 'train.beton'}", f"data.val={digits_dir / 'val.beton'}",
-        f"run.name={name}", f"run.storage_path={root / 'ray'}",
-        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.system_metrics=false",
-        "optimizer.epochs=2", "data.calibration_images=256", "eval.subnets_every=1", *extra,
-    ])
+    return load_config(
+        "demo_st",
+        [
+            f"data.train={digits_dir / 'train.beton'}",
+            f"data.val={digits_dir / 'val.beton'}",
+            f"run.name={name}",
+            f"run.storage_path={root / 'ray'}",
+            f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            "tracking.system_metrics=false",
+            "optimizer.epochs=2",
+            "data.calibration_images=256",
+            "eval.subnets_every=1",
+            *extra,
+        ],
+    )
 
 
 def client(root: Path) -> mlflow.MlflowClient:
@@ -73,20 +82,38 @@ def test_a_run_is_tracked_in_mlflow(reference, workspace):
     (run,) = runs_named(workspace, "reference")
     assert run.info.run_id == summary.mlflow_run_id and run.info.status == "FINISHED"
     params = run.data.params
-    assert params["method.name"] == "st" and params["model.name"] == "cifar_resnet20" and params["method.kl_weight"] == "1.0"
+    assert (
+        params["method.name"] == "st"
+        and params["model.name"] == "cifar_resnet20"
+        and params["method.kl_weight"] == "1.0"
+    )
     c = client(workspace)
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [10, 20, 30, 40]
     for key in ("train/kl", "train/ce", "train/lr", "train/images_per_s"):
         assert len(c.get_metric_history(run.info.run_id, key)) == 4
-    for key in ("val/main_top1", "val/main_top5", "val/subnets_mean_top1", "val/subnets_std_top1",
-                "val/subnets_min_top1", "val/subnets_max_top1", "val/subnets_mean_top1_shared_stats"):
+    for key in (
+        "val/main_top1",
+        "val/main_top5",
+        "val/subnets_mean_top1",
+        "val/subnets_std_top1",
+        "val/subnets_min_top1",
+        "val/subnets_max_top1",
+        "val/subnets_mean_top1_shared_stats",
+    ):
         assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [22, 44], key
     assert run.data.metrics["val/main_top1"] == pytest.approx(summary.main_top1)
-    artifacts = {a.path for folder in ("", "config", "subnets", "plots", "model")
-                 for a in c.list_artifacts(run.info.run_id, folder or None)}
-    assert {"config/resolved.yaml", "subnets/subnets_epoch002.csv", "plots/subnets_epoch002.png",
-            "model/cifar_resnet20.pt"} <= artifacts
+    artifacts = {
+        a.path
+        for folder in ("", "config", "subnets", "plots", "model")
+        for a in c.list_artifacts(run.info.run_id, folder or None)
+    }
+    assert {
+        "config/resolved.yaml",
+        "subnets/subnets_epoch002.csv",
+        "plots/subnets_epoch002.png",
+        "model/cifar_resnet20.pt",
+    } <= artifacts
     csv = c.download_artifacts(run.info.run_id, "subnets/subnets_epoch002.csv")
     assert len(Path(csv).read_text().strip().splitlines()) == 28
 
@@ -98,7 +125,9 @@ def test_checkpoints_are_complete_and_pruned(reference, workspace):
     assert len(checkpoints) == 2  # num_to_keep
     last = Path(summary.checkpoint)
     assert last == checkpoints[-1]
-    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", RUN_FILE} <= {p.name for p in last.iterdir()}
+    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", RUN_FILE} <= {
+        p.name for p in last.iterdir()
+    }
     assert json.loads((last / RUN_FILE).read_text())["epoch"] == 2
 
 
@@ -141,14 +170,18 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace,
 
 
 def test_more_workers_than_the_cluster_has_fails_before_any_worker(workspace, digits_dir):
-    with pytest.raises(ConfigError, match="scaling.num_workers=4 x scaling.cpus_per_worker=1.0 needs 4 CPUs but the Ray cluster has 2"):
+    with pytest.raises(
+        ConfigError, match="scaling.num_workers=4 x scaling.cpus_per_worker=1.0 needs 4 CPUs but the Ray cluster has 2"
+    ):
         train(make_config(digits_dir, workspace, "too-big", "scaling.num_workers=4"))
     assert not (Path(workspace) / "ray" / "too-big").exists()
 
 
 def test_an_unwritable_tracking_store_fails_before_any_worker(workspace, digits_dir):
     with pytest.raises(ConfigError, match="tracking.tracking_uri='sqlite:////proc/st_scale/mlflow.db': cannot write"):
-        train(make_config(digits_dir, workspace, "no-store", "tracking.tracking_uri=sqlite:////proc/st_scale/mlflow.db"))
+        train(
+            make_config(digits_dir, workspace, "no-store", "tracking.tracking_uri=sqlite:////proc/st_scale/mlflow.db")
+        )
 
 
 def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys):
@@ -161,23 +194,53 @@ def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys
     assert run.data.metrics["eval/subnets_num_subnets"] == 8
     assert "eval/destruction/delete_one/1" in run.data.metrics
     assert {a.path for a in client(workspace).list_artifacts(summary.mlflow_run_id, "eval")} >= {
-        "eval/subnets.csv", "eval/destruction.csv", "eval/subnets.png", "eval/destruction.png"}
+        "eval/subnets.csv",
+        "eval/destruction.csv",
+        "eval/subnets.png",
+        "eval/destruction.png",
+    }
 
 
 def test_demo_prints_ct_and_st_side_by_side(workspace, digits_dir, capsys):
     from st_scale.cli import main
 
     out = workspace / "demo.json"
-    code = main(["demo", "--epochs", "1", "--data-dir", str(digits_dir), "--summary-json", str(out),
-                 "--set", f"tracking.tracking_uri=sqlite:///{workspace / 'mlflow.db'}",
-                 "--set", f"run.storage_path={workspace / 'ray'}", "--set", "data.calibration_images=256",
-                 "--set", "tracking.system_metrics=false"])
+    code = main(
+        [
+            "demo",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(digits_dir),
+            "--summary-json",
+            str(out),
+            "--set",
+            f"tracking.tracking_uri=sqlite:///{workspace / 'mlflow.db'}",
+            "--set",
+            f"run.storage_path={workspace / 'ray'}",
+            "--set",
+            "data.calibration_images=256",
+            "--set",
+            "tracking.system_metrics=false",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| ct | cifar_resnet20 |" in printed and "| st | cifar_resnet20 |" in printed
     assert f"st-scale mlflow-server --backend-store {workspace / 'mlflow.db'}" in printed
     runs = json.loads(out.read_text())["runs"]
     assert [r["method"] for r in runs] == ["ct", "st"]
-    fields = {"method", "model", "dataset", "main_top1", "subnets_mean_top1", "subnets_std_top1", "subnets_min_top1",
-              "num_subnets", "mlflow_run_id", "epochs", "wall_s"}
+    fields = {
+        "method",
+        "model",
+        "dataset",
+        "main_top1",
+        "subnets_mean_top1",
+        "subnets_std_top1",
+        "subnets_min_top1",
+        "num_subnets",
+        "mlflow_run_id",
+        "epochs",
+        "wall_s",
+    }
     assert all(fields <= set(r) and r["num_subnets"] == 27 and r["epochs"] == 1 for r in runs)

@@ -13,9 +13,10 @@ import pickle
 import signal
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,8 +79,9 @@ def _write(dataset, path: str, options: WriteOptions, error_file: str) -> None:
     from ffcv.writer import DatasetWriter
 
     fields = {
-        "image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution,
-                               jpeg_quality=options.jpeg_quality),
+        "image": RGBImageField(
+            write_mode=options.write_mode, max_resolution=options.max_resolution, jpeg_quality=options.jpeg_quality
+        ),
         "label": IntField(),
     }
     writer = DatasetWriter(path, fields, num_workers=options.num_workers)
@@ -98,7 +100,9 @@ def write_beton(dataset, path: str | Path, options: WriteOptions, metadata: dict
     error_file = path.with_name(path.name + ".error")
     for stale in (partial, error_file):
         stale.unlink(missing_ok=True)
-    process = multiprocessing.get_context("fork").Process(target=_write, args=(dataset, str(partial), options, str(error_file)))
+    process = multiprocessing.get_context("fork").Process(
+        target=_write, args=(dataset, str(partial), options, str(error_file))
+    )
     process.start()
     last_size, last_change = -1, time.monotonic()
     try:
@@ -128,8 +132,15 @@ def write_beton(dataset, path: str | Path, options: WriteOptions, metadata: dict
             process.join()
         error_file.unlink(missing_ok=True)
     os.replace(partial, path)
-    return write_sidecars(path, {**metadata, "num_samples": len(dataset), "write_mode": options.write_mode,
-                                 "max_resolution": options.max_resolution})
+    return write_sidecars(
+        path,
+        {
+            **metadata,
+            "num_samples": len(dataset),
+            "write_mode": options.write_mode,
+            "max_resolution": options.max_resolution,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -153,7 +164,7 @@ def digits_source(image_size: int = 32) -> dict[str, tuple[ArrayDataset, dict]]:
 def cifar_source(directory: str | Path) -> dict[str, tuple[ArrayDataset, dict]]:
     """torchvision's CIFAR layout: cifar-10-batches-py/ or cifar-100-python/ (or the folder holding it)."""
     directory = Path(directory)
-    for name, files, key, classes in (
+    for name, files, key, classes in (  # noqa: B007  (the matching layout's key and classes are used below)
         ("cifar-10-batches-py", ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]), b"labels", 10),
         ("cifar-100-python", (["train"], ["test"]), b"fine_labels", 100),
     ):
@@ -179,8 +190,9 @@ def cifar_source(directory: str | Path) -> dict[str, tuple[ArrayDataset, dict]]:
     return out
 
 
-def fashion_mnist_source(directory: str | Path | None, *, train_subset: int | None = None,
-                         val_subset: int | None = None, seed: int = 0) -> dict[str, tuple[ArrayDataset, dict]]:
+def fashion_mnist_source(
+    directory: str | Path | None, *, train_subset: int | None = None, val_subset: int | None = None, seed: int = 0
+) -> dict[str, tuple[ArrayDataset, dict]]:
     """Fashion-MNIST from its IDX files (default: where Debian's package puts them), 28 x 28 grey
     as RGB; optional seeded, class-proportional subsets of either split."""
     from .fashion import NUM_CLASSES, load_fashion_mnist, seeded_subset
@@ -191,8 +203,15 @@ def fashion_mnist_source(directory: str | Path | None, *, train_subset: int | No
         keep = seeded_subset(labels, size, seed)
         x, y = np.ascontiguousarray(images[keep]), labels[keep]
         _check_arrays(x, y, f"fashion-mnist {split}")
-        out[split] = (ArrayDataset(x, y), {"source": "fashion-mnist", "num_classes": NUM_CLASSES, "image_size": 28,
-                                           "subset": {"size": len(y), "of": len(labels), "seed": seed}})
+        out[split] = (
+            ArrayDataset(x, y),
+            {
+                "source": "fashion-mnist",
+                "num_classes": NUM_CLASSES,
+                "image_size": 28,
+                "subset": {"size": len(y), "of": len(labels), "seed": seed},
+            },
+        )
     return out
 
 
@@ -215,13 +234,16 @@ class ImageFolderDataset:
             return image.convert("RGB"), label
 
 
-def imagefolder_source(root: str | Path, *, validate: bool = True,
-                       progress: Callable[[Sequence], Sequence] = lambda x: x) -> dict[str, tuple[Any, dict]]:
+def imagefolder_source(
+    root: str | Path, *, validate: bool = True, progress: Callable[[Sequence], Sequence] = lambda x: x
+) -> dict[str, tuple[Any, dict]]:
     root = Path(root)
     splits = {"train": root / "train", "val": root / "val"}
     for split, folder in splits.items():
         if not folder.is_dir():
-            raise FileNotFoundError(f"{root} has no {split}/ folder: expected {root}/train/<class>/... and {root}/val/<class>/...")
+            raise FileNotFoundError(
+                f"{root} has no {split}/ folder: expected {root}/train/<class>/... and {root}/val/<class>/..."
+            )
     classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
     if not classes:
         raise FileNotFoundError(f"{splits['train']} has no class folders")
@@ -247,4 +269,6 @@ def _validate_images(dataset: ImageFolderDataset, progress) -> None:
             with Image.open(path) as image:
                 image.verify()
         except Exception as error:
-            raise ValueError(f"{path} is not a readable image ({error}); remove or replace it before converting") from None
+            raise ValueError(
+                f"{path} is not a readable image ({error}); remove or replace it before converting"
+            ) from None

@@ -18,7 +18,9 @@ class DigitsSplit:
     labels: np.ndarray  # int64, N
 
 
-def load_digits_splits(image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> tuple[DigitsSplit, DigitsSplit]:
+def load_digits_splits(
+    image_size: int = 32, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[DigitsSplit, DigitsSplit]:
     """Stratified-free fixed split: a seeded permutation, the last `val_fraction` for validation."""
     from sklearn.datasets import load_digits
 
@@ -35,7 +37,9 @@ def load_digits_splits(image_size: int = 32, val_fraction: float = 0.2, seed: in
     return DigitsSplit(images[train], labels[train]), DigitsSplit(images[val], labels[val])
 
 
-def to_batches(split: DigitsSplit, batch_size: int, *, shuffle_seed: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def to_batches(
+    split: DigitsSplit, batch_size: int, *, shuffle_seed: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """In-memory normalised NCHW batches (for tests and benchmarks; training uses FFCV loaders)."""
     x = torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255.0
     x = (x - 0.5) / 0.5

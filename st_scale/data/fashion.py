@@ -28,8 +28,10 @@ def _unpacked_root(source: Path, cache: Path) -> Path:
         plain, packed = source / name, source / f"{name}.gz"
         found = plain if plain.is_file() else packed if packed.is_file() else None
         if found is None:
-            raise FileNotFoundError(f"{source} has no {name}[.gz]: expected Fashion-MNIST's four IDX files there; "
-                                    f"install them with `{APT_HINT}` or give the folder that holds them")
+            raise FileNotFoundError(
+                f"{source} has no {name}[.gz]: expected Fashion-MNIST's four IDX files there; "
+                f"install them with `{APT_HINT}` or give the folder that holds them"
+            )
         target = raw / name
         stamp = target.with_name(name + ".from")  # which source file the unpacked copy came from
         origin = f"{found.resolve()} {found.stat().st_size} {found.stat().st_mtime_ns}"
@@ -58,7 +60,10 @@ def load_fashion_mnist(source: str | Path | None = None, cache: str | Path = "~/
     for split, train in (("train", True), ("val", False)):
         dataset = FashionMNIST(str(root), train=train, download=False)
         grey = dataset.data.numpy().astype(np.uint8)  # N x 28 x 28
-        out[split] = (np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1)), dataset.targets.numpy().astype(np.int64))
+        out[split] = (
+            np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1)),
+            dataset.targets.numpy().astype(np.int64),
+        )
     return out
 
 

@@ -29,8 +29,11 @@ def sha256_of(path: Path) -> str:
 
 def sidecars(path: Path) -> tuple[Path, Path, Path]:
     path = Path(path)
-    return (path.with_name(path.name + ".sha256"), path.with_name(path.name + ".json"),
-            path.with_name(path.name + ".verified"))
+    return (
+        path.with_name(path.name + ".sha256"),
+        path.with_name(path.name + ".json"),
+        path.with_name(path.name + ".verified"),
+    )
 
 
 def write_sidecars(path: Path, metadata: dict) -> dict:
@@ -46,7 +49,9 @@ def write_sidecars(path: Path, metadata: dict) -> dict:
 def read_metadata(path: Path) -> dict:
     _, metadata_file, _ = sidecars(Path(path))
     if not metadata_file.is_file():
-        raise DatasetFileError(f"{path}: metadata file {metadata_file.name} is missing; rebuild the file with `st-scale convert`")
+        raise DatasetFileError(
+            f"{path}: metadata file {metadata_file.name} is missing; rebuild the file with `st-scale convert`"
+        )
     return json.loads(metadata_file.read_text())
 
 
@@ -78,4 +83,3 @@ def verify_beton(path: str | Path) -> dict:
     except OSError:
         pass  # read-only storage: verify again next time
     return metadata
-

@@ -9,7 +9,7 @@ uninterrupted one would have. ImageNet-size training crops inside FFCV's decoder
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,25 +51,46 @@ def _label_pipeline(device: torch.device):
     return ops
 
 
-def train_loader(data: DataSection, *, batch_size: int, seed: int, num_workers: int, device: torch.device,
-                 distributed: bool):
+def train_loader(
+    data: DataSection, *, batch_size: int, seed: int, num_workers: int, device: torch.device, distributed: bool
+):
     """Shuffled, sharded across ranks like DistributedSampler (the process group must exist)."""
     from ffcv.loader import Loader, OrderOption
 
-    return Loader(data.train, batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
-                  distributed=distributed, seed=seed, drop_last=True,
-                  pipelines={"image": _image_pipeline(data, True, device), "label": _label_pipeline(device)})
+    return Loader(
+        data.train,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        order=OrderOption.RANDOM,
+        distributed=distributed,
+        seed=seed,
+        drop_last=True,
+        pipelines={"image": _image_pipeline(data, True, device), "label": _label_pipeline(device)},
+    )
 
 
-def eval_loader(data: DataSection, path: str, *, indices: Iterable[int] | None, num_workers: int, device: torch.device,
-                augment: bool = False):
+def eval_loader(
+    data: DataSection,
+    path: str,
+    *,
+    indices: Iterable[int] | None,
+    num_workers: int,
+    device: torch.device,
+    augment: bool = False,
+):
     """Sequential, nothing dropped; `indices` selects this rank's share. No augmentation, unless
     `augment` asks for the training pipeline's decoder (ImageNet-size random-resized crops)."""
     from ffcv.loader import Loader, OrderOption
 
-    return Loader(path, batch_size=data.val_batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
-                  indices=None if indices is None else np.asarray(list(indices)), drop_last=False,
-                  pipelines={"image": _image_pipeline(data, augment, device), "label": _label_pipeline(device)})
+    return Loader(
+        path,
+        batch_size=data.val_batch_size,
+        num_workers=num_workers,
+        order=OrderOption.SEQUENTIAL,
+        indices=None if indices is None else np.asarray(list(indices)),
+        drop_last=False,
+        pipelines={"image": _image_pipeline(data, augment, device), "label": _label_pipeline(device)},
+    )
 
 
 def calibration_indices(num_samples: int, count: int, seed: int) -> np.ndarray:
@@ -80,8 +101,9 @@ def calibration_indices(num_samples: int, count: int, seed: int) -> np.ndarray:
     return rng.choice(num_samples, size=min(count, num_samples), replace=False)
 
 
-def calibration_batches(data: DataSection, preparer: "BatchPreparer", *, num_samples: int, seed: int, num_workers: int,
-                        device: torch.device) -> list[Batch]:
+def calibration_batches(
+    data: DataSection, preparer: BatchPreparer, *, num_samples: int, seed: int, num_workers: int, device: torch.device
+) -> list[Batch]:
     """The prepared calibration batches of `data.calibration_protocol`, in the sample's random
     order (batches of a class-sorted file read in file order would each hold one class, and a
     cumulative average of per-batch variances would miss the variance between classes).
@@ -92,8 +114,14 @@ def calibration_batches(data: DataSection, preparer: "BatchPreparer", *, num_sam
     """
     indices = calibration_indices(num_samples, data.calibration_images, seed)
     augment = data.calibration_protocol == "train"
-    loader = eval_loader(data, data.train, indices=np.sort(indices), num_workers=num_workers, device=device,
-                         augment=augment and data.pipeline != "cifar")
+    loader = eval_loader(
+        data,
+        data.train,
+        indices=np.sort(indices),
+        num_workers=num_workers,
+        device=device,
+        augment=augment and data.pipeline != "cifar",
+    )
     images, labels = zip(*materialise(loader))
     images, labels = torch.cat(images), torch.cat(labels)
     order = torch.from_numpy(np.argsort(np.argsort(indices)))  # file order -> the sample's random order
@@ -101,9 +129,9 @@ def calibration_batches(data: DataSection, preparer: "BatchPreparer", *, num_sam
     size = data.val_batch_size
     batches = []
     for i, start in enumerate(range(0, len(labels), size)):
-        x = images[start:start + size]
+        x = images[start : start + size]
         x = preparer.calibration(x, i) if augment else preparer.eval(x)
-        batches.append((x, labels[start:start + size].to(device).long()))
+        batches.append((x, labels[start : start + size].to(device).long()))
     return batches
 
 
@@ -114,7 +142,7 @@ PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma of [0, 1] RGB images, N x 1 x H x W (torchvision's rgb_to_grayscale)."""
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 class BatchPreparer:

@@ -7,8 +7,9 @@ options only. Adding a method: one new module with `Options` and `build`, and on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Union
+from typing import Annotated, Any, Union
 
 from pydantic import Field
 
@@ -39,11 +40,18 @@ METHODS: dict[str, Method] = {
 METHOD_NAMES = tuple(METHODS)
 
 # The recipe's `method:` section: exactly one method's options, chosen by `name`.
-MethodOptions = Annotated[Union[tuple(m.options for m in METHODS.values())], Field(discriminator="name")]
+MethodOptions = Annotated[Union[tuple(m.options for m in METHODS.values())], Field(discriminator="name")]  # noqa: UP007
 
 
-def build_objective(method: str | Any, model: ElasticNet, sampler: SubnetSampler | None = None, *, seed: int = 0,
-                    rank: int = 0, **options) -> Objective:
+def build_objective(
+    method: str | Any,
+    model: ElasticNet,
+    sampler: SubnetSampler | None = None,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    **options,
+) -> Objective:
     """The objective of `method`: an options model from the config, or a name plus its options as
     keyword arguments (validated by the method's options model). Every stochastic choice follows
     `seed`."""
@@ -57,7 +65,17 @@ def build_objective(method: str | Any, model: ElasticNet, sampler: SubnetSampler
 
 
 __all__ = [
-    "METHODS", "METHOD_NAMES", "SUBNET_REDUCTIONS", "AuxiliarySupervision", "BuildContext", "CommonTraining",
-    "LossOutput", "MethodOptions", "Objective", "StimulativeTraining", "StochasticDepth", "build_objective",
+    "METHODS",
+    "METHOD_NAMES",
+    "SUBNET_REDUCTIONS",
+    "AuxiliarySupervision",
+    "BuildContext",
+    "CommonTraining",
+    "LossOutput",
+    "MethodOptions",
+    "Objective",
+    "StimulativeTraining",
+    "StochasticDepth",
+    "build_objective",
     "distillation_kl",
 ]

@@ -107,5 +107,10 @@ def build_stage_supervision(options: StageSupervisionOptions, ctx: BuildContext)
 
 
 def build_self_distillation(options: SelfDistillationOptions, ctx: BuildContext) -> AuxiliarySupervision:
-    return AuxiliarySupervision(ctx.model, per="stage", name=options.name, distill_alpha=options.distill_alpha,
-                                temperature=options.distill_temperature)
+    return AuxiliarySupervision(
+        ctx.model,
+        per="stage",
+        name=options.name,
+        distill_alpha=options.distill_alpha,
+        temperature=options.distill_temperature,
+    )

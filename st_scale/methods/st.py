@@ -66,9 +66,14 @@ class StimulativeTraining(Objective):
         _require(kl_weight >= 0 and math.isfinite(kl_weight), f"kl_weight={kl_weight}: must be a finite number >= 0")
         _require(temperature > 0 and math.isfinite(temperature), f"temperature={temperature}: must be > 0")
         _require(num_subnets >= 1, f"num_subnets={num_subnets}: must be >= 1 (K sub-networks per step)")
-        _require(subnet_reduction in SUBNET_REDUCTIONS, f"subnet_reduction={subnet_reduction!r}: choose one of {SUBNET_REDUCTIONS}")
+        _require(
+            subnet_reduction in SUBNET_REDUCTIONS,
+            f"subnet_reduction={subnet_reduction!r}: choose one of {SUBNET_REDUCTIONS}",
+        )
         _require(logit_norm_amplitude > 0, f"logit_norm_amplitude={logit_norm_amplitude}: must be > 0")
-        _require(0 < small_input_min_fraction <= 1, f"small_input_min_fraction={small_input_min_fraction}: must be in (0, 1]")
+        _require(
+            0 < small_input_min_fraction <= 1, f"small_input_min_fraction={small_input_min_fraction}: must be in (0, 1]"
+        )
         self.sampler = sampler
         self.kl_weight, self.temperature = kl_weight, temperature
         self.num_subnets, self.subnet_reduction = num_subnets, subnet_reduction
@@ -91,7 +96,9 @@ class StimulativeTraining(Objective):
         """
         crop = images.shape[-1]
         low = max(1, math.ceil(self.small_input_min_fraction * crop))
-        rng = step_rng(self.sampler.seed, step, k, rank=self.rank if self.sampler.per_rank else None, stream=STREAM_INPUT_SIZE)
+        rng = step_rng(
+            self.sampler.seed, step, k, rank=self.rank if self.sampler.per_rank else None, stream=STREAM_INPUT_SIZE
+        )
         size = int(rng.integers(low, crop + 1))
         if size == crop:
             return images

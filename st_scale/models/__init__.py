@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from .elastic import Depths, ElasticNet, Plan, Segment, batchnorm_layers
 from .mobilenet import mobilenet_v3
@@ -36,6 +36,12 @@ def create_model(name: str, num_classes: int, *, stage_depths=None) -> ElasticNe
 
 
 __all__ = [
-    "MODEL_NAMES", "CifarResNet", "Depths", "ElasticNet", "Plan", "Segment",
-    "batchnorm_layers", "create_model",
+    "MODEL_NAMES",
+    "CifarResNet",
+    "Depths",
+    "ElasticNet",
+    "Plan",
+    "Segment",
+    "batchnorm_layers",
+    "create_model",
 ]

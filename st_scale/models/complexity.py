@@ -49,6 +49,7 @@ class MacCounter:
     def _hook(self, key):
         def add(module, inputs, output):
             self.block_macs[key] += _leaf_macs(module, inputs, output)
+
         return add
 
     def subnet_macs(self, depths: Depths) -> int:

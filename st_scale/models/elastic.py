@@ -9,13 +9,14 @@ arbitrary block lists serve the destruction tests and stochastic depth.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-Depths = tuple[int, ...]
+from ..sampling import Depths
+
 # Per stage, the indices of the blocks to run, in order. Block 0 of a stage changes resolution or
 # width, so every plan keeps it first.
 Plan = tuple[tuple[int, ...], ...]
@@ -152,9 +153,7 @@ class ElasticNet(nn.Module):
             scale = scales.get((stage, index))
             if scale is None or scale == 1.0:
                 continue
-            self._branch_hooks.append(
-                self._branch_end(block).register_forward_hook(_BranchScale(self, float(scale)))
-            )
+            self._branch_hooks.append(self._branch_end(block).register_forward_hook(_BranchScale(self, float(scale))))
 
     @contextlib.contextmanager
     def unscaled_branches(self) -> Iterator[None]:

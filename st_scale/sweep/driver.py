@@ -3,15 +3,12 @@ and run (or resume) the Tune experiment: one TorchTrainer of DeepSpeed workers p
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import ConfigError
-from ..launch import connect_ray, validate_inputs
+from ..launch import connect_ray, copies_that_fit, validate_inputs, write_json
 from .parent import CloseChildRuns, TrialRow, finish_parent_run, open_parent_run, trial_rows
 from .spec import CheckedSweep, check_spec, load_spec
 from .trial import OBJECTIVE_KEY, run_trial
@@ -35,21 +32,24 @@ def concurrent_trials(checked: CheckedSweep, total: dict[str, float]) -> int:
     its own process plus its Train workers), or the spec's `max_concurrent_trials` when it sets one
     (on an autoscaling cluster the autoscaler adds the nodes). One trial must fit now."""
     spec, s = checked.spec, checked.base.scaling
-    limits = []
-    for resource, need, field in (
-        ("CPU", spec.trial.cpus + s.num_workers * s.cpus_per_worker,
-         f"trial.cpus={spec.trial.cpus:g} + scaling.num_workers={s.num_workers} x scaling.cpus_per_worker={s.cpus_per_worker:g}"),
-        ("GPU", s.num_workers * s.gpus_per_worker,
-         f"scaling.num_workers={s.num_workers} x scaling.gpus_per_worker={s.gpus_per_worker:g}"),
-    ):
-        if need <= 0:
-            continue
-        have = total.get(resource, 0.0)
-        if need > have + 1e-9:
-            raise ConfigError(f"a trial needs {field} = {need:g} {resource}s but the Ray cluster has {have:g}; "
-                              f"lower them (e.g. `--set set.scaling.cpus_per_worker=0.5`) or add nodes")
-        limits.append(math.floor(have / need + 1e-9))
-    return spec.max_concurrent_trials or (min(limits) if limits else 1)
+    fit = copies_that_fit(
+        [
+            (
+                "CPU",
+                spec.trial.cpus + s.num_workers * s.cpus_per_worker,
+                f"a trial needs trial.cpus={spec.trial.cpus:g} + scaling.num_workers={s.num_workers} x "
+                f"scaling.cpus_per_worker={s.cpus_per_worker:g} =",
+            ),
+            (
+                "GPU",
+                s.num_workers * s.gpus_per_worker,
+                f"a trial needs scaling.num_workers={s.num_workers} x scaling.gpus_per_worker={s.gpus_per_worker:g} =",
+            ),
+        ],
+        total,
+        "lower them (e.g. `--set set.scaling.cpus_per_worker=0.5`) or add nodes",
+    )
+    return spec.max_concurrent_trials or fit
 
 
 def _tuner(checked: CheckedSweep, payload: dict, sweep_dir: Path, concurrency: int, callback: CloseChildRuns):
@@ -60,24 +60,40 @@ def _tuner(checked: CheckedSweep, payload: dict, sweep_dir: Path, concurrency: i
     spec = checked.spec
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload), {"CPU": spec.trial.cpus})
     if tune.Tuner.can_restore(str(sweep_dir)):
-        return tune.Tuner.restore(str(sweep_dir), trainable, param_space=checked.param_space(),
-                                  resume_unfinished=True, resume_errored=spec.trial.max_failures != 0), True
+        return tune.Tuner.restore(
+            str(sweep_dir),
+            trainable,
+            param_space=checked.param_space(),
+            resume_unfinished=True,
+            resume_errored=spec.trial.max_failures != 0,
+        ), True
     if spec.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=checked.base.optimizer.epochs,
-                                  grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=checked.base.optimizer.epochs,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
     else:
         scheduler = FIFOScheduler()
     tuner = tune.Tuner(
         trainable,
         param_space=checked.param_space(),
         tune_config=tune.TuneConfig(
-            metric=OBJECTIVE_KEY, mode=spec.objective.mode, scheduler=scheduler, num_samples=spec.num_samples,
+            metric=OBJECTIVE_KEY,
+            mode=spec.objective.mode,
+            scheduler=scheduler,
+            num_samples=spec.num_samples,
             # a BasicVariantGenerator ignores TuneConfig.max_concurrent_trials: it takes its own limit
             search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency),
             trial_dirname_creator=_trial_dirname,
         ),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(sweep_dir.parent), callbacks=[callback],
-                                  failure_config=tune.FailureConfig(max_failures=spec.trial.max_failures)),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=str(sweep_dir.parent),
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=spec.trial.max_failures),
+        ),
     )
     return tuner, False
 
@@ -100,20 +116,30 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
     concurrency = concurrent_trials(checked, ray.cluster_resources())
     uri, experiment_id = inputs.tracking_uri, inputs.experiment_id
     parent_run_id, resumed = open_parent_run(uri, experiment_id, checked, sweep_dir)
-    payload = {"name": spec.name, "base_tree": checked.base_tree, "objective": spec.objective.model_dump(),
-               "parent_run_id": parent_run_id, "train_runs_dir": str(sweep_dir / "train_runs")}
+    payload = {
+        "name": spec.name,
+        "base_tree": checked.base_tree,
+        "objective": spec.objective.model_dump(),
+        "parent_run_id": parent_run_id,
+        "train_runs_dir": str(sweep_dir / "train_runs"),
+    }
     callback = CloseChildRuns(uri, experiment_id, parent_run_id, base.optimizer.epochs)
     tuner, restored = _tuner(checked, payload, sweep_dir, concurrency, callback)
-    print(f"st-scale sweep {spec.name}: {'resuming' if restored else 'starting'} in {sweep_dir} "
-          f"({spec.num_samples} samples, up to {concurrency} at a time; MLflow parent run {parent_run_id})",
-          file=sys.stderr, flush=True)
+    print(
+        f"st-scale sweep {spec.name}: {'resuming' if restored else 'starting'} in {sweep_dir} "
+        f"({spec.num_samples} samples, up to {concurrency} at a time; MLflow parent run {parent_run_id})",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     try:
         tuner.fit()  # returns (rather than raises) when interrupted with Ctrl+C, after saving the experiment
     except BaseException as error:  # the parent shows why the sweep ended; running it again resumes it
         import mlflow
 
-        mlflow.MlflowClient(uri).set_terminated(parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        mlflow.MlflowClient(uri).set_terminated(
+            parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        )
         raise
     rows = trial_rows(sweep_dir, uri, experiment_id, parent_run_id, base.optimizer.epochs)
     if any(r.outcome == "unfinished" for r in rows):
@@ -121,15 +147,26 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
     else:
         status = "FINISHED" if any(r.outcome != "failed" for r in rows) else "FAILED"
     best = finish_parent_run(uri, parent_run_id, checked, rows, status)
-    return SweepSummary(spec.name, str(sweep_dir), parent_run_id, resumed or restored, status, spec.objective.mode,
-                        rows, best, round(time.perf_counter() - start, 1))
+    return SweepSummary(
+        spec.name,
+        str(sweep_dir),
+        parent_run_id,
+        resumed or restored,
+        status,
+        spec.objective.mode,
+        rows,
+        best,
+        round(time.perf_counter() - start, 1),
+    )
 
 
 def print_sweep(summary: SweepSummary) -> None:
     sign = -1 if summary.mode == "max" else 1
     rows = sorted(summary.rows, key=lambda r: (r.objective is None, sign * (r.objective or 0)))
     labels = sorted({k for r in rows for k in r.labels})
-    header = f"{'trial':14s} {'outcome':14s} {'epochs':>6s} {'objective':>9s} " + " ".join(f"{k[:22]:>22s}" for k in labels)
+    header = f"{'trial':14s} {'outcome':14s} {'epochs':>6s} {'objective':>9s} " + " ".join(
+        f"{k[:22]:>22s}" for k in labels
+    )
     print(f"\nsweep {summary.name}: {len(rows)} trials in {summary.wall_s:.0f} s  (results: {summary.path})")
     print(header)
     for r in rows:
@@ -137,8 +174,10 @@ def print_sweep(summary: SweepSummary) -> None:
         values = " ".join(f"{_short(r.labels.get(k)):>22s}" for k in labels)
         mark = "  <- best" if r is summary.best else ""
         print(f"{r.trial_id:14s} {r.outcome:14s} {r.epochs:6d} {objective} {values}{mark}")
-    print(f"MLflow parent run {summary.parent_run_id} ({summary.status}); best child run "
-          f"{summary.best.run_id if summary.best else '-'}")
+    print(
+        f"MLflow parent run {summary.parent_run_id} ({summary.status}); best child run "
+        f"{summary.best.run_id if summary.best else '-'}"
+    )
     if summary.status == "KILLED":
         print("the sweep was interrupted: run the same command again to resume it")
 
@@ -148,6 +187,4 @@ def _short(value) -> str:
 
 
 def write_sweep_json(path: str | Path, summary: SweepSummary) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(summary), indent=2, default=str) + "\n")
+    write_json(path, asdict(summary))

@@ -49,9 +49,16 @@ def open_parent_run(uri: str, experiment_id: str, checked: CheckedSweep, sweep_d
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     spec = checked.spec
-    run = client.create_run(experiment_id, run_name=spec.name,
-                            tags={"st_scale.kind": "sweep", "st_scale.sweep": spec.name, "st_scale.recipe": spec.recipe,
-                                  "st_scale.objective": spec.objective.describe()})
+    run = client.create_run(
+        experiment_id,
+        run_name=spec.name,
+        tags={
+            "st_scale.kind": "sweep",
+            "st_scale.sweep": spec.name,
+            "st_scale.recipe": spec.recipe,
+            "st_scale.objective": spec.objective.describe(),
+        },
+    )
     run_id = run.info.run_id
     log_params(client, run_id, flat_spec_params(spec))
     client.log_text(run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/spec.yaml")
@@ -98,7 +105,9 @@ class CloseChildRuns(Callback):
             return
         outcome = outcome_of(last_result, self.epochs, tune_status)
         if OBJECTIVE_KEY in last_result:
-            client.log_metric(run_id, "sweep/objective", float(last_result[OBJECTIVE_KEY]), step=int(last_result.get("step", 0)))
+            client.log_metric(
+                run_id, "sweep/objective", float(last_result[OBJECTIVE_KEY]), step=int(last_result.get("step", 0))
+            )
         client.set_tag(run_id, "st_scale.trial_outcome", outcome)
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, self.STATUS[outcome])
@@ -113,10 +122,19 @@ def trial_rows(sweep_dir: Path, uri: str, experiment_id: str, parent_run_id: str
     rows = []
     for trial in ExperimentAnalysis(str(sweep_dir)).trials:
         m = trial.last_result or {}
-        rows.append(TrialRow(trial.trial_id, outcome_of(m, epochs, trial.status), int(m.get("epoch", 0)),
-                             m.get(OBJECTIVE_KEY), m.get("val/main_top1"), m.get("val/subnets_mean_top1"),
-                             trial_labels(trial.config or {}),
-                             child_run_id(client, experiment_id, parent_run_id, trial.trial_id), trial.config or {}))
+        rows.append(
+            TrialRow(
+                trial.trial_id,
+                outcome_of(m, epochs, trial.status),
+                int(m.get("epoch", 0)),
+                m.get(OBJECTIVE_KEY),
+                m.get("val/main_top1"),
+                m.get("val/subnets_mean_top1"),
+                trial_labels(trial.config or {}),
+                child_run_id(client, experiment_id, parent_run_id, trial.trial_id),
+                trial.config or {},
+            )
+        )
     return sorted(rows, key=lambda r: r.trial_id)
 
 
@@ -134,14 +152,28 @@ def rows_csv(rows: list[TrialRow]) -> str:
     labels = sorted({k for r in rows for k in r.labels})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial_id", "outcome", "epochs", "objective", "main_top1", "subnets_mean_top1", *labels, "mlflow_run_id"])
+    writer.writerow(
+        ["trial_id", "outcome", "epochs", "objective", "main_top1", "subnets_mean_top1", *labels, "mlflow_run_id"]
+    )
     for r in rows:
-        writer.writerow([r.trial_id, r.outcome, r.epochs, r.objective, r.main_top1, r.subnets_mean_top1,
-                         *[r.labels.get(k) for k in labels], r.run_id])
+        writer.writerow(
+            [
+                r.trial_id,
+                r.outcome,
+                r.epochs,
+                r.objective,
+                r.main_top1,
+                r.subnets_mean_top1,
+                *[r.labels.get(k) for k in labels],
+                r.run_id,
+            ]
+        )
     return out.getvalue()
 
 
-def finish_parent_run(uri: str, parent_run_id: str, checked: CheckedSweep, rows: list[TrialRow], status: str) -> TrialRow | None:
+def finish_parent_run(
+    uri: str, parent_run_id: str, checked: CheckedSweep, rows: list[TrialRow], status: str
+) -> TrialRow | None:
     """Best trial (tags, metric, its resolved config), the trials table and the comparison plot."""
     import matplotlib.pyplot as plt
     import mlflow
@@ -157,17 +189,31 @@ def finish_parent_run(uri: str, parent_run_id: str, checked: CheckedSweep, rows:
         client.log_figure(parent_run_id, figure, "plots/objective_vs_search_space.png")
         plt.close(figure)
     counts = {o: sum(r.outcome == o for r in rows) for o in ("completed", "stopped early", "failed", "unfinished")}
-    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(f"trials/{o.replace(' ', '_')}", n, 0, 0)
-                                             for o, n in counts.items()])
+    client.log_batch(
+        parent_run_id,
+        metrics=[mlflow.entities.Metric(f"trials/{o.replace(' ', '_')}", n, 0, 0) for o, n in counts.items()],
+    )
     if best is not None:
         client.log_metric(parent_run_id, "best/objective", best.objective)
         for key, value in {"best_trial_id": best.trial_id, "best_run_id": best.run_id or ""}.items():
             client.set_tag(parent_run_id, f"st_scale.{key}", value)
         for label, value in best.labels.items():
             client.set_tag(parent_run_id, f"best.{label}", str(value))
-        client.log_text(parent_run_id, json.dumps({"trial_id": best.trial_id, "run_id": best.run_id,
-                                                   "objective": best.objective, "search_values": best.labels},
-                                                  indent=2, default=str) + "\n", "sweep/best_trial.json")
+        client.log_text(
+            parent_run_id,
+            json.dumps(
+                {
+                    "trial_id": best.trial_id,
+                    "run_id": best.run_id,
+                    "objective": best.objective,
+                    "search_values": best.labels,
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n",
+            "sweep/best_trial.json",
+        )
         best_config = checked.trial_config(best.config).model_dump(mode="json")
         client.log_text(parent_run_id, yaml.safe_dump(best_config, sort_keys=False), "sweep/best_config.yaml")
     client.set_terminated(parent_run_id, status)

@@ -26,8 +26,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from ..config import (Config, ConfigError, Section, assign, build_config, explain_validation_error, flatten,
-                      load_recipe_tree)
+from ..config import (
+    Config,
+    ConfigError,
+    Section,
+    assign,
+    build_config,
+    explain_validation_error,
+    flatten,
+    load_recipe_tree,
+)
 from ..eval_pass import reported_metrics
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -42,10 +50,12 @@ class Objective(Section):
     mode: Literal["max", "min"] = "max"
 
     @model_validator(mode="after")
-    def _one_of(self) -> "Objective":
+    def _one_of(self) -> Objective:
         if (self.metric is None) == (self.weights is None):
-            raise ValueError("give exactly one of metric (e.g. val/subnets_mean_top1) or weights "
-                             "(e.g. {val/main_top1: 0.5, val/subnets_mean_top1: 0.5})")
+            raise ValueError(
+                "give exactly one of metric (e.g. val/subnets_mean_top1) or weights "
+                "(e.g. {val/main_top1: 0.5, val/subnets_mean_top1: 0.5})"
+            )
         if self.weights is not None and not self.weights:
             raise ValueError("weights is empty; name at least one metric")
         return self
@@ -86,8 +96,9 @@ class SweepSpec(Section):
     objective: Objective
     scheduler: Scheduler = Scheduler()
     num_samples: int = Field(8, ge=1, description="trials (times each grid point)")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as fit the cluster now; "
-                                              "set it higher on an autoscaling cluster")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="default: as many as fit the cluster now; set it higher on an autoscaling cluster"
+    )
     trial: TrialSection = TrialSection()
     storage_path: str = Field("~/st_scale_sweeps", description="shared storage on a cluster")
     seed: int = Field(0, ge=0, description="seeds the search")
@@ -106,7 +117,9 @@ class Distribution:
             return tune.choice(self.values)
         if self.kind == "grid":
             return tune.grid_search(self.values)
-        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](*self.values)
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](
+            *self.values
+        )
 
     def probes(self) -> list:
         """Values that exercise the whole range when checked against the config."""
@@ -134,8 +147,10 @@ class Dimension:
             return self.distribution.to_tune()
         from ray import tune
 
-        options = [{FAMILY_KEY: name} | {k: v.to_tune() if isinstance(v, Distribution) else v for k, v in option.items()}
-                   for name, option in self.options.items()]
+        options = [
+            {FAMILY_KEY: name} | {k: v.to_tune() if isinstance(v, Distribution) else v for k, v in option.items()}
+            for name, option in self.options.items()
+        ]
         return tune.grid_search(options) if self.grid else tune.choice(options)
 
     def probe_assignments(self) -> list[tuple[str, dict[str, Any]]]:
@@ -155,24 +170,33 @@ class Dimension:
 
 def parse_distribution(where: str, raw: Any) -> Distribution:
     if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}: expected one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}}, got {raw!r}; "
-                          f"fixed values go under `set:`")
+        raise ConfigError(
+            f"{where}: expected one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}}, got {raw!r}; "
+            f"fixed values go under `set:`"
+        )
     kind, values = next(iter(raw.items()))
     if kind in ("choice", "grid"):
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: {kind} needs a non-empty list of values, got {values!r}")
         return Distribution(kind, values)
-    if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                  for v in values)):
+    if not (
+        isinstance(values, list)
+        and len(values) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ):
         raise ConfigError(f"{where}: {kind} needs [low, high] as two numbers, got {values!r}")
     low, high = values
     if kind == "randint" and not all(isinstance(v, int) for v in values):
         raise ConfigError(f"{where}: randint needs integer bounds, got {values!r}")
     if not low < high:
-        raise ConfigError(f"{where}: the {kind} range [{low}, {high}] is empty or inverted; low must be below high"
-                          + (" (randint's high is exclusive)" if kind == "randint" else ""))
+        raise ConfigError(
+            f"{where}: the {kind} range [{low}, {high}] is empty or inverted; low must be below high"
+            + (" (randint's high is exclusive)" if kind == "randint" else "")
+        )
     if kind == "loguniform" and low <= 0:
-        raise ConfigError(f"{where}: loguniform needs low > 0, got [{low}, {high}]; use uniform for ranges that reach 0")
+        raise ConfigError(
+            f"{where}: loguniform needs low > 0, got [{low}, {high}]; use uniform for ranges that reach 0"
+        )
     return Distribution(kind, [low, high])
 
 
@@ -184,20 +208,29 @@ def _is_distribution(value: Any) -> bool:
 
 def parse_space(space: dict[str, Any]) -> list[Dimension]:
     if not space:
-        raise ConfigError("space: empty; name at least one field to search, e.g. method.kl_weight: {loguniform: [0.1, 10]}")
+        raise ConfigError(
+            "space: empty; name at least one field to search, e.g. method.kl_weight: {loguniform: [0.1, 10]}"
+        )
     dimensions = []
     for label, raw in space.items():
         where = f"space.{label}"
         if isinstance(raw, dict) and FAMILY_KEY in raw and set(raw) <= {FAMILY_KEY, "search"}:
             search = raw.get("search", "choice")
             if search not in ("choice", "grid"):
-                raise ConfigError(f"{where}.search: {search!r}; choose choice (one option drawn per trial) or grid "
-                                  f"(every option, times the other grid entries)")
+                raise ConfigError(
+                    f"{where}.search: {search!r}; choose choice (one option drawn per trial) or grid "
+                    f"(every option, times the other grid entries)"
+                )
             options = raw[FAMILY_KEY]
             if not isinstance(options, dict) or not options or not all(isinstance(o, dict) for o in options.values()):
                 raise ConfigError(f"{where}.family: needs named options, each a mapping of dotted fields to values")
-            parsed = {name: {k: parse_distribution(f"{where}.family.{name}.{k}", v) if _is_distribution(v) else v
-                             for k, v in option.items()} for name, option in options.items()}
+            parsed = {
+                name: {
+                    k: parse_distribution(f"{where}.family.{name}.{k}", v) if _is_distribution(v) else v
+                    for k, v in option.items()
+                }
+                for name, option in options.items()
+            }
             dimensions.append(Dimension(label, options=parsed, grid=search == "grid"))
         else:
             dimensions.append(Dimension(label, distribution=parse_distribution(where, raw)))
@@ -217,8 +250,10 @@ def trial_assignments(trial_config: dict[str, Any]) -> dict[str, Any]:
 
 def trial_labels(trial_config: dict[str, Any]) -> dict[str, Any]:
     """label -> what the trial drew (a family's option name, else the value): for tables and plots."""
-    return {label: value[FAMILY_KEY] if isinstance(value, dict) and FAMILY_KEY in value else value
-            for label, value in trial_config.items()}
+    return {
+        label: value[FAMILY_KEY] if isinstance(value, dict) and FAMILY_KEY in value else value
+        for label, value in trial_config.items()
+    }
 
 
 # ------------------------------------------------------------------------------------ checking
@@ -301,14 +336,17 @@ def _check_objective(spec: SweepSpec, cfg: Config) -> None:
         where = "objective.metric" if spec.objective.metric else f"objective.weights.{name}"
         if name in sometimes:
             raise ConfigError(
-                f"{where}: {name!r} is reported only every eval.subnets_every={cfg.eval.subnets_every} epochs and at the "
-                f"end, but the scheduler compares trials every epoch; add `eval.subnets_every: 1` under `set:` (keep "
-                f"eval.max_subnets small to bound its cost)")
+                f"{where}: {name!r} is reported only every eval.subnets_every={cfg.eval.subnets_every} epochs and at "
+                f"the end, but the scheduler compares trials every epoch; add `eval.subnets_every: 1` under `set:` "
+                f"(keep eval.max_subnets small to bound its cost)"
+            )
         if name not in every_epoch:
             raise ConfigError(f"{where}: training never reports {name!r}; it reports: {', '.join(sorted(every_epoch))}")
     if spec.scheduler.name == "asha" and spec.scheduler.grace_period > cfg.optimizer.epochs:
-        raise ConfigError(f"scheduler.grace_period={spec.scheduler.grace_period} is longer than the trials "
-                          f"(optimizer.epochs={cfg.optimizer.epochs}); lower it")
+        raise ConfigError(
+            f"scheduler.grace_period={spec.scheduler.grace_period} is longer than the trials "
+            f"(optimizer.epochs={cfg.optimizer.epochs}); lower it"
+        )
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -352,4 +390,3 @@ def flat_spec_params(spec: SweepSpec) -> dict[str, Any]:
     params = flatten(tree)
     params["objective"] = spec.objective.describe()
     return params
-

@@ -41,8 +41,15 @@ def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     own = {"run.name": name, "run.storage_path": sweep["train_runs_dir"], "tracking.run_name": name}
     cfg = build_config(with_assignments(sweep["base_tree"], trial_assignments(trial_config) | own))
     inputs = validate_inputs(cfg)  # cheap here: the driver verified the data and created the experiment
-    tags = {"mlflow.parentRunId": sweep["parent_run_id"], "st_scale.sweep": sweep["name"], "st_scale.trial_id": trial_id}
+    tags = {
+        "mlflow.parentRunId": sweep["parent_run_id"],
+        "st_scale.sweep": sweep["name"],
+        "st_scale.trial_id": trial_id,
+    }
     tags |= {f"st_scale.sweep.{label}": str(value) for label, value in trial_labels(trial_config).items()}
-    trainer = build_trainer(cfg, replace(inputs, tags=tags),
-                            callbacks=[ObjectiveReportCallback(Objective.model_validate(sweep["objective"]))])
+    trainer = build_trainer(
+        cfg,
+        replace(inputs, tags=tags),
+        callbacks=[ObjectiveReportCallback(Objective.model_validate(sweep["objective"]))],
+    )
     trainer.fit()
