@@ -16,26 +16,11 @@ import time
 
 import torch
 
+from st_scale.memory import SavedTensorBytes
 from st_scale.methods import build_objective
 from st_scale.models import create_model
 from st_scale.models.complexity import MacCounter
 from st_scale.sampling import SubnetSampler, SubnetSpace
-
-
-class SavedBytes:
-    """Counts the bytes autograd saves for backward (distinct storages) during a forward."""
-
-    def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
 
 
 def expected_subnet_macs(model, sampler, counter, shared: bool) -> float:
@@ -92,9 +77,8 @@ def main() -> None:
     labels = torch.randint(0, 10, (args.batch_size,))
 
     def step(objective, global_step: int) -> tuple[float, int]:
-        saved = SavedBytes()
         start = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with SavedTensorBytes() as saved:
             loss = objective(model, images, labels, global_step).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

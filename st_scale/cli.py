@@ -34,6 +34,10 @@ def _add_ray_address(p) -> None:
     )
 
 
+def _add_set(p, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -43,14 +47,7 @@ def _add_train(sub) -> None:
         epilog=EPILOG,
     )
     p.add_argument("recipe", help="packaged recipe name (see `st-scale recipes`) or a .yaml path")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set optimizer.epochs=5 (repeatable; value parsed as YAML)",
-    )
+    _add_set(p, "override a recipe field, e.g. --set optimizer.epochs=5 (repeatable; value parsed as YAML)")
     _add_ray_address(p)
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -68,14 +65,7 @@ def _add_sweep(sub) -> None:
         epilog=EPILOG,
     )
     p.add_argument("spec", help="a sweep spec .yaml, or the name of one in ./tune/ (e.g. sampling_kl)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec field, e.g. --set num_samples=4 or --set set.optimizer.epochs=3 (repeatable)",
-    )
+    _add_set(p, "override a spec field, e.g. --set num_samples=4 or --set set.optimizer.epochs=3 (repeatable)")
     _add_ray_address(p)
     p.add_argument("--summary-json", metavar="PATH", help="write the trials table and the best trial as JSON")
     p.add_argument("--check", action="store_true", help="check the spec against its recipe and exit")
@@ -106,14 +96,7 @@ def _add_demo(sub) -> None:
         "accuracy side by side.",
     )
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (recipe default: 12)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of both demo recipes",
-    )
+    _add_set(p, "override a field of both demo recipes")
     p.add_argument("--data-dir", default="~/.cache/st_scale/digits32", help="where the digits .beton files go")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--summary-json", metavar="PATH", help="write both runs' summaries as JSON")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import Depths, ElasticNet, Plan, batchnorm_layers
+from .models import Depths, ElasticNet, Plan, batchnorm_layers, preserved_mode
 from .models.complexity import MacCounter
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -75,16 +75,6 @@ def _fresh_bn_state(layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> BNStat
         (torch.zeros_like(bn.running_mean), torch.ones_like(bn.running_var), torch.zeros_like(bn.num_batches_tracked))
         for bn in layers
     ]
-
-
-@contextlib.contextmanager
-def preserved_mode(model: nn.Module) -> Iterator[None]:
-    """Restore the model's train/eval mode afterwards."""
-    was_training = model.training
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from .eval_pass import (
     with_suffix,
 )
 from .evaluation import Batch, preserved_bn, recalibrate_bn
+from .memory import SavedTensorBytes
 from .methods import build_objective
 from .models import ElasticNet, create_model
 from .sampling import SubnetSampler, SubnetSpace
@@ -362,27 +363,6 @@ def _with_fault(batches: Iterable, fault: FaultInjection | None, rank: int, firs
     return stream()
 
 
-class _SavedTensorBytes:
-    """Bytes of the tensors autograd saves for backward during one forward (distinct storages):
-    the activation memory a training step holds at its peak."""
-
-    def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    def __enter__(self):
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.hooks.__exit__(*exc)
-
-
 def _state_bytes(engine) -> int:
     """Weights, gradients and optimizer state (SGD momentum) of the trained module."""
     params = sum(p.numel() * p.element_size() for p in engine.module.parameters())
@@ -418,9 +398,9 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
         x = data.preparer.train(images, step)
         y = labels.to(ctx.device, non_blocking=True).long()
         if memory_bytes is None:
-            with _SavedTensorBytes() as saved:
+            with SavedTensorBytes() as saved:
                 loss, parts, _ = engine(x, y, step)
-            memory_bytes = sum(saved.storages.values()) + _state_bytes(engine)
+            memory_bytes = saved.total + _state_bytes(engine)
         else:
             loss, parts, _ = engine(x, y, step)
         loss_value = float(loss.detach())

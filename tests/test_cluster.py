@@ -210,31 +210,23 @@ def test_job_submit_trains_and_logs_to_the_mlflow_server(ray_head, mlflow_server
         timeout=600,
     )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
-    status = subprocess.run(
-        [ray, "job", "status", "--address", ray_head.dashboard, submission],
-        env=ray_head.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def job(command: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [ray, "job", command, "--address", ray_head.dashboard, submission],
+            env=ray_head.env | env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    status = job("status")
     assert f"Job '{submission}' succeeded" in status.stdout + status.stderr
-    logs = subprocess.run(
-        [ray, "job", "logs", "--address", ray_head.dashboard, submission],
-        env=ray_head.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    logs = job("logs").stdout
     assert "| st | cifar_resnet20 |" in logs and f"in {mlflow_server.url}" in logs
 
     # The same token is what lets the client in: without it the job server refuses.
-    refused = subprocess.run(
-        [ray, "job", "status", "--address", ray_head.dashboard, submission],
-        env=ray_head.env | {"RAY_AUTH_TOKEN": "wrong-token"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = job("status", RAY_AUTH_TOKEN="wrong-token")
     assert refused.returncode != 0 and "succeeded" not in refused.stdout + refused.stderr
 
     # The server's REST API and UI list the run the job logged.

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..evaluation import preserved_mode
-from ..models import ElasticNet
+from ..models import ElasticNet, preserved_mode
 from ..schema import Section
 from .base import BuildContext, LossOutput, Objective, _require, distillation_kl
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from .elastic import Depths, ElasticNet, Plan, Segment, batchnorm_layers
+from .elastic import Depths, ElasticNet, Plan, Segment, batchnorm_layers, preserved_mode
 from .mobilenet import mobilenet_v3
 from .resnet import CIFAR_DEPTHS, TORCHVISION_DEPTHS, CifarResNet, cifar_resnet, torchvision_resnet, truncated_resnet
 
@@ -44,4 +44,5 @@ __all__ = [
     "Segment",
     "batchnorm_layers",
     "create_model",
+    "preserved_mode",
 ]

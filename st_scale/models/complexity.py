@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .elastic import Depths, ElasticNet
+from .elastic import Depths, ElasticNet, preserved_mode
 
 
 def _leaf_macs(module: nn.Module, inputs, output: torch.Tensor) -> int:
@@ -36,13 +36,11 @@ class MacCounter:
                 for leaf in block.modules():
                     if isinstance(leaf, (nn.Conv2d, nn.Linear)):
                         handles.append(leaf.register_forward_hook(self._hook(key)))
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with preserved_mode(model), torch.no_grad():
+                model.eval()
                 model(torch.zeros(1, 3, image_size, image_size))
         finally:
-            model.train(was_training)
             for handle in handles:
                 handle.remove()
 

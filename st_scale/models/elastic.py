@@ -32,6 +32,16 @@ class Segment:
     stage: int | None = None
 
 
+@contextlib.contextmanager
+def preserved_mode(model: nn.Module) -> Iterator[None]:
+    """Restore the model's train/eval mode afterwards."""
+    was_training = model.training
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class ElasticNet(nn.Module):
     def __init__(
         self,
