@@ -1,7 +1,7 @@
 """The checkpoint format: the only module that knows what a checkpoint folder holds.
 
     <checkpoint>/
-      st_scale_run.json        the run: resolved config, epoch, step, MLflow run and experiment (rank 0)
+      st_scale_config.json     the run: resolved config, epoch, step, MLflow run and experiment (rank 0)
       checkpoint/              DeepSpeed's engine state: model, optimizer (sharded under ZeRO) and
                                st-scale's client state (epoch, step, MLflow run id, last metrics)
       rng.rank<r>.pt           each rank's torch / numpy / python (and CUDA) RNG state
@@ -25,7 +25,7 @@ import torch
 from .config import Config, ConfigError
 
 ENGINE_TAG = "checkpoint"  # DeepSpeed's tag: the sub-folder of the engine state
-RUN_FILE = "st_scale_run.json"
+RUN_FILE = "st_scale_config.json"
 # DeepSpeed's file of the (unsharded) module weights inside the tag folder, under ZeRO 0-2.
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 

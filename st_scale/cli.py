@@ -34,17 +34,30 @@ def _add_ray_address(p) -> None:
     )
 
 
+def _parser(sub, name: str, help: str, description: str, *, examples: bool = False) -> argparse.ArgumentParser:
+    """A sub-command's parser; `examples` adds the shared examples below its options."""
+    if examples:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    return sub.add_parser(name, help=help, description=description)
+
+
 def _add_set(p, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser(
+    p = _parser(
+        sub,
         "train",
-        help="train one run (local Ray, or a cluster via --address / RAY_ADDRESS)",
-        description="Train with Ray Train + DeepSpeed + FFCV; track in MLflow.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG,
+        "train one run (local Ray, or a cluster via --address / RAY_ADDRESS)",
+        "Train with Ray Train + DeepSpeed + FFCV; track in MLflow.",
+        examples=True,
     )
     p.add_argument("recipe", help="packaged recipe name (see `st-scale recipes`) or a .yaml path")
     _add_set(p, "override a recipe field, e.g. --set optimizer.epochs=5 (repeatable; value parsed as YAML)")
@@ -54,15 +67,15 @@ def _add_train(sub) -> None:
 
 
 def _add_sweep(sub) -> None:
-    p = sub.add_parser(
+    p = _parser(
+        sub,
         "sweep",
-        help="a Ray Tune sweep of ST training runs (one MLflow parent run, a child per trial)",
-        description="Sweep a recipe's fields (sampling distribution, KL weight, ...) with Ray Tune: each "
+        "a Ray Tune sweep of ST training runs (one MLflow parent run, a child per trial)",
+        "Sweep a recipe's fields (sampling distribution, KL weight, ...) with Ray Tune: each "
         "trial fits a TorchTrainer of DeepSpeed workers; the scheduler (ASHA) stops weak "
         "trials early. MLflow gets one parent run per sweep with the best trial and a "
         "comparison plot, and one child run per trial.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG,
+        examples=True,
     )
     p.add_argument("spec", help="a sweep spec .yaml, or the name of one in ./tune/ (e.g. sampling_kl)")
     _add_set(p, "override a spec field, e.g. --set num_samples=4 or --set set.optimizer.epochs=3 (repeatable)")
@@ -72,10 +85,11 @@ def _add_sweep(sub) -> None:
 
 
 def _add_mlflow_server(sub) -> None:
-    p = sub.add_parser(
+    p = _parser(
+        sub,
         "mlflow-server",
-        help="serve the MLflow UI and tracking API (SQLite store, local artifacts)",
-        description="Run `mlflow server` on 127.0.0.1 over a SQLite store. Point training at it with "
+        "serve the MLflow UI and tracking API (SQLite store, local artifacts)",
+        "Run `mlflow server` on 127.0.0.1 over a SQLite store. Point training at it with "
         "MLFLOW_TRACKING_URI=http://HOST:PORT (or --set tracking.tracking_uri=...).",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (use 0.0.0.0 only behind a firewall)")
@@ -88,10 +102,11 @@ def _add_mlflow_server(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser(
+    p = _parser(
+        sub,
         "demo",
-        help="the embedded default: CT vs ST on the bundled digits set",
-        description="Convert the bundled digits set once, train CT and ST on a local Ray with 2 CPU "
+        "the embedded default: CT vs ST on the bundled digits set",
+        "Convert the bundled digits set once, train CT and ST on a local Ray with 2 CPU "
         "workers through DeepSpeed, log both to MLflow, print main and all-sub-network "
         "accuracy side by side.",
     )
@@ -103,11 +118,11 @@ def _add_demo(sub) -> None:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser(
+    p = _parser(
+        sub,
         "convert",
-        help="write train/val .beton files (with checksums) from a dataset",
-        description="Write <out>/train.beton and <out>/val.beton, each with a .sha256 and a .json "
-        "metadata file beside it.",
+        "write train/val .beton files (with checksums) from a dataset",
+        "Write <out>/train.beton and <out>/val.beton, each with a .sha256 and a .json metadata file beside it.",
     )
     p.add_argument("source", choices=("digits", "fashion-mnist", "cifar", "imagefolder"))
     p.add_argument(
@@ -144,13 +159,14 @@ def _add_convert(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser(
+    p = _parser(
+        sub,
         "eval",
-        help="all-sub-network evaluation and destruction tests of a checkpoint",
-        description="Evaluate a training checkpoint (a folder Ray Train wrote) in this process and "
+        "all-sub-network evaluation and destruction tests of a checkpoint",
+        "Evaluate a training checkpoint (a folder Ray Train wrote) in this process and "
         "log the results into the run's MLflow run.",
     )
-    p.add_argument("checkpoint", help="checkpoint folder (holds checkpoint/ and st_scale_config.json)")
+    p.add_argument("checkpoint", help="checkpoint folder: a checkpoint_* folder under <run.storage_path>/<run.name>/")
     p.add_argument("--max-subnets", type=int, default=None)
     p.add_argument("--no-destruction", action="store_true")
     p.add_argument(
@@ -159,10 +175,11 @@ def _add_eval(sub) -> None:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser(
+    p = _parser(
+        sub,
         "report",
-        help="a study's table (per method, over seeds), loafing figure and destruction curves",
-        description="Read a finished (or running) sweep's child runs back from MLflow, average each "
+        "a study's table (per method, over seeds), loafing figure and destruction curves",
+        "Read a finished (or running) sweep's child runs back from MLflow, average each "
         "group over its seeds and write the paper's Table 1 for it (time per epoch, peak "
         "memory, main top-1, all-sub-network mean ± std, min), the loafing figure "
         "(sub-networks inside CT, inside ST, trained alone), destruction curves and the "
