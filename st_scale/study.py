@@ -64,7 +64,7 @@ def sweep_state(sweep: str) -> tuple[Path, dict]:
     from .sweep.parent import STATE_FILE
 
     path = Path(sweep).expanduser()
-    if not (path / STATE_FILE).is_file():
+    if not path.is_dir():  # a spec: its results are in storage_path/name
         from .sweep.spec import load_spec
 
         spec = load_spec(sweep)
