@@ -72,12 +72,17 @@ def evaluate_checkpoint(
         system_metrics=False,
     )
     log_subnet_reports(
-        tracker, reports, folder="eval", stem="subnets", title=f"{title} (checkpoint, epoch {info.epoch})"
+        tracker,
+        reports,
+        stem="subnets",
+        tables="eval",
+        figures="eval",
+        title=f"{title} (checkpoint, epoch {info.epoch})",
     )
     if destruction:
         rows = run_destruction(model, first_images(val, cfg.eval.destruction_images), calibration)
         metrics.update(destruction_metrics("eval", rows))
-        log_destruction(tracker, rows, folder="eval", title=f"{title}: network destruction")
+        log_destruction(tracker, rows, tables="eval", figures="eval", title=f"{title}: network destruction")
     tracker.log_metrics(metrics, step=info.step)
     tracker.finish("FINISHED")
     s = reports[""].stats

@@ -125,27 +125,32 @@ def destruction_metrics(prefix: str, rows: Sequence[DestructionRow]) -> dict[str
     return {f"{prefix}/destruction/{k}": v for k, v in summarise_destruction(rows).items()}
 
 
-def log_subnet_reports(tracker, reports: dict[str, SubnetReport], *, folder: str, stem: str, title: str) -> None:
-    """Each report as `<folder>/<stem><suffix>.csv` and `<folder>/<stem><suffix>.png`."""
+def log_subnet_reports(
+    tracker, reports: dict[str, SubnetReport], *, stem: str, title: str, tables: str = "subnets", figures: str = "plots"
+) -> None:
+    """Each report as `<tables>/<stem><suffix>.csv` and `<figures>/<stem><suffix>.png`."""
     import matplotlib.pyplot as plt
 
     from .plots import subnet_figure
 
     for suffix, report in reports.items():
-        tracker.log_text(report.to_csv(), f"{folder}/{stem}{suffix}.csv")
+        tracker.log_text(report.to_csv(), f"{tables}/{stem}{suffix}.csv")
         figure = subnet_figure(report, title)
-        tracker.log_figure(figure, f"{folder}/{stem}{suffix}.png")
+        tracker.log_figure(figure, f"{figures}/{stem}{suffix}.png")
         plt.close(figure)
 
 
-def log_destruction(tracker, rows: Sequence[DestructionRow], *, folder: str, title: str) -> None:
+def log_destruction(
+    tracker, rows: Sequence[DestructionRow], *, title: str, tables: str = "destruction", figures: str = "plots"
+) -> None:
+    """`<tables>/destruction.csv` and `<figures>/destruction.png`."""
     import matplotlib.pyplot as plt
 
     from .plots import destruction_figure
 
-    tracker.log_text(destruction_csv(rows), f"{folder}/destruction.csv")
+    tracker.log_text(destruction_csv(rows), f"{tables}/destruction.csv")
     figure = destruction_figure(rows, title)
-    tracker.log_figure(figure, f"{folder}/destruction.png")
+    tracker.log_figure(figure, f"{figures}/destruction.png")
     plt.close(figure)
 
 

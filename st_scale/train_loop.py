@@ -287,7 +287,6 @@ def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
             log_subnet_reports(
                 ctx.tracker,
                 reports,
-                folder="subnets",
                 stem=f"subnets_epoch{epoch + 1:03d}",
                 title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}",
             )
@@ -309,7 +308,6 @@ def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
             log_subnet_reports(
                 ctx.tracker,
                 {suffix: other[""]},
-                folder="subnets",
                 stem=f"subnets_epoch{epoch + 1:03d}",
                 title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}, {suffix[1:]}",
             )
@@ -318,7 +316,6 @@ def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
         log_destruction(
             ctx.tracker,
             run_destruction(model, val, data.calibration),
-            folder="destruction",
             title=f"{cfg.method.name} {cfg.model.name}: network destruction",
         )
     return metrics
