@@ -191,7 +191,7 @@ def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys
     assert main(["eval", summary.checkpoint, "--max-subnets", "8"]) == 0
     assert "logged to MLflow run" in capsys.readouterr().out
     run = client(workspace).get_run(summary.mlflow_run_id)
-    assert run.data.metrics["eval/subnets_num_subnets"] == 8
+    assert run.data.metrics["eval/num_subnets"] == 8  # named as the per-epoch val/num_subnets
     assert "eval/destruction/delete_one/1" in run.data.metrics
     assert {a.path for a in client(workspace).list_artifacts(summary.mlflow_run_id, "eval")} >= {
         "eval/subnets.csv",
