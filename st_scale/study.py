@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
-from .eval_pass import SHARED
+from .eval_pass import SHARED, calibration_suffix
 from .evaluation import RECALIBRATED, DestructionRow
 
 SEED_LABEL = "run.seed"
@@ -208,7 +208,16 @@ def secondary_markdown(rows: list[GroupRow]) -> str:
     suffixes = sorted({k[len("val/main_top1") :] for r in rows for k in r.extra if k.startswith("val/main_top1")})
     if not suffixes:
         return ""
-    header = "| method | " + " | ".join(f"main{s} | all sub-nets{s}" for s in suffixes) + " |"
+    names = {
+        SHARED: "shared running BN statistics",
+        calibration_suffix("train"): "BN re-estimated, train protocol",
+        calibration_suffix("eval"): "BN re-estimated, eval protocol",
+    }
+    header = (
+        "| method | "
+        + " | ".join(f"main ({names.get(s, s)}) | all sub-nets ({names.get(s, s)})" for s in suffixes)
+        + " |"
+    )
     lines = [header, "|---|" + "---|---|" * len(suffixes)]
     for r in rows:
         cells = []
@@ -306,7 +315,8 @@ def destruction_curves(runs: list[StudyRun], title: str):
                 range(len(tests)),
                 ["intact", "one block deleted\n(mean over blocks)", "two adjacent swapped\n(mean over pairs)"],
             )
-    axes[0].set_xlabel("random blocks deleted")
+    axes[0].set_xlabel("random blocks deleted (mean over draws and seeds)")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
