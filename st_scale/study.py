@@ -57,6 +57,7 @@ class GroupRow:
     subnets_std: list[float]
     subnets_min: list[float]
     extra: dict[str, list[float]] = field(default_factory=dict)  # shared-statistics and other-protocol figures
+    stage_depths: tuple[int, ...] | None = None  # a sub-network's architecture trained alone
 
 
 def sweep_state(sweep: str) -> tuple[Path, dict]:
@@ -163,6 +164,7 @@ def group_rows(runs: list[StudyRun]) -> list[GroupRow]:
                 values("val/subnets_std_top1"),
                 values("val/subnets_min_top1"),
                 {k: values(k) for k in extra_keys},
+                members[0].stage_depths,
             )
         )
     return rows
@@ -174,6 +176,12 @@ def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _name(row: GroupRow) -> str:
+    if row.stage_depths is not None:
+        return f"sub-net {'-'.join(map(str, row.stage_depths))} trained alone"
+    return PAPER_NAMES.get(row.group, row.group)
 
 
 def _mean(values: list[float]) -> str:
@@ -190,14 +198,15 @@ def table_markdown(rows: list[GroupRow]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        name = PAPER_NAMES.get(r.group, r.group)
+        name = _name(r)
         ratio = f"{r.epoch_time_s / ct_time:.2f}x" if ct_time and r.epoch_time_s else "-"
-        spread = f"{_mean(r.subnets_mean)} ± {_mean(r.subnets_std)}" if r.subnets_mean else "-"
+        alone = r.stage_depths is not None  # its own sub-networks are not the study's question
+        spread = f"{_mean(r.subnets_mean)} ± {_mean(r.subnets_std)}" if r.subnets_mean and not alone else "-"
         time = f"{r.epoch_time_s:.1f}" if r.epoch_time_s else "-"
         memory = f"{r.peak_memory_mib:.0f}" if r.peak_memory_mib else "-"
         lines.append(
             f"| {name} | {r.runs} | {time} | {ratio} | {memory} | {_mean_sd(r.main_top1)} | {spread} | "
-            f"{_mean(r.subnets_min)} |"
+            f"{'-' if alone else _mean(r.subnets_min)} |"
         )
     return "\n".join(lines)
 
@@ -225,7 +234,7 @@ def secondary_markdown(rows: list[GroupRow]) -> str:
             main = r.extra.get(f"val/main_top1{s}", [])
             mean, std = r.extra.get(f"val/subnets_mean_top1{s}", []), r.extra.get(f"val/subnets_std_top1{s}", [])
             cells += [_mean_sd(main), f"{_mean(mean)} ± {_mean(std)}" if mean else "-"]
-        lines.append(f"| {PAPER_NAMES.get(r.group, r.group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_name(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

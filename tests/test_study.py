@@ -80,7 +80,9 @@ def test_the_study_table_averages_each_group_over_its_seeds(study, tmp_path):
     ct_stds = [statistics.pstdev([40, 60, 90]), statistics.pstdev([50, 70, 92])]
     assert f"{statistics.fmean(ct_means):.2f} ± {statistics.fmean(ct_stds):.2f} | 45.00 |" in ct_line
     assert "| 15.0 | 1.43x |" in st_line  # 15 s / 10.5 s
-    assert "shared_stats" in table  # the secondary table: main net on the running statistics
+    assert "main (shared running BN statistics)" in table and "| CT | 86.00 ± 1.41 |" in table  # 85 and 87
+    alone_line = next(line for line in table.splitlines() if line.startswith("| sub-net 1-1-1 trained alone |"))
+    assert "| 81.00 ± 1.41 | - | - |" in alone_line  # its main net; its own sub-nets are not the question
     assert [r["group"] for r in summary["rows"]] == ["ct", "st", "alone_1-1-1"]
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {
         "table.md",
