@@ -233,7 +233,7 @@ def secondary_markdown(rows: list[GroupRow]) -> str:
         for s in suffixes:
             main = r.extra.get(f"val/main_top1{s}", [])
             mean, std = r.extra.get(f"val/subnets_mean_top1{s}", []), r.extra.get(f"val/subnets_std_top1{s}", [])
-            cells += [_mean_sd(main), f"{_mean(mean)} ± {_mean(std)}" if mean else "-"]
+            cells += [_mean_sd(main), f"{_mean(mean)} ± {_mean(std)}" if mean and r.stage_depths is None else "-"]
         lines.append(f"| {_name(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
