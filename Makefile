@@ -21,7 +21,7 @@ help:
 	@echo "make test-fast  unit tests only (no slow marker)"
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
 	@echo "make fashion-mnist  Debian's dataset-fashion-mnist package (real benchmark data, RESULTS.md)"
-	@echo "make study      the CPU study of RESULTS.md (about 2 hours on 2 cores)"
+	@echo "make study      the CPU study of RESULTS.md (its 18 runs take hours on 2 cores; running it again resumes it)"
 
 install: $(STAMP)
 
@@ -78,6 +78,11 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/bench_subnet_eval.py
 	$(PY) benchmarks/bench_train_step.py
+
+study: install fashion-mnist
+	$(BIN)/st-scale convert fashion-mnist --out ~/.cache/st_scale/fashion10k --train-subset 10000
+	$(BIN)/st-scale sweep tune/fashion_table1.yaml --summary-json fashion_table1.json
+	$(BIN)/st-scale report tune/fashion_table1.yaml --out benchmarks/results/fashion_table1
 
 clean:
 	rm -rf $(VENV) build *.egg-info
