@@ -379,6 +379,7 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
     engine.module.train()
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    measure_saved = ctx.device.type != "cuda"  # on GPU the allocator's peak is read after the epoch instead
     memory_bytes = None
     sums: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
@@ -394,10 +395,10 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
         set_lr(engine, lr)
         x = data.preparer.train(images, step)
         y = labels.to(ctx.device, non_blocking=True).long()
-        if memory_bytes is None:
+        if measure_saved:  # the epoch's first step only
             with SavedTensorBytes() as saved:
                 loss, parts, _ = engine(x, y, step)
-            memory_bytes = saved.total + _state_bytes(engine)
+            memory_bytes, measure_saved = saved.total + _state_bytes(engine), False
         else:
             loss, parts, _ = engine(x, y, step)
         loss_value = float(loss.detach())

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -36,6 +36,3 @@ class WorkerInputs:
         if not isinstance(inputs, WorkerInputs):
             raise TypeError(f"train_loop_config['inputs'] is a {type(inputs).__name__}, not WorkerInputs")
         return inputs
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
