@@ -23,6 +23,48 @@ def test_digits_conversion_writes_checksums_and_metadata(digits_dir):
         assert (digits_dir / f"{split}.beton.sha256").read_text().split()[0] == meta["sha256"]
 
 
+def _read_back(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every (image N x 3 x H x W uint8, label) of a .beton, in file order, as the loaders read it."""
+    data = load_config("demo_ct", [f"data.val={path}"]).data
+    images, labels = [], []
+    for x, y in eval_loader(data, data.val, indices=None, num_workers=1, device=torch.device("cpu")):
+        images.append(x.numpy().copy())  # FFCV reuses its batch buffers: copy before the next batch
+        labels.append(y.numpy().copy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_digits_splits_keep_every_image_with_its_label():
+    """At 8x8 the images are sklearn's own (scaled to 0..255): the two splits together hold every
+    (image, label) pair of the source exactly once."""
+    from sklearn.datasets import load_digits
+
+    from st_scale.data.digits import load_digits_splits
+
+    source = load_digits()
+    expected = sorted(
+        (np.round(image / 16 * 255).astype(np.uint8).tobytes(), int(label))
+        for image, label in zip(source.images, source.target)
+    )
+    train, val = load_digits_splits(image_size=8)
+    assert len(val.labels) == round(0.2 * len(expected))
+    got = sorted(
+        (image[..., 0].tobytes(), int(label))
+        for split in (train, val)
+        for image, label in zip(split.images, split.labels)
+    )
+    assert got == expected
+
+
+def test_digits_files_hold_the_splits_pairs_in_order(digits_dir):
+    from st_scale.data.digits import load_digits_splits
+
+    splits = dict(zip(("train", "val"), load_digits_splits(image_size=32)))
+    for name, split in splits.items():
+        images, labels = _read_back(digits_dir / f"{name}.beton")
+        assert np.array_equal(images, split.images.transpose(0, 3, 1, 2))
+        assert np.array_equal(labels, split.labels)
+
+
 def _copy(digits_dir, tmp_path):
     for suffix in ("", ".sha256", ".json"):
         shutil.copy(digits_dir / f"val.beton{suffix}", tmp_path / f"val.beton{suffix}")
@@ -119,6 +161,7 @@ def test_cifar_directory_conversion(tmp_path, classes):
     images, labels = next(iter(loader))
     original = torch.from_numpy(data[b"data"].reshape(-1, 3, 32, 32))
     assert torch.equal(images.contiguous(), original)
+    assert labels.tolist() == list(data[b"labels" if classes == 10 else b"fine_labels"])
 
 
 def test_cifar_conversion_of_a_wrong_folder_says_what_it_expects(tmp_path):
@@ -149,6 +192,29 @@ def test_imagefolder_conversion_and_an_unreadable_image(tmp_path):
     _image_folder(tmp_path / "bad", corrupt=True)
     with pytest.raises(ConfigError, match=r"train/dog/1.jpg is not a readable image"):
         convert("imagefolder", str(tmp_path / "bad"), tmp_path / "out2", quiet=True)
+
+
+def test_imagefolder_conversion_keeps_every_image_with_its_class(tmp_path):
+    """Each class folder holds images of its own colour: every image read back carries the label
+    of the folder it came from, and each split holds each class as often as its folder does."""
+    from PIL import Image
+
+    colours = {"ant": (220, 40, 40), "bee": (40, 220, 40), "cow": (40, 40, 220)}
+    counts = {"train": (3, 1, 2), "val": (1, 2, 1)}
+    for split, per_class in counts.items():
+        for (name, colour), count in zip(colours.items(), per_class):
+            (tmp_path / "src" / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), colour).save(tmp_path / "src" / split / name / f"{i}.png")
+    written = convert("imagefolder", str(tmp_path / "src"), tmp_path / "out", max_resolution=32, quiet=True)
+    assert written["train"]["classes"] == list(colours)
+    palette = np.array(list(colours.values()), dtype=np.float64)
+    for split, per_class in counts.items():
+        images, labels = _read_back(tmp_path / "out" / f"{split}.beton")
+        mean_colour = images.reshape(len(images), 3, -1).mean(-1)
+        nearest = np.abs(mean_colour[:, None, :] - palette[None]).sum(-1).argmin(1)
+        assert nearest.tolist() == labels.tolist()
+        assert np.bincount(labels, minlength=3).tolist() == list(per_class)
 
 
 def test_imagenet_size_pipeline_decodes_crops(tmp_path):

@@ -1,9 +1,12 @@
 """DeepSpeed engine in one process (gloo, world size 1): every packaged CPU config trains, the LR
 schedule, parameter groups, and checkpoints that restore exactly or refuse when incomplete."""
 
+import math
 import os
+import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from st_scale.checkpoint import load as load_checkpoint
 from st_scale.checkpoint import save as save_checkpoint
 from st_scale.config import load_config
 from st_scale.engine import build_engine, lr_at, parameter_groups, resolve_ds_config, set_lr
+from st_scale.models import create_model
 from st_scale.train_loop import build_model_and_objective
 
 
@@ -55,13 +59,42 @@ def _step(engine, step, images, labels):
     return loss.item()
 
 
+def _sgd_by_hand(params, grads, buffers, lr, opt, decays):
+    """Nesterov SGD with momentum and decoupled-from-nothing (L2) weight decay, written out."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        g = g + (opt.weight_decay * p if decays[i] else 0)
+        buffers[i] = g.clone() if buffers[i] is None else opt.momentum * buffers[i] + g
+        step = g + opt.momentum * buffers[i] if opt.nesterov else buffers[i]
+        params[i] = p - lr * step
+
+
 @pytest.mark.parametrize("ds_config", ["cpu_fp32.json", "cpu_zero1_fp32.json"])
-def test_packaged_cpu_configs_train(ds_config):
-    _, model, engine = _engine(ds_config)
-    images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
-    losses = [_step(engine, step, images, labels) for step in range(8)]
-    assert losses[-1] < losses[0]
+def test_engine_steps_equal_sgd_written_out(ds_config):
+    """Three DeepSpeed steps of the CT objective move every weight exactly as SGD with Nesterov
+    momentum does, weight decay on conv and linear weights only, at the learning rate set."""
+    cfg, model, engine = _engine(ds_config, method="ct")
     assert engine.zero_optimization_stage() == (1 if "zero1" in ds_config else 0)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach().clone() for p in model.parameters()]
+    decays = [p.ndim > 1 for p in params]
+    buffers = [None] * len(params)
+    reference = create_model(model.name, 10).train()
+    reference.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    for step, lr in enumerate((0.05, 0.02, 0.08)):
+        images, labels = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+        for p, value in zip(reference.parameters(), params):
+            p.data.copy_(value)
+        grads = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(reference(images), labels), list(reference.parameters())
+        )
+        _sgd_by_hand(params, grads, buffers, lr, cfg.optimizer, decays)
+        set_lr(engine, lr)
+        loss, _, _ = engine(images, labels, step)
+        engine.backward(loss)
+        engine.step()
+    for name, p, expected in zip(names, model.parameters(), params):
+        assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-6), name
 
 
 def test_auxiliary_heads_are_optimised_too():
@@ -82,13 +115,23 @@ def test_no_weight_decay_on_any_norm_or_bias_parameter():
     assert groups[0]["weight_decay"] == cfg.optimizer.weight_decay and groups[1]["weight_decay"] == 0
 
 
-def test_lr_schedule_warms_up_then_follows_a_cosine():
-    cfg = load_config("demo_st", ["optimizer.warmup_epochs=1", "optimizer.lr=0.4", "run.name=x"])
+@pytest.mark.parametrize("lr_min", [0.0, 0.01])
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_lr_min(lr_min):
+    cfg = load_config("demo_st", ["optimizer.warmup_epochs=1", "optimizer.lr=0.4", f"optimizer.lr_min={lr_min}"])
     opt = cfg.optimizer
-    lrs = [lr_at(s, 100, 10, opt) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4)
-    assert lrs[10] == pytest.approx(0.4) and lrs[55] == pytest.approx(0.2, rel=0.02)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.001
+    lrs = [lr_at(s, 110, 10, opt) for s in range(130)]
+    assert lrs[:10] == pytest.approx([0.4 * (s + 1) / 10 for s in range(10)])  # linear warm-up to the peak
+    assert lrs[10] == pytest.approx(0.4)  # the cosine starts at the peak
+    quarter = lr_min + (0.4 - lr_min) * 0.5 * (1 + math.cos(math.pi / 4))
+    assert lrs[35] == pytest.approx(quarter) and lrs[60] == pytest.approx((0.4 + lr_min) / 2)
+    assert lrs[110] == pytest.approx(lr_min, abs=1e-12) and lrs[129] == pytest.approx(lr_min, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and min(lrs) >= lr_min
+
+
+def test_constant_schedule_holds_the_peak_after_warm_up():
+    cfg = load_config("demo_st", ["optimizer.warmup_epochs=0.5", "optimizer.schedule=constant", "optimizer.lr=0.3"])
+    lrs = [lr_at(s, 100, 10, cfg.optimizer) for s in range(100)]
+    assert lrs[:5] == pytest.approx([0.3 * (s + 1) / 5 for s in range(5)]) and set(lrs[5:]) == {0.3}
 
 
 def test_checkpoint_restores_weights_optimizer_and_rng(tmp_path):
@@ -105,6 +148,25 @@ def test_checkpoint_restores_weights_optimizer_and_rng(tmp_path):
     assert state["epoch"] == 1 and state["step"] == 3
     assert torch.equal(torch.rand(3), expected_rng)
     assert [_step(fresh, 3 + s, images, labels) for s in range(2)] == continued
+
+
+def _draws():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_each_rank_gets_its_own_rng_state_back(tmp_path):
+    """Ranks draw from different generator states; each resumes from its own (torch, numpy, python)."""
+    _, _, engine = _engine()
+    expected = {}
+    for rank, seed in ((0, 11), (1, 22)):
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        save_checkpoint(engine, tmp_path / "ckpt", rank, {"epoch": 1, "step": 0})
+        expected[rank] = _draws()
+    assert expected[0] != expected[1]
+    for rank in (1, 0):
+        torch.manual_seed(99), np.random.seed(99), random.seed(99)
+        load_checkpoint(engine, tmp_path / "ckpt", rank, 2)
+        assert _draws() == expected[rank], f"rank {rank} resumed another rank's generators"
 
 
 def test_an_incomplete_checkpoint_is_refused(tmp_path):

@@ -1,5 +1,7 @@
 """Evaluation: tree walk equals one-at-a-time evaluation exactly; BN recalibration; destruction."""
 
+import copy
+
 import pytest
 import torch
 from conftest import perturb_bn, random_batches
@@ -70,16 +72,69 @@ def test_tree_walk_equals_naive_evaluation_exactly(name, size, sample, recalibra
     assert report.recalibrated == recalibrate
 
 
-def test_recalibration_changes_results_and_restores_the_model():
+def _statistics_by_hand(model, plan, calibration):
+    """Per BatchNorm layer on the plan: the average over calibration batches of each batch's channel
+    mean and unbiased variance, from the layer's inputs in a train-mode pass (batch statistics
+    normalise there, so the inputs do not depend on running statistics)."""
+    probe = copy.deepcopy(model).train()
+    inputs = {}
+    for name, bn in probe.named_modules():
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            bn.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, []).append(args[0]))
+    with torch.no_grad():
+        for images, _ in calibration:
+            probe.run(images, plan)
+    return {
+        name: (
+            torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0),
+            torch.stack([x.var((0, 2, 3), unbiased=True) for x in xs]).mean(0),
+            len(xs),
+        )
+        for name, xs in inputs.items()
+    }
+
+
+def _top1_by_hand(model, plan, val, statistics=None):
+    """Top-1 (%) of `plan` in eval mode, with the BN statistics given (else the model's own)."""
+    model = copy.deepcopy(model).eval()
+    for name, (mean, var, _) in (statistics or {}).items():
+        bn = model.get_submodule(name)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+    with torch.no_grad():
+        correct = sum((model.run(x, plan).argmax(-1) == y).sum().item() for x, y in val)
+    return 100.0 * correct / sum(len(y) for _, y in val)
+
+
+def test_reestimated_statistics_are_those_of_the_calibration_batches():
+    """A cumulative average over the calibration batches (not an exponential one), from fresh."""
+    model = create_model("cifar_resnet20", 10)
+    perturb_bn(model, 16)
+    calibration = random_batches(3, 10, 16, seed=2)
+    plan = model.plan_for_depths((2, 1, 3))
+    expected = _statistics_by_hand(model, plan, calibration)
+    recalibrate_bn(model, plan, calibration)
+    assert len(expected) == 1 + 2 * 6 + 2  # stem, two per block on the plan, two projection shortcuts
+    for name, (mean, var, batches) in expected.items():
+        bn = model.get_submodule(name)
+        assert torch.allclose(bn.running_mean, mean, rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(bn.running_var, var, rtol=1e-4, atol=1e-5), name
+        assert bn.num_batches_tracked.item() == batches == 3
+        assert bn.momentum == 0.1  # the model's own momentum is back
+
+
+def test_shared_and_reestimated_evaluation_use_the_statistics_they_name():
     model = create_model("cifar_resnet20", 10)
     perturb_bn(model, 16)
     val, calibration = random_batches(2, 16, 16, seed=1), random_batches(2, 16, 16, seed=2)
     before = _bn_buffers(model)
-    shared = evaluate_subnets(model, [(1, 1, 1), (3, 3, 3)], val)
-    recal = evaluate_subnets(model, [(1, 1, 1), (3, 3, 3)], val, calibration)
-    assert [r.top1 for r in shared.rows] != [r.top1 for r in recal.rows] or [r.top5 for r in shared.rows] != [
-        r.top5 for r in recal.rows
-    ]
+    subnets = [(1, 1, 1), (3, 3, 3)]
+    shared = evaluate_subnets(model, subnets, val)
+    recal = evaluate_subnets(model, subnets, val, calibration)
+    for depths in subnets:
+        plan = model.plan_for_depths(depths)
+        assert shared.row(depths).top1 == _top1_by_hand(model, plan, val)
+        assert recal.row(depths).top1 == _top1_by_hand(model, plan, val, _statistics_by_hand(model, plan, calibration))
     assert evaluate_main(model, val, calibration).top1 == recal.row((3, 3, 3)).top1
     assert evaluate_main(model, val).top1 == shared.row((3, 3, 3)).top1
     assert all(torch.equal(a, b) for a, b in zip(before, _bn_buffers(model)))
