@@ -9,7 +9,6 @@ the JSON would JIT-build fused kernels); the LR schedule is ours.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -83,18 +82,6 @@ def resolve_ds_config(cfg: Config) -> dict:
             f"BatchNorm buffers must be bf16 too"
         )
     return ds
-
-
-# ------------------------------------------------------------------------------------ LR
-def lr_at(step: int, total_steps: int, steps_per_epoch: int, opt: OptimizerSection) -> float:
-    """Linear warm-up, then cosine (per step) or constant."""
-    warmup = int(opt.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return opt.lr * (step + 1) / warmup
-    if opt.schedule == "constant":
-        return opt.lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return opt.lr_min + (opt.lr - opt.lr_min) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ------------------------------------------------------------------------------------ engine

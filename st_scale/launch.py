@@ -139,12 +139,13 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
             metadata[field] = verify_beton(path)
         except DatasetFileError as error:
             raise ConfigError(f"data.{field}: {error}") from None
-    classes = metadata["train"].get("num_classes")
-    if classes and classes > cfg.model.num_classes:
-        raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but {cfg.data.train} has {classes} classes; "
-            f"set model.num_classes={classes}"
-        )
+    for field, meta in metadata.items():  # every split: a label the head has no output for is never right
+        classes = meta.get("num_classes")
+        if classes and classes > cfg.model.num_classes:
+            raise ConfigError(
+                f"data.{field}: {getattr(cfg.data, field)} has {classes} classes but model.num_classes="
+                f"{cfg.model.num_classes}; set model.num_classes={classes} or give data.{field} the run's classes"
+            )
     ds_config = resolve_ds_config(cfg)
     cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)

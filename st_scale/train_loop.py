@@ -18,7 +18,7 @@ import yaml
 from . import checkpoint
 from .config import Config
 from .distributed import barrier
-from .engine import build_engine, lr_at, set_lr
+from .engine import build_engine, set_lr
 from .eval_pass import (
     calibration_suffix,
     first_images,
@@ -36,6 +36,7 @@ from .memory import SavedTensorBytes
 from .methods import build_objective
 from .models import ElasticNet, create_model
 from .sampling import SubnetSampler, SubnetSpace
+from .schedule import lr_at
 from .worker_inputs import FaultInjection, WorkerInputs
 
 

@@ -112,6 +112,28 @@ def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path)
         validate_inputs(cfg)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_every_split_with_more_classes_than_the_model_is_refused(digits_dir, tmp_path, split):
+    """A 20-class file under a 10-class head would train and report figures that mean nothing."""
+    from st_scale.launch import validate_inputs
+
+    rng = np.random.default_rng(0)
+    wide = tmp_path / "wide.beton"
+    images, labels = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 20
+    write_beton(ArrayDataset(images, labels), wide, WriteOptions(num_workers=1), {"num_classes": 20, "image_size": 32})
+    paths = {"train": digits_dir / "train.beton", "val": digits_dir / "val.beton", split: wide}
+    cfg = load_config(
+        "demo_st",
+        [
+            f"data.train={paths['train']}",
+            f"data.val={paths['val']}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+        ],
+    )
+    with pytest.raises(ConfigError, match=rf"data.{split}: .*wide.beton has 20 classes but model.num_classes=10"):
+        validate_inputs(cfg)
+
+
 def test_a_source_that_raises_fails_fast_instead_of_hanging(tmp_path):
     class Broken(ArrayDataset):
         def __getitem__(self, i):

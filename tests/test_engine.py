@@ -13,8 +13,9 @@ import torch
 from st_scale.checkpoint import load as load_checkpoint
 from st_scale.checkpoint import save as save_checkpoint
 from st_scale.config import load_config
-from st_scale.engine import build_engine, lr_at, parameter_groups, resolve_ds_config, set_lr
+from st_scale.engine import build_engine, parameter_groups, resolve_ds_config, set_lr
 from st_scale.models import create_model
+from st_scale.schedule import lr_at
 from st_scale.train_loop import build_model_and_objective
 
 
