@@ -23,7 +23,26 @@ EPILOG = """examples:
 
 Re-running `train` with the same run.name (under run.storage_path) resumes it from its last complete
 checkpoint and continues the same MLflow run; re-running `sweep` with the same spec name resumes the
-sweep (Tune restores it, unfinished trials continue from their checkpoints, same parent run)."""
+sweep (Tune restores it, unfinished trials continue from their checkpoints, same parent run).
+
+exit codes: 0 done; 1 a run or sweep failed (the message says where its log is); 2 bad input, found
+before any work started (the message names the field or option, the value, and the fix)."""
+
+
+def counted(minimum: int = 1, maximum: int | None = None):
+    """An argparse type for a whole number in [minimum, maximum]: argparse names the option and exits 2."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a number {bound}")
+        return value
+
+    return parse
 
 
 def _add_ray_address(p) -> None:
@@ -93,12 +112,12 @@ def _add_mlflow_server(sub) -> None:
         "MLFLOW_TRACKING_URI=http://HOST:PORT (or --set tracking.tracking_uri=...).",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (use 0.0.0.0 only behind a firewall)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=counted(1, 65535), default=5000)
     p.add_argument("--backend-store", default="mlflow.db", help="SQLite file (or any MLflow backend store URI)")
     p.add_argument(
         "--artifacts", default="mlartifacts", help="where logged artifacts are stored (shared storage on a cluster)"
     )
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=counted(), default=1)
 
 
 def _add_demo(sub) -> None:
@@ -110,7 +129,7 @@ def _add_demo(sub) -> None:
         "workers through DeepSpeed, log both to MLflow, print main and all-sub-network "
         "accuracy side by side.",
     )
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (recipe default: 12)")
+    p.add_argument("--epochs", type=counted(), default=None, help="epochs per run (recipe default: 12)")
     _add_set(p, "override a field of both demo recipes")
     p.add_argument("--data-dir", default="~/.cache/st_scale/digits32", help="where the digits .beton files go")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
@@ -140,21 +159,21 @@ def _add_convert(sub) -> None:
         choices=("raw", "jpg", "smart", "proportion"),
         help="image storage (default: raw for digits/cifar, proportion for imagefolder)",
     )
-    p.add_argument("--max-resolution", type=int, default=None, help="resize so the longer side is at most this")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--workers", type=int, default=2, help="writer processes")
-    p.add_argument("--image-size", type=int, default=32, help="digits: upscaled size")
+    p.add_argument("--max-resolution", type=counted(8), default=None, help="resize so the longer side is at most this")
+    p.add_argument("--jpeg-quality", type=counted(1, 100), default=90)
+    p.add_argument("--workers", type=counted(), default=2, help="writer processes")
+    p.add_argument("--image-size", type=counted(8), default=32, help="digits: upscaled size")
     p.add_argument(
         "--train-subset",
-        type=int,
+        type=counted(),
         default=None,
         metavar="N",
         help="fashion-mnist: keep a seeded, class-proportional random subset of N training images",
     )
     p.add_argument(
-        "--val-subset", type=int, default=None, metavar="N", help="fashion-mnist: the same for the test split"
+        "--val-subset", type=counted(), default=None, metavar="N", help="fashion-mnist: the same for the test split"
     )
-    p.add_argument("--subset-seed", type=int, default=0, help="seed of the subsets (recorded in the metadata)")
+    p.add_argument("--subset-seed", type=counted(0), default=0, help="seed of the subsets (recorded in the metadata)")
     p.add_argument("--no-validate", action="store_true", help="imagefolder: skip decoding every image first")
 
 
@@ -167,7 +186,9 @@ def _add_eval(sub) -> None:
         "log the results into the run's MLflow run.",
     )
     p.add_argument("checkpoint", help="checkpoint folder: a checkpoint_* folder under <run.storage_path>/<run.name>/")
-    p.add_argument("--max-subnets", type=int, default=None)
+    p.add_argument(
+        "--max-subnets", type=counted(), default=None, help="evaluate a seeded sample of this many sub-networks"
+    )
     p.add_argument("--no-destruction", action="store_true")
     p.add_argument(
         "--shared-stats", action="store_true", help="use the shared BN statistics, not per-network re-estimation"
@@ -219,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _check_summary_path(args) -> None:
+    """--summary-json is written after the run: a path that cannot be written fails now, not then."""
+    if args.summary_json:
+        launch.check_writable(args.summary_json, "--summary-json")
+
+
 def cmd_recipes(args) -> int:
     from importlib import resources
 
@@ -240,6 +267,7 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
+    _check_summary_path(args)
     summary = train(cfg, address=args.address)
     from .report import print_summaries
 
@@ -261,6 +289,7 @@ def cmd_sweep(args) -> int:
         return 0
     from .sweep.driver import print_sweep, run_sweep, write_sweep_json
 
+    _check_summary_path(args)
     summary = run_sweep(args.spec, args.overrides, address=args.address)
     print_sweep(summary)
     if args.summary_json:
@@ -279,6 +308,7 @@ def cmd_mlflow_server(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _check_summary_path(args)
     run_demo(
         epochs=args.epochs,
         overrides=args.overrides,
@@ -295,7 +325,7 @@ def cmd_convert(args) -> int:
     convert(
         args.source,
         args.path,
-        Path(args.out).expanduser(),
+        launch.check_writable(args.out, "--out", folder=True),
         write_mode=args.write_mode,
         max_resolution=args.max_resolution,
         jpeg_quality=args.jpeg_quality,

@@ -145,7 +145,7 @@ class EvalSection(Section):
 
 class TrackingSection(Section):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite)")
-    experiment: str = "st-scale"
+    experiment: str = Field("st-scale", min_length=1, description="MLflow experiment name (created if missing)")
     run_name: str | None = None
     log_every_steps: int = Field(10, ge=1)
     system_metrics: bool = True
@@ -220,12 +220,26 @@ def _recipe_text(recipe: str) -> tuple[str, str]:
     return packaged.read_text(), f"st_scale/recipes/{recipe}.yaml"
 
 
+def parse_yaml(text: str, origin: str):
+    """YAML from a recipe, a sweep spec or a --set value; a syntax error names where, and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{origin}, line {mark.line + 1} column {mark.column + 1}" if mark else origin
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and start:
+            problem += f"; {context} at line {start.line + 1}"
+        raise ConfigError(f"{where}: invalid YAML ({problem}); fix the syntax there") from None
+
+
 def load_recipe_tree(recipe: str, _seen: tuple[str, ...] = ()) -> dict:
     """The recipe as a nested dict; a `base:` key names a recipe it extends."""
     text, origin = _recipe_text(recipe)
     if origin in _seen:
         raise ConfigError(f"recipe {recipe!r} extends itself through 'base'")
-    tree = yaml.safe_load(text) or {}
+    tree = parse_yaml(text, f"recipe {origin}") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe {origin} must be a mapping of sections")
     base = tree.pop("base", None)
@@ -246,7 +260,8 @@ def apply_override(tree: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
     key, raw = assignment.split("=", 1)
-    assign(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "", what=f"override {assignment!r}")
+    value = parse_yaml(raw, f"--set {assignment!r}") if raw.strip() else ""
+    assign(tree, key.strip(), value, what=f"override {assignment!r}")
 
 
 def assign(tree: dict, key: str, value: Any, *, what: str | None = None) -> None:

@@ -80,6 +80,12 @@ def _check_address_answers(address: str, timeout_s: float = 5.0) -> None:
     """A TCP probe of host:port first: `ray.init` waits minutes on an address nobody listens at."""
     import socket
 
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--address/RAY_ADDRESS={address!r} is a dashboard URL (what `ray job submit` takes); st-scale joins "
+            f"the cluster itself: give the head's address without the scheme and with its GCS port "
+            f"(host:6379), or `auto` on a cluster node"
+        )
     host_port = address.removeprefix("ray://")
     if host_port in ("auto", "local") or ":" not in host_port:
         return  # Ray resolves these itself, and fails fast when nothing is running
@@ -129,6 +135,18 @@ def check_cluster_fits(cfg: Config) -> None:
     )
 
 
+def check_buildable(cfg: Config, where: str = "") -> None:
+    """Build the model, its sub-network space and the objective once on the driver: a recipe whose
+    parts do not fit together (sampling.max_dropped against the model's stages, stage depths, method
+    options) fails here, before Ray starts, instead of in every worker (and every retry)."""
+    from .train_loop import build_model_and_objective
+
+    try:
+        build_model_and_objective(cfg)
+    except ValueError as error:
+        raise ConfigError(f"{where}{error}") from None
+
+
 def validate_inputs(cfg: Config) -> WorkerInputs:
     """Driver-side checks; returns what every worker is handed (paths made absolute in `cfg` first)."""
     metadata = {}
@@ -146,8 +164,9 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
                 f"data.{field}: {getattr(cfg.data, field)} has {classes} classes but model.num_classes="
                 f"{cfg.model.num_classes}; set model.num_classes={classes} or give data.{field} the run's classes"
             )
+    check_buildable(cfg)
     ds_config = resolve_ds_config(cfg)
-    cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
+    cfg.run.storage_path = str(check_writable(cfg.run.storage_path, "run.storage_path", folder=True))
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     experiment_id = check_tracking_uri(tracking_uri, cfg.tracking.experiment)
     return WorkerInputs(
@@ -220,6 +239,23 @@ def train(cfg: Config, *, address: str | None = None) -> RunSummary:
 
 def write_summary_json(path: str | Path, summaries: list[RunSummary]) -> None:
     write_json(path, {"runs": [asdict(s) for s in summaries]})
+
+
+def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
+    """Refuse before any work starts a path st-scale will write later (a summary file, a storage
+    folder): one under a regular file, a folder where a file goes, or no write permission."""
+    path = Path(path).expanduser().resolve()
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{what}: {path} is {'a file' if folder else 'a folder'}; give a {kind} path")
+    parent = path if path.exists() and folder else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what}: {path} cannot be created because {parent} is a file; give a {kind} path elsewhere")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {parent} is not writable; give a {kind} path you can write to")
+    return path
 
 
 def write_json(path: str | Path, payload) -> None:

@@ -30,6 +30,11 @@ def sqlite_path(uri: str) -> str | None:
 def resolve_tracking_uri(uri: str | None) -> str:
     """An absolute URI (workers and Tune trials do not share the driver's cwd)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{DEFAULT_STORE}"
+    if uri.startswith("sqlite:") and sqlite_path(uri) is None:
+        raise ConfigError(
+            f"tracking.tracking_uri={uri!r}: a SQLite URI needs three slashes before a relative path and four "
+            f"before an absolute one: sqlite:///mlflow.db or sqlite:////data/mlflow.db"
+        )
     database = sqlite_path(uri)
     if database is not None and not database.startswith("/"):
         return SQLITE + str(Path(database).expanduser().resolve())

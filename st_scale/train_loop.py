@@ -51,7 +51,10 @@ def build_space(cfg: Config, model: ElasticNet) -> SubnetSpace:
                 f"sampling.max_dropped={cfg.sampling.max_dropped} needs one entry per stage of "
                 f"{model.name} ({model.num_stages} stages: {list(model.stage_sizes)})"
             )
-        return SubnetSpace.restricted(model.stage_sizes, cfg.sampling.max_dropped)
+        try:
+            return SubnetSpace.restricted(model.stage_sizes, cfg.sampling.max_dropped)
+        except ValueError as error:
+            raise ValueError(f"sampling.{error}") from None
     return SubnetSpace.full(model.stage_sizes)
 
 

@@ -21,6 +21,23 @@ def digits_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def gloo_process_group():
+    """A one-process gloo group (world size 1) for DeepSpeed engines built inside the test process."""
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29533"),
+        ("DS_ACCELERATOR", "cpu"),
+    ):
+        os.environ[key] = value
+    torch.distributed.init_process_group("gloo")
+    yield
+    torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

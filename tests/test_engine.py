@@ -2,7 +2,6 @@
 schedule, parameter groups, and checkpoints that restore exactly or refuse when incomplete."""
 
 import math
-import os
 import random
 import shutil
 
@@ -18,21 +17,9 @@ from st_scale.models import create_model
 from st_scale.schedule import lr_at
 from st_scale.train_loop import build_model_and_objective
 
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    for key, value in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29533"),
-        ("DS_ACCELERATOR", "cpu"),
-    ):
-        os.environ[key] = value
-    torch.distributed.init_process_group("gloo")
-    yield
-    torch.distributed.destroy_process_group()
+# One gloo process group for the whole session: DeepSpeed caches its groups, so a group torn down
+# and made again (a module fixture run twice when tests are selected out of order) breaks it.
+pytestmark = pytest.mark.usefixtures("gloo_process_group")
 
 
 def _engine(ds_config="cpu_fp32.json", method="st"):
@@ -127,6 +114,11 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_lr_min(lr_min):
     assert lrs[35] == pytest.approx(quarter) and lrs[60] == pytest.approx((0.4 + lr_min) / 2)
     assert lrs[110] == pytest.approx(lr_min, abs=1e-12) and lrs[129] == pytest.approx(lr_min, abs=1e-12)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and min(lrs) >= lr_min
+
+
+def test_a_one_step_cosine_ends_at_lr_min():
+    cfg = load_config("demo_st", ["optimizer.lr=0.4", "optimizer.lr_min=0.01"])
+    assert [lr_at(s, 1, 1, cfg.optimizer) for s in range(3)] == pytest.approx([0.4, 0.01, 0.01])
 
 
 def test_constant_schedule_holds_the_peak_after_warm_up():

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ..config import (
@@ -310,11 +309,14 @@ class CheckedSweep:
 
 
 def check_spec(spec: SweepSpec) -> CheckedSweep:
+    from ..launch import check_buildable
+
     for key in spec.set:
         _check_field(f"set.{key}", key)
     base_tree = with_assignments(load_recipe_tree(spec.recipe), spec.set)
     try:
         base = build_config(base_tree)
+        check_buildable(base)
     except ConfigError as error:
         raise ConfigError(f"recipe {spec.recipe!r} with `set`: {error}") from None
     dimensions = parse_space(spec.space)
@@ -323,7 +325,7 @@ def check_spec(spec: SweepSpec) -> CheckedSweep:
             for key in assignment:
                 _check_field(f"space.{dim.label}" + (f" ({description})" if dim.is_family else ""), key)
             try:
-                build_config(with_assignments(base_tree, assignment))
+                check_buildable(build_config(with_assignments(base_tree, assignment)))
             except ConfigError as error:
                 raise ConfigError(f"space.{dim.label}: {description} gives an invalid trial config:\n{error}") from None
     _check_objective(spec, base)
@@ -364,17 +366,18 @@ def spec_path(spec: str) -> Path:
 def load_spec(spec: str, overrides: list[str] = ()) -> SweepSpec:
     """The spec file, with `--set` overrides of its own keys: num_samples=4, scheduler.grace_period=2,
     set.optimizer.epochs=2, 'space.method.kl_weight={loguniform: [0.5, 2]}'."""
-    from ..config import apply_override
+    from ..config import apply_override, parse_yaml
 
     path = spec_path(spec)
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = parse_yaml(path.read_text(), f"sweep spec {path}") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"sweep spec {path}: must be a mapping")
     for assignment in overrides:
         key, _, raw = assignment.partition("=")
         section = key.split(".", 1)[0]
         if section in ("set", "space") and "." in key:  # their keys are dotted fields: set.optimizer.epochs=3
-            tree.setdefault(section, {})[key.split(".", 1)[1]] = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw, f"--set {assignment!r}") if raw.strip() else ""
+            tree.setdefault(section, {})[key.split(".", 1)[1]] = value
         else:
             apply_override(tree, assignment)
     try:

@@ -1,0 +1,122 @@
+"""Bad input, as a careless user makes it, run for real through the `st-scale` command line.
+
+One row per case: the arguments, the exit code (2: bad input), a phrase the message must hold (the
+field or option, and what to do), and a bound on the time it may take. Every case here is caught
+before Ray or any worker starts: the output never shows a Ray instance starting, and never a raw
+traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
+
+pytestmark = pytest.mark.slow
+
+TIME_BOUND_S = 90  # a command start (torch, pydantic, MLflow imports) on a loaded 2-core machine
+
+TRAIN = [
+    "train",
+    "demo_st",
+    "--set",
+    "data.train={train}",
+    "--set",
+    "data.val={val}",
+    "--set",
+    "tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+    "--set",
+    "run.storage_path={tmp}/runs",
+]
+
+CASES = [
+    # (id, arguments, exit code, phrase the message must contain)
+    (
+        "yaml-in-a-set-value",
+        ["train", "demo_st", "--set", "optimizer.epochs=[1"],
+        2,
+        "--set 'optimizer.epochs=[1', line 1",
+    ),
+    ("yaml-in-a-recipe", ["train", "{tmp}/broken.yaml"], 2, "broken.yaml, line 4 column 1: invalid YAML"),
+    (
+        "yaml-in-a-sweep-spec",
+        ["sweep", "{tmp}/broken_spec.yaml", "--check"],
+        2,
+        "broken_spec.yaml, line 4 column 1: invalid YAML",
+    ),
+    ("unknown-recipe", ["train", "demo_sst"], 2, "unknown recipe 'demo_sst'; packaged recipes:"),
+    ("unknown-field", [*TRAIN, "--set", "optimizer.lrr=0.1"], 2, "optimizer.lrr: unknown key; check its spelling"),
+    ("negative-kl-weight", [*TRAIN, "--set", "method.kl_weight=-1"], 2, "method.kl_weight"),
+    ("missing-data-file", [*TRAIN, "--set", "data.val={tmp}/nothere.beton"], 2, "data.val: dataset file"),
+    ("val-split-with-more-classes", [*TRAIN, "--set", "data.val={wide}"], 2, "has 20 classes but model.num_classes=10"),
+    (
+        "max-dropped-of-the-wrong-length",
+        [*TRAIN, "--set", "sampling.space=restricted", "--set", "sampling.max_dropped=[0, 1]"],
+        2,
+        "sampling.max_dropped=[0, 1] needs one entry per stage",
+    ),
+    (
+        "max-dropped-beyond-a-stage",
+        [*TRAIN, "--set", "sampling.space=restricted", "--set", "sampling.max_dropped=[5, 0, 0]"],
+        2,
+        "sampling.max_dropped[0]=5: stage 0 has 3 blocks",
+    ),
+    ("sweep-family-with-a-wrong-max-dropped", ["sweep", "{tmp}/family_spec.yaml", "--check"], 2, "max_dropped"),
+    ("summary-json-under-a-file", [*TRAIN, "--summary-json", "{plain}/out.json"], 2, "--summary-json: "),
+    ("storage-path-is-a-file", [*TRAIN, "--set", "run.storage_path={plain}"], 2, "run.storage_path: "),
+    ("convert-out-under-a-file", ["convert", "digits", "--out", "{plain}/digits"], 2, "--out: "),
+    ("sqlite-uri-with-one-slash", [*TRAIN, "--set", "tracking.tracking_uri=sqlite:/x.db"], 2, "three slashes"),
+    ("empty-experiment-name", [*TRAIN, "--set", "tracking.experiment="], 2, "tracking.experiment"),
+    ("dashboard-url-as-address", [*TRAIN, "--address", "http://127.0.0.1:8265"], 2, "is a dashboard URL"),
+    ("eval-of-a-folder-that-is-no-checkpoint", ["eval", "{tmp}"], 2, "is not an st-scale checkpoint folder"),
+    ("eval-negative-max-subnets", ["eval", "{tmp}", "--max-subnets", "-5"], 2, "--max-subnets: -5 is out of range"),
+    ("server-port-out-of-range", ["mlflow-server", "--port", "70000"], 2, "--port: 70000 is out of range"),
+    ("convert-jpeg-quality-out-of-range", ["convert", "digits", "--out", "{tmp}/d", "--jpeg-quality", "0"], 2, "0 is"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Small valid .beton files, a 20-class one, a regular file, and broken recipe and spec files."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    rng = np.random.default_rng(0)
+    for name, classes in (("train", 10), ("val", 10), ("wide", 20)):
+        images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+        labels = np.arange(40) % classes
+        metadata = {"num_classes": classes, "image_size": 32, "source": "test"}
+        write_beton(ArrayDataset(images, labels), tmp / f"{name}.beton", WriteOptions(num_workers=1), metadata)
+    (tmp / "plain").write_text("a regular file\n")
+    (tmp / "broken.yaml").write_text("base: demo_st\noptimizer:\n  epochs: [1\n")
+    (tmp / "broken_spec.yaml").write_text("name: x\nrecipe: demo_st\nspace: {method.kl_weight: [1, 2\n")
+    (tmp / "family_spec.yaml").write_text(
+        "name: family\nrecipe: demo_st\n"
+        "space:\n  variant:\n    family:\n"
+        "      uniform: {sampling.space: full}\n"
+        "      restricted: {sampling.space: restricted, sampling.max_dropped: [0, 1]}\n"
+        "objective: {metric: val/main_top1, mode: max}\n"
+    )
+    return {name: tmp / f"{name}.beton" for name in ("train", "val", "wide")} | {"tmp": tmp, "plain": tmp / "plain"}
+
+
+@pytest.mark.parametrize("arguments, code, phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_early_with_a_message_that_names_it(inputs, arguments, code, phrase):
+    argv = [a.format(**inputs) for a in arguments]
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "st_scale", *argv],
+        capture_output=True,
+        text=True,
+        timeout=TIME_BOUND_S * 2,
+        cwd=inputs["tmp"],
+    )
+    elapsed = time.monotonic() - start
+    output = done.stdout + done.stderr
+    assert done.returncode == code, output
+    assert phrase.format(**inputs) in output, output
+    assert "Traceback" not in output and "Started a local Ray instance" not in output, output
+    assert elapsed < TIME_BOUND_S, f"took {elapsed:.0f} s"
