@@ -447,3 +447,29 @@ def test_ct_gradients_equal_the_cross_entropy_of_the_full_network():
     loss = _ce_by_hand(_depths_by_hand(reference_model.net, images, model.full_depths), labels)
     assert torch.allclose(out.loss, loss, rtol=1e-5, atol=1e-6)
     _assert_same_grads(grads, _reference_grads(loss, reference_model, objective), _names(model, objective))
+
+
+def test_stochastic_depth_reports_its_logits_and_parts():
+    model, images, labels = _setup(size=8, batch=6)
+    objective = build_objective("stochastic_depth", model, final_survival=0.7, seed=2)
+    assert objective.survival[(2, model.stage_sizes[2] - 1)] == pytest.approx(0.7)  # the option reaches it
+    reference_model = _plain_copy(model)
+    out = objective(model, images, labels, 3)
+    expected = _forward_by_hand(reference_model.net, images, objective.sample_plan(model, 3))
+    assert torch.allclose(out.logits, expected, rtol=1e-5, atol=1e-6)
+    assert set(out.parts) == {"ce", "kept_blocks"} and torch.equal(out.parts["ce"], out.loss.detach())
+
+
+def test_small_input_sizes_follow_k_and_the_rank_when_per_rank():
+    model, images, _ = _setup(size=32, batch=2)
+
+    def sizes(per_rank, rank, k=0, min_fraction=0.43):
+        sampler = SubnetSampler(SubnetSpace.full(model.stage_sizes), seed=5, per_rank=per_rank)
+        objective = StimulativeTraining(sampler, small_inputs=True, rank=rank, small_input_min_fraction=min_fraction)
+        return [objective._subnet_input(images, step, k).shape[-1] for step in range(40)]
+
+    assert sizes(False, 0) == sizes(False, 3)  # one draw for every rank
+    assert sizes(True, 0) != sizes(True, 3)  # each rank its own
+    assert sizes(False, 0, k=0) != sizes(False, 0, k=1)  # each of the K sub-nets its own
+    assert min(sizes(False, 0, min_fraction=0.01) + sizes(False, 1, min_fraction=0.01)) >= 1
+    assert 1 in {s for r in range(8) for s in sizes(True, r, min_fraction=0.02)}  # ceil(0.02 * 32) = 1

@@ -138,3 +138,11 @@ def test_fixed_seed_subset_for_huge_spaces():
 def test_step_rng_rejects_negative_fields():
     with pytest.raises(ValueError, match="step=-1: must be >= 0"):
         step_rng(0, -1)
+
+
+def test_space_check_accepts_members_and_names_the_bounds_otherwise():
+    space = SubnetSpace.restricted((3, 4, 6, 3), max_dropped=(0, 1, 3, 0))
+    assert space.check([3, 3, 3, 3]) == (3, 3, 3, 3) and space.check((3, 4, 6, 3)) == (3, 4, 6, 3)
+    for outside in ((3, 2, 6, 3), (2, 4, 6, 3), (3, 4, 7, 3)):
+        with pytest.raises(ValueError, match=r"is not in the space \(per-stage bounds \[\[3, 3\], \[3, 4\], \[3, 6\]"):
+            space.check(outside)
