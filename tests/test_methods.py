@@ -15,7 +15,7 @@ from st_scale.methods import (
     distillation_kl,
 )
 from st_scale.models import create_model
-from st_scale.sampling import SubnetSampler, SubnetSpace
+from st_scale.sampling import SubnetSampler, SubnetSpace, step_rng
 
 
 def _setup(name="cifar_resnet20", size=16, batch=8):
@@ -463,13 +463,50 @@ def test_stochastic_depth_reports_its_logits_and_parts():
 def test_small_input_sizes_follow_k_and_the_rank_when_per_rank():
     model, images, _ = _setup(size=32, batch=2)
 
-    def sizes(per_rank, rank, k=0, min_fraction=0.43):
-        sampler = SubnetSampler(SubnetSpace.full(model.stage_sizes), seed=5, per_rank=per_rank)
+    def sizes(per_rank, rank, k=0, min_fraction=0.43, seed=5):
+        sampler = SubnetSampler(SubnetSpace.full(model.stage_sizes), seed=seed, per_rank=per_rank)
         objective = StimulativeTraining(sampler, small_inputs=True, rank=rank, small_input_min_fraction=min_fraction)
         return [objective._subnet_input(images, step, k).shape[-1] for step in range(40)]
 
     assert sizes(False, 0) == sizes(False, 3)  # one draw for every rank
     assert sizes(True, 0) != sizes(True, 3)  # each rank its own
     assert sizes(False, 0, k=0) != sizes(False, 0, k=1)  # each of the K sub-nets its own
+    assert sizes(False, 0, seed=5) != sizes(False, 0, seed=6)  # the run's seed decides them
+    # Its own random stream: drawn from the sub-network stream, size and sub-network would be correlated.
+    low = math.ceil(0.43 * 32)
+    assert sizes(False, 0) != [int(step_rng(5, step, 0).integers(low, 33)) for step in range(40)]
     assert min(sizes(False, 0, min_fraction=0.01) + sizes(False, 1, min_fraction=0.01)) >= 1
     assert 1 in {s for r in range(8) for s in sizes(True, r, min_fraction=0.02)}  # ceil(0.02 * 32) = 1
+
+
+@pytest.mark.parametrize("method", ["layer_supervision", "stage_supervision", "self_distillation"])
+def test_auxiliary_heads_sit_where_their_method_says_on_unequal_stages(method):
+    """On stages of 1, 2 and 3 blocks: a head after every block but the network's last, or after the
+    last block of every stage but the final one; each head maps that position's channels to the classes."""
+    model = create_model("cifar_resnet20", 10, stage_depths=(1, 2, 3))
+    objective = build_objective(method, model)
+    assert objective.name == method
+    if method == "layer_supervision":
+        expected = [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]
+    else:
+        expected = [(0, 0), (1, 1)]
+    assert objective.positions == expected
+    widths = {0: 16, 1: 32, 2: 64}
+    assert [(h[-1].in_features, h[-1].out_features) for h in objective.heads] == [(widths[s], 10) for s, _ in expected]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"distill_alpha": 1.5}, r"distill_alpha=1.5: must be in \[0, 1\]"),
+        ({"distill_alpha": -0.1}, r"distill_alpha=-0.1: must be in \[0, 1\]"),
+        ({"temperature": 0.0}, "temperature=0.0: must be > 0"),
+    ],
+)
+def test_bad_self_distillation_options_are_named(options, message):
+    from st_scale.methods import AuxiliarySupervision
+
+    model, _, _ = _setup()
+    with pytest.raises(ValueError, match=message):
+        AuxiliarySupervision(model, per="stage", name="self_distillation", **options)
+    AuxiliarySupervision(model, per="stage", name="self_distillation", distill_alpha=1.0)  # the bounds themselves hold
