@@ -75,8 +75,9 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _pipeline_fields(self) -> DataSection:
         if self.pipeline == "cifar":
-            for name in ("color_jitter", "pca_lighting"):
-                if getattr(self, name):
+            defaults = type(self).model_fields
+            for name in ("color_jitter", "pca_lighting", "val_image_size", "val_crop_ratio"):
+                if getattr(self, name) != defaults[name].default:
                     raise ValueError(
                         f"data.{name}={getattr(self, name)} applies to the imagenet pipeline only; "
                         f"remove it or set data.pipeline=imagenet"

@@ -157,6 +157,13 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
             metadata[field] = verify_beton(path)
         except DatasetFileError as error:
             raise ConfigError(f"data.{field}: {error}") from None
+    for field, meta in metadata.items():
+        size = meta.get("image_size")
+        if cfg.data.pipeline == "cifar" and size and size != cfg.data.image_size:
+            raise ConfigError(  # the cifar pipeline does not resize: the file's size is the training size
+                f"data.image_size={cfg.data.image_size} but data.{field} holds {size} x {size} images, which the "
+                f"cifar pipeline uses as they are; set data.image_size={size}, or data.pipeline=imagenet to resize"
+            )
     for field, meta in metadata.items():  # every split: a label the head has no output for is never right
         classes = meta.get("num_classes")
         if classes and classes > cfg.model.num_classes:

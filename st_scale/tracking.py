@@ -165,11 +165,26 @@ class RunTracker:
         self.mlflow.end_run(status=status)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """mlflow server on a taken port logs the error and keeps its workers waiting: refuse first."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(
+                f"--port {port}: {host}:{port} cannot be used ({error.strerror}; another server may be running "
+                f"there); choose another --port or stop that server"
+            ) from None
+
+
 def serve_mlflow(*, host: str, port: int, backend_store: str, artifacts: str, workers: int = 1) -> int:
     """Replace this process with `mlflow server` (its PID is this command's PID: stop it by that)."""
     import shutil
     import sys
 
+    _check_port_free(host, port)
     store = resolve_tracking_uri(backend_store if "://" in backend_store else f"{SQLITE}{backend_store}")
     artifacts_dir = Path(artifacts).expanduser().resolve()
     artifacts_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -76,13 +77,23 @@ CASES = [
     ("eval-of-a-folder-that-is-no-checkpoint", ["eval", "{tmp}"], 2, "is not an st-scale checkpoint folder"),
     ("eval-negative-max-subnets", ["eval", "{tmp}", "--max-subnets", "-5"], 2, "--max-subnets: -5 is out of range"),
     ("server-port-out-of-range", ["mlflow-server", "--port", "70000"], 2, "--port: 70000 is out of range"),
+    ("server-port-in-use", ["mlflow-server", "--port", "{busy_port}"], 2, "--port {busy_port}: 127.0.0.1:{busy_port}"),
+    ("cifar-pipeline-image-size", [*TRAIN, "--set", "data.image_size=64"], 2, "the cifar pipeline uses as they are"),
+    ("cifar-pipeline-crop-ratio", [*TRAIN, "--set", "data.val_crop_ratio=0.9"], 2, "the imagenet pipeline only"),
+    (
+        "convert-of-a-truncated-image",
+        ["convert", "imagefolder", "{tmp}/folder", "--out", "{tmp}/folder_out"],
+        2,
+        "cut.jpg is not a readable image",
+    ),
     ("convert-jpeg-quality-out-of-range", ["convert", "digits", "--out", "{tmp}/d", "--jpeg-quality", "0"], 2, "0 is"),
 ]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """Small valid .beton files, a 20-class one, a regular file, and broken recipe and spec files."""
+    """Small valid .beton files, a 20-class one, a regular file, broken recipe and spec files, an image
+    folder with a truncated JPEG, and a port something listens on."""
     tmp = tmp_path_factory.mktemp("bad_input")
     rng = np.random.default_rng(0)
     for name, classes in (("train", 10), ("val", 10), ("wide", 20)):
@@ -91,6 +102,13 @@ def inputs(tmp_path_factory):
         metadata = {"num_classes": classes, "image_size": 32, "source": "test"}
         write_beton(ArrayDataset(images, labels), tmp / f"{name}.beton", WriteOptions(num_workers=1), metadata)
     (tmp / "plain").write_text("a regular file\n")
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp / "folder" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp / "folder" / split / "cat" / "ok.jpg")
+    whole = (tmp / "folder" / "train" / "cat" / "ok.jpg").read_bytes()
+    (tmp / "folder" / "train" / "cat" / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # opens, cannot decode
     (tmp / "broken.yaml").write_text("base: demo_st\noptimizer:\n  epochs: [1\n")
     (tmp / "broken_spec.yaml").write_text("name: x\nrecipe: demo_st\nspace: {method.kl_weight: [1, 2\n")
     (tmp / "family_spec.yaml").write_text(
@@ -100,7 +118,15 @@ def inputs(tmp_path_factory):
         "      restricted: {sampling.space: restricted, sampling.max_dropped: [0, 1]}\n"
         "objective: {metric: val/main_top1, mode: max}\n"
     )
-    return {name: tmp / f"{name}.beton" for name in ("train", "val", "wide")} | {"tmp": tmp, "plain": tmp / "plain"}
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    yield {name: tmp / f"{name}.beton" for name in ("train", "val", "wide")} | {
+        "tmp": tmp,
+        "plain": tmp / "plain",
+        "busy_port": busy.getsockname()[1],
+    }
+    busy.close()
 
 
 @pytest.mark.parametrize("arguments, code, phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

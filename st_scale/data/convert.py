@@ -267,7 +267,7 @@ def _validate_images(dataset: ImageFolderDataset, progress) -> None:
     for path, _ in progress(dataset.samples):
         try:
             with Image.open(path) as image:
-                image.verify()
+                image.load()  # decode it all: a truncated file opens, and fails only here
         except Exception as error:
             raise ValueError(
                 f"{path} is not a readable image ({error}); remove or replace it before converting"
