@@ -200,6 +200,7 @@ def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .failures import FailOnRecurringErrors
     from .train_loop import train_worker
 
     s = cfg.scaling
@@ -213,7 +214,7 @@ def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
             storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=list(callbacks),
+            callbacks=[FailOnRecurringErrors(), *callbacks],
         ),
     )
 

@@ -1,6 +1,7 @@
 """FFCV data: conversion from digits, CIFAR and ImageFolder sources; checksums catch damage that
 FFCV itself would silently read; the writer cannot hang; loaders and augmentation are seeded."""
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -92,6 +93,14 @@ def test_flipped_bytes_are_caught(digits_dir, tmp_path):
     data[len(data) // 3] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DatasetFileError, match="does not match its checksum .* \\(corrupted\\); rebuild it"):
+        verify_beton(path)
+
+
+def test_metadata_of_another_file_is_caught(digits_dir, tmp_path):
+    path = _copy(digits_dir, tmp_path)
+    train_meta = json.loads((digits_dir / "train.beton.json").read_text())
+    (tmp_path / "val.beton.json").write_text(json.dumps(train_meta | {"size_bytes": path.stat().st_size}))
+    with pytest.raises(DatasetFileError, match=r"val.beton.json describes another file \(its sha256 differs"):
         verify_beton(path)
 
 

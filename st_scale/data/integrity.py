@@ -73,6 +73,12 @@ def verify_beton(path: str | Path) -> dict:
             f"(truncated or overwritten); {rebuild}"
         )
     expected = checksum_file.read_text().split()[0]
+    if metadata.get("sha256", expected) != expected:
+        _, metadata_file, _ = sidecars(path)
+        raise DatasetFileError(
+            f"{path}: {metadata_file.name} describes another file (its sha256 differs from {checksum_file.name}); "
+            f"copy the three files together, or {rebuild}"
+        )
     stamp = f"{stat.st_size} {stat.st_mtime_ns} {expected}"
     if stamp_file.is_file() and stamp_file.read_text() == stamp:
         return metadata
