@@ -2,6 +2,7 @@
 FFCV itself would silently read; the writer cannot hang; loaders and augmentation are seeded."""
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -372,3 +373,56 @@ def test_colour_augmentation_matches_torchvision_colorjitter_and_alexnet_lightin
 def test_colour_augmentation_is_refused_where_it_would_be_ignored():
     with pytest.raises(ConfigError, match="data.color_jitter=0.4 applies to the imagenet pipeline only"):
         load_config("demo_ct", ["data.color_jitter=0.4"])
+
+
+def _file_with_sidecars(path: Path, size: int) -> Path:
+    from st_scale.data.integrity import write_sidecars
+
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    write_sidecars(path, {"num_classes": 10})
+    return path
+
+
+def _overwrite_keeping_mtime(path: Path, offset: int) -> None:
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_small_file_changed_in_place_with_its_mtime_kept_is_caught(tmp_path):
+    path = _file_with_sidecars(tmp_path / "small.beton", 100_000)
+    verify_beton(path)
+    _overwrite_keeping_mtime(path, 54_321)
+    with pytest.raises(DatasetFileError, match="does not match its checksum"):
+        verify_beton(path)
+
+
+def test_a_large_file_is_rechecked_by_sampled_blocks_and_in_full_when_its_stamp_is_old(tmp_path, monkeypatch):
+    from st_scale.data import integrity
+
+    monkeypatch.setattr(integrity, "FULL_CHECK_BYTES", 0)  # every file counts as large
+    monkeypatch.setattr(integrity, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(integrity, "SAMPLED_BLOCKS", 8)
+    monkeypatch.setattr(integrity, "CHECKED_BLOCKS", 8)
+    path = _file_with_sidecars(tmp_path / "large.beton", 80_000)
+    verify_beton(path)
+    stamp_file = tmp_path / "large.beton.verified"
+    stamp = json.loads(stamp_file.read_text())
+    offsets = sorted(int(o) for o in stamp["blocks"])
+    assert len(offsets) == 8 and offsets[0] == 0 and offsets[-1] == 79_000
+    _overwrite_keeping_mtime(path, offsets[3] + 10)  # inside a sampled block
+    with pytest.raises(DatasetFileError, match="does not match its checksum"):
+        verify_beton(path)
+    _overwrite_keeping_mtime(path, offsets[3] + 10)  # restored
+    verify_beton(path)
+    between = offsets[1] + 2000  # outside every sampled block: the accepted risk, until the stamp ages
+    _overwrite_keeping_mtime(path, between)
+    verify_beton(path)
+    stamp = json.loads(stamp_file.read_text())
+    stamp_file.write_text(json.dumps(stamp | {"verified_at": stamp["verified_at"] - integrity.STAMP_MAX_AGE_S - 1}))
+    with pytest.raises(DatasetFileError, match="does not match its checksum"):
+        verify_beton(path)

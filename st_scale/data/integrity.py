@@ -2,17 +2,30 @@
 
 FFCV returns silently wrong images for some kinds of damage (flipped bytes, a truncated allocation
 table), so every file gets `<name>.beton.sha256` and `<name>.beton.json` when written, and is
-verified before training. A verified file leaves a stamp (size + mtime + digest) so a multi-GB
-ImageNet file is hashed once, not at every run.
+verified before training.
+
+The policy for re-verifying: a file under FULL_CHECK_BYTES (CIFAR, Fashion-MNIST, digits) is hashed
+whole on every run. A larger one (ImageNet: tens of GB) leaves a stamp when verified: its size,
+modification time, digest and the digests of SAMPLED_BLOCKS evenly spaced blocks. A run whose file
+matches the stamp re-hashes CHECKED_BLOCKS of those blocks, drawn at random, which catches content
+overwritten in place with the modification time kept, unless the change misses every block checked;
+and the whole file is hashed again once the stamp is older than STAMP_MAX_AGE_S.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
+import time
 from pathlib import Path
 
 CHUNK = 8 << 20
+FULL_CHECK_BYTES = 256 << 20
+BLOCK_BYTES = 1 << 20
+SAMPLED_BLOCKS = 64
+CHECKED_BLOCKS = 8
+STAMP_MAX_AGE_S = 7 * 24 * 3600
 
 
 class DatasetFileError(RuntimeError):
@@ -25,6 +38,42 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _block_digests(path: Path, offsets) -> dict[str, str]:
+    digests = {}
+    with open(path, "rb") as f:
+        for offset in offsets:
+            f.seek(int(offset))
+            digests[str(int(offset))] = hashlib.sha256(f.read(BLOCK_BYTES)).hexdigest()
+    return digests
+
+
+def _stamp(path: Path, stat, digest: str) -> dict:
+    last = max(0, stat.st_size - BLOCK_BYTES)  # evenly spaced, the first at the start, the last at the end
+    offsets = sorted({i * last // max(1, SAMPLED_BLOCKS - 1) for i in range(SAMPLED_BLOCKS)})
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256": digest,
+        "verified_at": time.time(),
+        "blocks": _block_digests(path, offsets),
+    }
+
+
+def _stamp_still_holds(path: Path, stamp_file: Path, stat, digest: str) -> bool:
+    """The stamp matches the file as it is now, is recent, and a random sample of its blocks re-hashes
+    to the same digests."""
+    try:
+        stamp = json.loads(stamp_file.read_text())
+        if (stamp["size"], stamp["mtime_ns"], stamp["sha256"]) != (stat.st_size, stat.st_mtime_ns, digest):
+            return False
+        if time.time() - stamp["verified_at"] > STAMP_MAX_AGE_S:
+            return False
+        sample = random.sample(sorted(stamp["blocks"]), min(CHECKED_BLOCKS, len(stamp["blocks"])))
+        return _block_digests(path, sample) == {k: stamp["blocks"][k] for k in sample}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no stamp, an older format, or unreadable: verify in full
 
 
 def sidecars(path: Path) -> tuple[Path, Path, Path]:
@@ -79,13 +128,14 @@ def verify_beton(path: str | Path) -> dict:
             f"{path}: {metadata_file.name} describes another file (its sha256 differs from {checksum_file.name}); "
             f"copy the three files together, or {rebuild}"
         )
-    stamp = f"{stat.st_size} {stat.st_mtime_ns} {expected}"
-    if stamp_file.is_file() and stamp_file.read_text() == stamp:
+    large = stat.st_size >= FULL_CHECK_BYTES
+    if large and _stamp_still_holds(path, stamp_file, stat, expected):
         return metadata
     if sha256_of(path) != expected:
         raise DatasetFileError(f"{path} does not match its checksum {checksum_file.name} (corrupted); {rebuild}")
-    try:
-        stamp_file.write_text(stamp)
-    except OSError:
-        pass  # read-only storage: verify again next time
+    if large:
+        try:
+            stamp_file.write_text(json.dumps(_stamp(path, stat, expected)))
+        except OSError:
+            pass  # read-only storage: verify in full next time
     return metadata
