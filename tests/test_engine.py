@@ -169,21 +169,22 @@ def test_a_checkpoint_gives_back_its_run_info_and_weights(tmp_path):
     cfg, model, engine = _engine()
     _step(engine, 0, torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
     info = RunInfo(cfg.model_dump(mode="json"), 2, 7, "run-id", "sqlite:////x.db", "3")
-    save_checkpoint(engine, tmp_path / "ckpt", 0, {"epoch": 2, "step": 7}, info)
-    save_checkpoint(engine, tmp_path / "ckpt", 1, {"epoch": 2, "step": 7})
-    assert committed_ranks(tmp_path / "ckpt") == [0, 1]
-    assert read_run(tmp_path / "ckpt") == info and read_run(tmp_path / "ckpt").config_model() == cfg
-    weights = model_weights(tmp_path / "ckpt")
+    folder = tmp_path / "run" / "checkpoint_000001"  # its parent does not exist yet
+    save_checkpoint(engine, folder, 0, {"epoch": 2, "step": 7}, info)
+    save_checkpoint(engine, folder, 1, {"epoch": 2, "step": 7})
+    assert committed_ranks(folder) == [0, 1]
+    assert read_run(folder) == info and read_run(folder).config_model() == cfg
+    weights = model_weights(folder)
     assert weights.keys() == model.state_dict().keys()
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     fresh = create_model(model.name, 10)
-    load_weights(tmp_path / "ckpt", fresh)
+    load_weights(folder, fresh)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ConfigError, match="is not an st-scale checkpoint folder"):
         read_run(tmp_path)
-    (tmp_path / "ckpt" / "COMMITTED.rank0").unlink()
+    (folder / "COMMITTED.rank0").unlink()
     with pytest.raises(RuntimeError, match=r"no commit marker from ranks \[0\]"):
-        read_run(tmp_path / "ckpt")
+        read_run(folder)
 
 
 def test_an_incomplete_checkpoint_is_refused(tmp_path):
