@@ -70,6 +70,8 @@ def resolve_ds_config(cfg: Config) -> dict:
                 f"(data.batch_size={global_batch}, {world} workers gives {value}); remove it from the JSON"
             )
     ds.update(derived)
+    if cfg.deepspeed.overrides or path.parent != DS_CONFIG_DIR:  # the packaged files are tested as they are
+        _check_against_deepspeed(ds, path.name)
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     if bf16 and not cfg.scaling.use_gpu:
         raise ConfigError(
@@ -82,6 +84,30 @@ def resolve_ds_config(cfg: Config) -> dict:
             f"BatchNorm buffers must be bf16 too"
         )
     return ds
+
+
+def _check_against_deepspeed(ds: dict, name: str) -> None:
+    """DeepSpeed's own config models reject a misspelt key in a section (`zero_optimization.stagee`)
+    only inside the workers: parse the config here first. The batch sizes are restated for one process
+    (DeepSpeed checks them against the world size it sees, 1 on the driver); errors other than a
+    schema error are left to DeepSpeed on the workers."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = json.loads(json.dumps(ds))
+    probe["train_batch_size"] = probe["train_micro_batch_size_per_gpu"] * probe["gradient_accumulation_steps"]
+    try:
+        DeepSpeedConfig(probe)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(
+            f"{error.title}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
+        )
+        raise ConfigError(
+            f"deepspeed.config ({name} with deepspeed.overrides): DeepSpeed rejects it: {problems}; "
+            f"fix the key (DeepSpeed's configuration reference lists each section's keys)"
+        ) from None
+    except Exception:  # noqa: BLE001  (not a schema error: the workers' DeepSpeed reports it in context)
+        pass
 
 
 # ------------------------------------------------------------------------------------ engine

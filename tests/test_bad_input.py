@@ -77,6 +77,12 @@ CASES = [
     ("eval-of-a-folder-that-is-no-checkpoint", ["eval", "{tmp}"], 2, "is not an st-scale checkpoint folder"),
     ("eval-negative-max-subnets", ["eval", "{tmp}", "--max-subnets", "-5"], 2, "--max-subnets: -5 is out of range"),
     ("server-port-out-of-range", ["mlflow-server", "--port", "70000"], 2, "--port: 70000 is out of range"),
+    (
+        "deepspeed-override-typo",
+        [*TRAIN, "--set", "deepspeed.overrides={{zero_optimization.stagee: 1}}"],
+        2,
+        "DeepSpeed rejects it: DeepSpeedZeroConfig.stagee: Extra inputs are not permitted",
+    ),
     ("server-port-in-use", ["mlflow-server", "--port", "{busy_port}"], 2, "--port {busy_port}: 127.0.0.1:{busy_port}"),
     ("cifar-pipeline-image-size", [*TRAIN, "--set", "data.image_size=64"], 2, "the cifar pipeline uses as they are"),
     ("cifar-pipeline-crop-ratio", [*TRAIN, "--set", "data.val_crop_ratio=0.9"], 2, "the imagenet pipeline only"),
