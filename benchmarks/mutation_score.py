@@ -1,8 +1,10 @@
 """Mutation score per core module, from the results `mutmut run` left in mutants/ (`make mutate`).
 
-A mutant is killed when a fast test fails (or times out) with it in place. Mutants listed in
-benchmarks/mutation_equivalent.txt (`name  reason`) behave exactly like the original and are left
-out of the score, with their reason printed. Writes score.md and survivors.txt under --out.
+A mutant is killed when a fast test fails with it in place; one no fast test runs counts as survived.
+Mutants whose tests ran out of time are counted apart (a machine busy with other work times out
+mutants that would be killed or survive), and so are those listed in benchmarks/mutation_equivalent.txt
+(`name  reason`: they behave exactly like the original). score = killed / (killed + survived).
+Writes score.md and survivors.txt under --out.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / "benchmarks" / "mutation_equivalent.txt"
-KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+KILLED = {"killed", "caught by type check", "segfault"}
 
 
 def mutant_results() -> dict[str, str]:
@@ -39,8 +41,10 @@ def mutant_results() -> dict[str, str]:
 
 
 def module_of(mutant: str) -> str:
-    """st_scale.methods.st.xǁStimulativeTrainingǁforward__mutmut_3 -> st_scale/methods/st.py"""
-    return re.split(r"\.x[_ǁ]", mutant, maxsplit=1)[0].replace(".", "/") + ".py"
+    """st_scale.methods.st.xǁStimulativeTrainingǁforward__mutmut_3 -> st_scale/methods/st.py (a
+    package's own functions live in its __init__.py)"""
+    stem = re.split(r"\.x[_ǁ]", mutant, maxsplit=1)[0].replace(".", "/")
+    return f"{stem}/__init__.py" if (ROOT / stem).is_dir() else f"{stem}.py"
 
 
 def equivalent_mutants() -> dict[str, str]:
@@ -63,18 +67,19 @@ def main() -> int:
     survivors = []
     for name, status in sorted(results.items()):
         counts = per_module[module_of(name)]
-        if status == "not checked":
-            counts["not checked"] += 1
+        if status in ("not checked", "timeout"):
+            counts[status] += 1
         elif name in equivalent:
             counts["equivalent"] += 1
         elif status in KILLED:
             counts["killed"] += 1
         else:
             counts["survived"] += 1
+            counts["no tests"] += status == "no tests"
             survivors.append(f"{name}: {status}")
     lines = [
-        "| module | mutants | killed | survived | equivalent | not checked | score |",
-        "|---|---|---|---|---|---|---|",
+        "| module | mutants | killed | survived (no test runs it) | equivalent | timed out | not checked | score |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     total = Counter()
     for module, counts in sorted(per_module.items()):
@@ -94,10 +99,10 @@ def main() -> int:
 def _row(module: str, counts: Counter) -> str:
     checked = counts["killed"] + counts["survived"]
     score = f"{100 * counts['killed'] / checked:.1f}%" if checked else "-"
-    size = sum(counts.values())
+    size = sum(v for k, v in counts.items() if k != "no tests")
     return (
-        f"| {module} | {size} | {counts['killed']} | {counts['survived']} | {counts['equivalent']} "
-        f"| {counts['not checked']} | {score} |"
+        f"| {module} | {size} | {counts['killed']} | {counts['survived']} ({counts['no tests']}) "
+        f"| {counts['equivalent']} | {counts['timeout']} | {counts['not checked']} | {score} |"
     )
 
 
