@@ -1,3 +1,8 @@
 """st-scale: Stimulative Training of residual networks at cluster scale."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("st-scale")  # pyproject.toml's version, as installed
+except metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "unknown"

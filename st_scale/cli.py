@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import launch  # noqa: F401  (sets Ray's loopback defaults before anything imports ray)
+from . import __version__, launch  # noqa: F401  (sets Ray's loopback defaults before anything imports ray)
 from .config import ConfigError
 
 EPILOG = """examples:
@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"st-scale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_sweep(sub)

@@ -115,3 +115,13 @@ def test_deepspeed_config_errors_name_the_problem(tmp_path):
         match="data.batch_size=64 is not divisible by scaling.num_workers=2 x gradient_accumulation_steps=3",
     ):
         resolve_ds_config(load_config("demo_st", [f"deepspeed.config={accumulation}"]))
+
+
+def test_version_is_the_installed_packages(capsys):
+    from importlib import metadata
+
+    from st_scale.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"st-scale {metadata.version('st-scale')}"
