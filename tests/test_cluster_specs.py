@@ -85,6 +85,19 @@ def test_image_installs_with_the_makefile(dockerfile):
     assert user and user[-1].split(":")[0] not in ("0", "root")
 
 
+def test_both_images_run_the_same_python():
+    """Ray refuses a node whose Python minor version differs from the head's: the CPU image (job
+    submitter, CPU workers) and the GPU image must join one cluster."""
+    interpreters = {}
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        interpreters[dockerfile.name] = re.search(r"make install PYTHON=python(3\.\d+)", text)[1]
+        base = re.search(r"^FROM python:(3\.\d+)-", text, re.M)
+        if base:  # a python:X.Y base image: its interpreter is the one installed into
+            assert base[1] == interpreters[dockerfile.name], dockerfile.name
+    assert len(set(interpreters.values())) == 1, interpreters
+
+
 def test_makefile_targets_the_images_use_exist():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^system-deps:", makefile, re.M) and re.search(r"^install:", makefile, re.M)
