@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 EXTRAS ?= [dev]
+# Editable for development; the docker/ images install a regular (non-editable) copy: EDITABLE=
+EDITABLE ?= -e
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
@@ -13,7 +15,7 @@ SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev
 
 help:
 	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root);"
-	@echo "                PYTHON=python3.12 VENV=/opt/venv EXTRAS= is how the docker/ images install it"
+	@echo "                PYTHON=python3.12 VENV=/opt/venv EXTRAS= EDITABLE= is how the docker/ images install it"
 	@echo "make demo       the embedded default: CT vs ST on the bundled digits set"
 	@echo "make lint       ruff format --check and ruff check (CI runs it before the tests)"
 	@echo "make format     ruff format and the safe ruff fixes"
@@ -56,7 +58,7 @@ $(STAMP): pyproject.toml | system-deps
 	# torch first: deepspeed's and ffcv's setup.py import it / numpy at build time.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 "numpy>=2.0,<2.6" pkgconfig cython
 	$(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.*" ffcv==1.0.2
-	$(PY) -m pip install -q -e ".$(EXTRAS)"
+	$(PY) -m pip install -q $(EDITABLE) ".$(EXTRAS)"
 	@touch $(STAMP)
 
 demo: install

@@ -19,7 +19,8 @@ from .config import Config, ConfigError, OptimizerSection, set_dotted
 from .methods import Objective
 from .models import ElasticNet
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# The package's ds_configs/: in a source tree a link to the top-level folder, in a wheel a copy of it.
+DS_CONFIG_DIR = (Path(__file__).resolve().parent / "ds_configs").resolve()
 
 
 # ------------------------------------------------------------------------------------ DS config
