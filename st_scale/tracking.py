@@ -22,6 +22,9 @@ RUN_KEY_TAG = "st_scale.run_key"  # storage_path/run.name: one MLflow run per Ra
 SQLITE = "sqlite:///"
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def sqlite_path(uri: str) -> str | None:
     """The database file of a SQLite tracking URI (sqlite:///relative or sqlite:////absolute), else None."""
     return uri[len(SQLITE) :] if uri.startswith(SQLITE) else None
@@ -64,7 +67,11 @@ def check_tracking_uri(uri: str, experiment: str) -> str:
     try:
         client = mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
-        return found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        if found is None or EXPERIMENT_KIND_TAG not in found.tags:
+            # Without a kind, the MLflow 3 UI opens the experiment in its GenAI view (traces, sessions).
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment_id
     except Exception as error:
         raise ConfigError(
             f"tracking.tracking_uri={uri!r}: the MLflow store cannot be used ({type(error).__name__}: "
