@@ -182,6 +182,11 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,
         dataset=metadata["train"].get("source", cfg.data.train),
+        datasets={
+            field: {"path": getattr(cfg.data, field)}
+            | {k: meta[k] for k in ("sha256", "source", "num_samples", "num_classes") if k in meta}
+            for field, meta in metadata.items()
+        },
         fault=_fault_from_env(cfg),
     )
 

@@ -126,6 +126,7 @@ class RunTracker:
         params: dict[str, Any],
         tags: dict[str, str],
         system_metrics: bool,
+        datasets: dict[str, dict[str, Any]] | None = None,
     ):
         import mlflow
 
@@ -150,6 +151,23 @@ class RunTracker:
                 self.last_logged[key] = max((m.step for m in history), default=-1)
         else:
             log_params(self.client, self.run_id, params)
+            self.log_datasets(datasets or {})
+
+    def log_datasets(self, datasets: dict[str, dict[str, Any]]) -> None:
+        """Each split as an MLflow dataset input: the .beton's path as source and its sha256 as digest,
+        so the UI's dataset column tells runs on different data apart."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        for split, info in datasets.items():
+            path = Path(info["path"])
+            dataset = MetaDataset(
+                resolve_dataset_source(path.as_uri()),
+                name=f"{path.parent.name}/{path.name}",
+                digest=info.get("sha256", "")[:32] or None,  # MLflow keeps at most 36 characters
+            )
+            extra = {k: str(v) for k, v in info.items() if k in ("source", "num_samples", "num_classes")}
+            self.mlflow.log_input(dataset, context="training" if split == "train" else "validation", tags=extra)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         fresh = {k: float(v) for k, v in metrics.items() if step > self.last_logged.get(k, -1)}

@@ -227,6 +227,7 @@ def _open_tracker(cfg: Config, inputs: WorkerInputs, run_id: str | None):
             **inputs.tags,
         },
         system_metrics=cfg.tracking.system_metrics,
+        datasets=inputs.datasets,
     )
     if run_id is None:
         tracker.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")

@@ -23,6 +23,8 @@ class WorkerInputs:
     tracking_uri: str  # absolute: workers and trials do not share the driver's cwd
     experiment_id: str
     dataset: str  # what the training file says it holds (its metadata's source)
+    # per split ("train", "val"): path, sha256, source, num_samples, num_classes (logged as MLflow inputs)
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (a sweep's parent run, trial id)
     fault: FaultInjection | None = None
 

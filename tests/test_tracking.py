@@ -15,3 +15,24 @@ def test_experiments_open_in_the_model_training_view(tmp_path):
     other = client.create_experiment("made-elsewhere")
     assert check_tracking_uri(uri, "made-elsewhere") == other
     assert client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_new_run_records_each_split_as_a_dataset_input(tmp_path):
+    from st_scale.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = check_tracking_uri(uri, "inputs")
+    datasets = {
+        split: {"path": str(tmp_path / "fashion" / f"{split}.beton"), "sha256": digest * 64, "num_samples": n}
+        for split, digest, n in (("train", "a", 600), ("val", "b", 200))
+    }
+    tracker = RunTracker(
+        uri, experiment_id, run_id=None, run_name="x", params={}, tags={}, system_metrics=False, datasets=datasets
+    )
+    tracker.finish()
+    run = mlflow.MlflowClient(uri).get_run(tracker.run_id)
+    got = {
+        {t.key: t.value for t in i.tags}["mlflow.data.context"]: (i.dataset.name, i.dataset.digest)
+        for i in run.inputs.dataset_inputs
+    }
+    assert got == {"training": ("fashion/train.beton", "a" * 32), "validation": ("fashion/val.beton", "b" * 32)}

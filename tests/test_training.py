@@ -117,6 +117,11 @@ def test_a_run_is_tracked_in_mlflow(reference, workspace):
     } <= artifacts
     csv = c.download_artifacts(run.info.run_id, "subnets/subnets_epoch002.csv")
     assert len(Path(csv).read_text().strip().splitlines()) == 28
+    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    for context, split in (("training", "train"), ("validation", "val")):
+        metadata = json.loads((Path(getattr(cfg.data, split)).parent / f"{split}.beton.json").read_text())
+        assert inputs[context].digest == metadata["sha256"][:32] and inputs[context].name.endswith(f"{split}.beton")
 
 
 def test_checkpoints_are_complete_and_pruned(reference, workspace):
