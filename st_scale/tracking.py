@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,11 @@ class RunTracker:
 
         for split, info in datasets.items():
             path = Path(info["path"])
+            with warnings.catch_warnings():  # MLflow registers two local-file sources and warns it picks one
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(path.as_uri())
             dataset = MetaDataset(
-                resolve_dataset_source(path.as_uri()),
+                source,
                 name=f"{path.parent.name}/{path.name}",
                 digest=info.get("sha256", "")[:32] or None,  # MLflow keeps at most 36 characters
             )
