@@ -405,10 +405,13 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
         "loafing": points,
     }
     (out / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
-    figures = {
-        "destruction.png": destruction_curves(runs, f"{name}: network destruction, CT vs ST"),
-        "subnets.png": subnet_distribution(runs, f"{name}: every sub-network's top-1, CT vs ST (BN re-estimated)"),
-    }
+    figures = {}  # a figure is drawn only where it has something to show (a sweep of variants has no CT/ST pair)
+    if any(r.group in ("ct", "st") and r.destruction for r in runs):
+        figures["destruction.png"] = destruction_curves(runs, f"{name}: network destruction, CT vs ST")
+    if any(r.group in ("ct", "st") and r.subnets for r in runs):
+        figures["subnets.png"] = subnet_distribution(
+            runs, f"{name}: every sub-network's top-1, CT vs ST (BN re-estimated)"
+        )
     if points:
         figures["loafing.png"] = loafing_figure(
             points, f"{name}: loafing (sub-network inside the trained net vs alone)"

@@ -108,3 +108,18 @@ def test_the_loafing_points_compare_inside_ct_inside_st_and_alone(study):
 def test_report_of_a_sweep_that_never_ran_says_what_to_do(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "run `st-scale sweep" in capsys.readouterr().err
+
+
+def test_a_sweep_without_ct_and_st_groups_draws_no_empty_figures(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("variants")
+    parent = client.create_run(experiment_id, run_name="variants").info.run_id
+    _child(client, experiment_id, parent, "st_kl3", 0, 84.0, [80.0, 82.0, 84.0])
+    sweep_dir = tmp_path / "sweeps" / "variants"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "st_scale_sweep.json").write_text(
+        json.dumps({"parent_run_id": parent, "tracking_uri": uri, "experiment_id": experiment_id})
+    )
+    report(str(sweep_dir), tmp_path / "out")
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"table.md", "runs.csv", "study.json"}
