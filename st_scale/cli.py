@@ -25,7 +25,7 @@ Re-running `train` with the same run.name (under run.storage_path) resumes it fr
 checkpoint and continues the same MLflow run; re-running `sweep` with the same spec name resumes the
 sweep (Tune restores it, unfinished trials continue from their checkpoints, same parent run).
 
-exit codes: 0 done; 1 a run or sweep failed (the message says where its log is); 2 bad input, found
+exit codes: 0 done; 1 a run or sweep failed; 2 bad input, found
 before any work started (the message names the field or option, the value, and the fix)."""
 
 
