@@ -133,7 +133,13 @@ def read_run(directory: Path) -> RunInfo:
 def module_state(directory: Path) -> dict[str, torch.Tensor]:
     """The trained module's state dict as saved: `model.*` (the elastic model) and `objective.*`
     (auxiliary heads, if the method has any), in the training dtype."""
-    return torch.load(Path(directory) / ENGINE_TAG / _MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    path = Path(directory) / ENGINE_TAG / _MODEL_STATES
+    if not path.is_file():
+        raise ConfigError(
+            f"{directory} has no model weights ({ENGINE_TAG}/{_MODEL_STATES} is missing): the folder is damaged or "
+            f"was copied in part; give another checkpoint_* folder"
+        )
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
 def model_weights(directory: Path) -> dict[str, torch.Tensor]:

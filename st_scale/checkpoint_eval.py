@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .config import ConfigError
 
 
 def evaluate_checkpoint(
     directory: Path, *, max_subnets: int | None = None, destruction: bool = True, recalibrate: bool = True
 ) -> dict:
-    from .data.integrity import read_metadata, verify_beton
+    from .data.integrity import DatasetFileError, read_metadata, verify_beton
     from .data.loaders import BatchPreparer, calibration_batches, eval_loader
     from .eval_pass import (
         destruction_metrics,
@@ -31,8 +32,14 @@ def evaluate_checkpoint(
 
     info = checkpoint.read_run(directory)
     cfg = info.config_model()
-    for field in ("train", "val"):
-        verify_beton(getattr(cfg.data, field))
+    for field in ("train", "val"):  # eval reads the run's own files, as a resume would
+        try:
+            verify_beton(getattr(cfg.data, field))
+        except DatasetFileError as error:
+            raise ConfigError(
+                f"data.{field} of the run that wrote {directory}: {error}. `st-scale eval` reads the files the run "
+                f"trained on; if they moved, put them back at that path (or link them there)"
+            ) from None
     model, space, _ = build_model_and_objective(cfg)
     checkpoint.load_weights(directory, model)
     model.eval()

@@ -214,6 +214,25 @@ def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys
     }
 
 
+def test_eval_of_a_damaged_checkpoint_or_moved_data_says_what_to_do(reference, tmp_path, capsys):
+    import shutil
+
+    from st_scale.cli import main
+
+    _, summary = reference
+    moved = shutil.copytree(summary.checkpoint, tmp_path / "moved_data")
+    run_file = moved / RUN_FILE
+    info = json.loads(run_file.read_text())
+    info["config"]["data"]["val"] = str(tmp_path / "gone" / "val.beton")
+    run_file.write_text(json.dumps(info))
+    assert main(["eval", str(moved)]) == 2
+    assert "data.val of the run that wrote" in capsys.readouterr().err
+    damaged = shutil.copytree(summary.checkpoint, tmp_path / "no_weights")
+    (damaged / checkpoint.ENGINE_TAG / "mp_rank_00_model_states.pt").unlink()
+    assert main(["eval", str(damaged)]) == 2
+    assert "has no model weights" in capsys.readouterr().err
+
+
 def test_demo_prints_ct_and_st_side_by_side(workspace, digits_dir, capsys):
     from st_scale.cli import main
 
