@@ -135,7 +135,7 @@ def check_cluster_fits(cfg: Config) -> None:
     )
 
 
-def check_buildable(cfg: Config, where: str = "") -> None:
+def check_buildable(cfg: Config) -> None:
     """Build the model, its sub-network space and the objective once on the driver: a recipe whose
     parts do not fit together (sampling.max_dropped against the model's stages, stage depths, method
     options) fails here, before Ray starts, instead of in every worker (and every retry)."""
@@ -144,7 +144,7 @@ def check_buildable(cfg: Config, where: str = "") -> None:
     try:
         build_model_and_objective(cfg)
     except ValueError as error:
-        raise ConfigError(f"{where}{error}") from None
+        raise ConfigError(str(error)) from None
 
 
 def validate_inputs(cfg: Config) -> WorkerInputs:
@@ -164,8 +164,7 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
                 f"data.image_size={cfg.data.image_size} but data.{field} holds {size} x {size} images, which the "
                 f"cifar pipeline uses as they are; set data.image_size={size}, or data.pipeline=imagenet to resize"
             )
-    for field, meta in metadata.items():  # every split: a label the head has no output for is never right
-        classes = meta.get("num_classes")
+        classes = meta.get("num_classes")  # every split: a label the head has no output for is never right
         if classes and classes > cfg.model.num_classes:
             raise ConfigError(
                 f"data.{field}: {getattr(cfg.data, field)} has {classes} classes but model.num_classes="
@@ -181,7 +180,6 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
         ds_config=ds_config,
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,
-        dataset=metadata["train"].get("source", cfg.data.train),
         datasets={
             field: {"path": getattr(cfg.data, field)}
             | {k: meta[k] for k in ("sha256", "source", "num_samples", "num_classes") if k in meta}

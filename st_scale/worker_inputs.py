@@ -22,11 +22,16 @@ class WorkerInputs:
     ds_config: dict[str, Any]  # the resolved DeepSpeed config (batch sizes filled in)
     tracking_uri: str  # absolute: workers and trials do not share the driver's cwd
     experiment_id: str
-    dataset: str  # what the training file says it holds (its metadata's source)
     # per split ("train", "val"): path, sha256, source, num_samples, num_classes (logged as MLflow inputs)
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (a sweep's parent run, trial id)
     fault: FaultInjection | None = None
+
+    @property
+    def dataset(self) -> str:
+        """What the training file says it holds (its metadata's source), else its path."""
+        train = self.datasets.get("train", {})
+        return train.get("source", train.get("path", ""))
 
     def to_loop_config(self) -> dict[str, Any]:
         """Ray Train's train_loop_config (a dict) carrying these inputs."""

@@ -111,7 +111,7 @@ def verify_beton(path: str | Path) -> dict:
     rebuild = "rebuild it with `st-scale convert`"
     if not path.is_file():
         raise DatasetFileError(f"dataset file {path} does not exist; {rebuild} or fix the path")
-    checksum_file, _, stamp_file = sidecars(path)
+    checksum_file, metadata_file, stamp_file = sidecars(path)
     if not checksum_file.is_file():
         raise DatasetFileError(f"{path}: checksum file {checksum_file.name} is missing; {rebuild}")
     metadata = read_metadata(path)
@@ -123,7 +123,6 @@ def verify_beton(path: str | Path) -> dict:
         )
     expected = checksum_file.read_text().split()[0]
     if metadata.get("sha256", expected) != expected:
-        _, metadata_file, _ = sidecars(path)
         raise DatasetFileError(
             f"{path}: {metadata_file.name} describes another file (its sha256 differs from {checksum_file.name}); "
             f"copy the three files together, or {rebuild}"
