@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 
 ENGINE_TAG = "checkpoint"  # DeepSpeed's tag: the sub-folder of the engine state
 RUN_FILE = "st_scale_config.json"

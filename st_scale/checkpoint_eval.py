@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def evaluate_checkpoint(

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__, launch  # noqa: F401  (sets Ray's loopback defaults before anything imports ray)
-from .config import ConfigError
+from . import __version__
+from .errors import ConfigError, RunFailedError
 
 EPILOG = """examples:
   st-scale demo                                   CT vs ST on the bundled digits, local Ray, 2 CPU workers
@@ -66,6 +66,15 @@ def _parser(sub, name: str, help: str, description: str, *, examples: bool = Fal
     return sub.add_parser(name, help=help, description=description)
 
 
+def _add_verbose(p) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show everything Ray Train, the workers and MLflow log (default: a progress bar, one line per "
+        "epoch, warnings and errors), and a failed run's full traceback",
+    )
+
+
 def _add_set(p, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
@@ -83,6 +92,7 @@ def _add_train(sub) -> None:
     _add_ray_address(p)
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_verbose(p)
 
 
 def _add_sweep(sub) -> None:
@@ -134,6 +144,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--data-dir", default="~/.cache/st_scale/digits32", help="where the digits .beton files go")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--summary-json", metavar="PATH", help="write both runs' summaries as JSON")
+    _add_verbose(p)
 
 
 def _add_convert(sub) -> None:
@@ -239,12 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"st-scale {args.command}: {error}", file=sys.stderr)
         return 2
+    except RunFailedError as error:
+        print(f"st-scale {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 def _check_summary_path(args) -> None:
     """--summary-json is written after the run: a path that cannot be written fails now, not then."""
     if args.summary_json:
-        launch.check_writable(args.summary_json, "--summary-json")
+        from .launch import check_writable
+
+        check_writable(args.summary_json, "--summary-json")
 
 
 def cmd_recipes(args) -> int:
@@ -269,7 +285,7 @@ def cmd_train(args) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
     _check_summary_path(args)
-    summary = train(cfg, address=args.address)
+    summary = train(cfg, address=args.address, verbose=args.verbose)
     from .report import print_summaries
 
     print_summaries([summary], cfg)
@@ -316,17 +332,19 @@ def cmd_demo(args) -> int:
         data_dir=args.data_dir,
         address=args.address,
         summary_json=args.summary_json,
+        verbose=args.verbose,
     )
     return 0
 
 
 def cmd_convert(args) -> int:
     from .data.commands import convert
+    from .launch import check_writable
 
     convert(
         args.source,
         args.path,
-        launch.check_writable(args.out, "--out", folder=True),
+        check_writable(args.out, "--out", folder=True),
         write_mode=args.write_mode,
         max_resolution=args.max_resolution,
         jpeg_quality=args.jpeg_quality,

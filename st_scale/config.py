@@ -14,16 +14,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError
 from .methods import METHODS, MethodOptions
 from .models import MODEL_NAMES
 from .schema import Section, one_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(ValueError):
-    """A recipe or override the user must fix; the message names the field."""
 
 
 class ModelSection(Section):

@@ -30,6 +30,7 @@ def run_demo(
     data_dir: str = "~/.cache/st_scale/digits32",
     address: str | None = None,
     summary_json: str | None = None,
+    verbose: bool = False,
 ):
     data = Path(data_dir).expanduser().resolve()
     ensure_digits(data)
@@ -45,7 +46,7 @@ def run_demo(
             f"{cfg.scaling.num_workers} workers ===",
             flush=True,
         )
-        summaries.append(train(cfg, address=address))
+        summaries.append(train(cfg, address=address, verbose=verbose))
     print_summaries(summaries, cfg)
     if summary_json:
         write_summary_json(summary_json, summaries)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, OptimizerSection, set_dotted
+from .config import Config, OptimizerSection, set_dotted
+from .errors import ConfigError
 from .methods import Objective
 from .models import ElasticNet
 

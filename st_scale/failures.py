@@ -5,10 +5,10 @@ diverges) recurs on every attempt, so retrying it only restarts the worker group
 
 from __future__ import annotations
 
-from ray.train import UserCallback
+from ray.train import ControllerError, UserCallback
 
-from .config import ConfigError
 from .data.integrity import DatasetFileError
+from .errors import ConfigError
 
 
 class RecurringWorkerError(RuntimeError):
@@ -40,7 +40,11 @@ class FailOnRecurringErrors(UserCallback):
         for rank, error in sorted(worker_exceptions.items()):
             cause = recurring_cause(error)
             if cause is not None:
-                raise RecurringWorkerError(
-                    f"worker {rank} failed with {type(cause).__name__}: {cause} (it would recur on every retry, "
-                    f"so the run stops now instead of restarting the workers)"
+                # Raised as the ControllerError Ray Train would wrap it in: its failure policy does not
+                # retry a controller failure of this kind, and does not log its own traceback around it.
+                raise ControllerError(
+                    RecurringWorkerError(
+                        f"worker {rank} failed with {type(cause).__name__}: {cause} (it would recur on every "
+                        f"retry, so the run stops now instead of restarting the workers)"
+                    )
                 )

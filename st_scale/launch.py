@@ -8,12 +8,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import Config
 from .data.integrity import DatasetFileError, verify_beton
 from .engine import resolve_ds_config
+from .errors import ConfigError, RunFailedError
 from .tracking import check_tracking_uri, resolve_tracking_uri
 from .worker_inputs import FaultInjection, WorkerInputs
 
@@ -34,18 +35,6 @@ class RunSummary:
     epochs: int
     wall_s: float
     checkpoint: str | None = None  # the last checkpoint folder (for `st-scale eval`)
-
-
-def quiet_local_defaults() -> None:
-    """Loopback only, no usage reporting: for every process this driver starts."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-
-
-# Ray reads these when it is first imported: set them before anything imports ray.
-quiet_local_defaults()
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -200,7 +189,7 @@ def _fault_from_env(cfg: Config) -> FaultInjection | None:
 
 def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
     """The TorchTrainer of one run, its workers handed `inputs` (what `validate_inputs` returned)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .failures import FailOnRecurringErrors
@@ -218,18 +207,34 @@ def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=[FailOnRecurringErrors(), *callbacks],
+            logging_config=LoggingConfig(log_level="INFO" if inputs.verbose else "WARNING"),
         ),
     )
 
 
-def train(cfg: Config, *, address: str | None = None) -> RunSummary:
-    """Run (or resume, if `run.name` exists under `run.storage_path`) one training run."""
+def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> RunSummary:
+    """Run (or resume, if `run.name` exists under `run.storage_path`) one training run: its progress
+    drawn on this console, a failure raised as a RunFailedError that says what failed and where."""
+    from ray.train import TrainingFailedError
+
+    from .console import ConsoleView, quiet_logs, start_board
+
+    if not verbose:
+        quiet_logs()
     inputs = validate_inputs(cfg)
     connect_ray(address)
     check_cluster_fits(cfg)
+    board = start_board()
+    inputs = replace(inputs, progress=board, verbose=verbose)
     trainer = build_trainer(cfg, inputs)
     start = time.perf_counter()
-    result = trainer.fit()
+    try:
+        with ConsoleView(board, f"{cfg.method.name} {cfg.run.name}"):
+            result = trainer.fit()
+    except TrainingFailedError as error:
+        if verbose:
+            raise
+        raise RunFailedError(describe_failure(error, cfg)) from error
     wall = time.perf_counter() - start
     m = result.metrics or {}
     return RunSummary(
@@ -274,3 +279,51 @@ def write_json(path: str | Path, payload) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def describe_failure(error: BaseException, cfg: Config) -> str:
+    """A failed run in a few lines: which worker failed with what, where Ray keeps the full log, and
+    how to continue. Ray's own exception nests the worker's traceback several levels deep."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from .failures import recurring_cause
+
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        rank, cause = min(error.worker_failures.items())
+        what = f"worker {rank}: {_first_line(recurring_cause(cause) or cause)}"
+    elif isinstance(error, ControllerError):
+        what = _first_line(error.controller_failure)
+    else:
+        what = _first_line(error)
+    return (
+        f"run {cfg.run.name!r} failed: {what}\n"
+        f"  full log: {ray_logs_dir()} (worker-*.err: each worker's output; train/: Ray Train's logs); "
+        f"--verbose shows it here\n"
+        f"  checkpoints: {Path(cfg.run.storage_path) / cfg.run.name}; run again with the same run.name to resume "
+        f"from the last complete one"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    """The worker's own exception and the line that says what went wrong: Ray wraps a worker's
+    exception (RayTaskError.cause, Ray Train's UserExceptionWithTraceback) in its traceback text."""
+    for attribute in ("cause", "_base_exc"):
+        inner = getattr(error, attribute, None)
+        if isinstance(inner, BaseException):
+            error = inner
+            break
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    said = lines[-1] if lines[0].startswith("Traceback") else lines[0]  # a traceback ends with "Type: message"
+    return f"{type(error).__name__}: {said}"
+
+
+def ray_logs_dir() -> str:
+    """This node's Ray session log folder (on a cluster, each node holds its own workers' logs)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return str(Path(_global_node.get_session_dir_path()) / "logs")
+    except Exception:  # not connected, or the private API moved: the documented default
+        return "/tmp/ray/session_latest/logs"

@@ -17,7 +17,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 from .eval_pass import SHARED, calibration_suffix
 from .evaluation import RECALIBRATED, DestructionRow
 

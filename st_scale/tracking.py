@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
 
 DEFAULT_STORE = "mlflow.db"
 RUN_KEY_TAG = "st_scale.run_key"  # storage_path/run.name: one MLflow run per Ray Train run

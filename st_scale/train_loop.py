@@ -17,6 +17,7 @@ import yaml
 
 from . import checkpoint
 from .config import Config
+from .console import ProgressPoster, quiet_logs
 from .distributed import barrier
 from .engine import build_engine, set_lr
 from .eval_pass import (
@@ -109,12 +110,15 @@ class WorkerContext:
     images_per_step: int  # micro-batch x workers: what one loader step consumes across the group
     run_id: str | None = None
     tracker: Any = None  # RunTracker on rank 0, None elsewhere
+    progress: ProgressPoster = field(default_factory=lambda: ProgressPoster(None))  # rank 0 posts to the console
 
 
 def train_worker(loop_config: dict) -> None:
     import ray.train
 
     inputs = WorkerInputs.from_loop_config(loop_config)
+    if not inputs.verbose:
+        quiet_logs()
     cfg = Config.model_validate(inputs.config)
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
@@ -139,6 +143,7 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0:
         ctx.tracker = _open_tracker(cfg, inputs, resumed.run_id)
         ctx.run_id = ctx.tracker.run_id
+        ctx.progress = ProgressPoster(inputs.progress)
     epochs = cfg.optimizer.epochs
     stop_at = min(epochs, cfg.run.stop_after_epochs or epochs)
 
@@ -238,14 +243,15 @@ def _run_epochs(ctx: WorkerContext, start_epoch: int, stop_at: int, step: int) -
     """Train, evaluate, log and checkpoint epochs start_epoch..stop_at-1."""
     for epoch in range(start_epoch, stop_at):
         started = time.perf_counter()
-        step, memory_mib = _train_epoch(ctx, epoch, step)
+        step, epoch_stats = _train_epoch(ctx, epoch, step)
         metrics = {
             "epoch": epoch + 1,
             "step": step,
             "train/epoch_time_s": time.perf_counter() - started,
-            "train/peak_memory_mib": memory_mib,
+            **epoch_stats,
             **_evaluate(ctx, epoch),
         }
+        ctx.progress.epoch(metrics, ctx.cfg.optimizer.epochs)
         if ctx.tracker:
             ctx.tracker.log_metrics(
                 {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))} | {"epoch": epoch + 1}, step
@@ -371,12 +377,11 @@ def _state_bytes(engine) -> int:
     return 3 * params
 
 
-def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]:
-    """One epoch of training steps; returns the global step after it and the step's peak memory
-    in MiB (GPU: the allocator's peak; CPU: activations saved for backward plus weights, gradients
-    and momentum, measured on the epoch's first step)."""
-    from tqdm import tqdm
-
+def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[str, float]]:
+    """One epoch of training steps; returns the global step after it and the epoch's figures: mean
+    loss, images per second, and the step's peak memory in MiB (GPU: the allocator's peak; CPU:
+    activations saved for backward plus weights, gradients and momentum, measured on the epoch's
+    first step)."""
     cfg, engine, data = ctx.cfg, ctx.engine, ctx.data
     steps_per_epoch = len(data.train)
     total_steps = cfg.optimizer.epochs * steps_per_epoch
@@ -388,13 +393,7 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
     memory_bytes = None
     sums: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
-    bar = tqdm(
-        total=steps_per_epoch,
-        desc=f"epoch {epoch + 1}/{cfg.optimizer.epochs}",
-        disable=ctx.rank != 0,
-        mininterval=2.0,
-        dynamic_ncols=True,
-    )
+    epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
     for images, labels in _with_fault(data.train, ctx.inputs.fault, ctx.rank, step):
         lr = lr_at(step, total_steps, steps_per_epoch, cfg.optimizer)
         set_lr(engine, lr)
@@ -418,10 +417,11 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
         engine.step()
         step += 1
         window_steps += 1
+        epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
         sums["loss"] = sums.get("loss", 0.0) + loss_value
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-        bar.update(1)
+        ctx.progress.step(step, total_steps, epoch_loss / epoch_steps)
         if ctx.tracker and step % cfg.tracking.log_every_steps == 0:
             elapsed = time.perf_counter() - window_start
             logged = {f"train/{k}": v / window_steps for k, v in sums.items()}
@@ -429,12 +429,15 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, float]
                 {"train/lr": lr, "train/images_per_s": window_steps * ctx.images_per_step / max(elapsed, 1e-9)}
             )
             ctx.tracker.log_metrics(logged, step)
-            bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{lr:.3g}")
             sums, window_steps, window_start = {}, 0, time.perf_counter()
-    bar.close()
     if ctx.device.type == "cuda":
         memory_bytes = torch.cuda.max_memory_allocated(ctx.device)
-    return step, (memory_bytes or 0) / 2**20
+    seconds = time.perf_counter() - epoch_start
+    return step, {
+        "train/peak_memory_mib": (memory_bytes or 0) / 2**20,
+        "train/epoch_loss": epoch_loss / max(epoch_steps, 1),  # this rank's; ranks differ only by their shards
+        "train/epoch_images_per_s": epoch_steps * ctx.images_per_step / max(seconds, 1e-9),
+    }
 
 
 def _log_final_model(ctx: WorkerContext) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # Loopback-only Ray, no usage reporting: before anything imports ray.
-import st_scale.launch  # noqa: F401,E402
+import st_scale  # noqa: F401,E402
 
 # Deterministic, quiet CPU runs.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from st_scale.config import ConfigError, load_config, recipe_names
+from st_scale.config import load_config, recipe_names
 from st_scale.engine import resolve_ds_config
+from st_scale.errors import ConfigError
 
 DIGITS = ["data.train=/nonexistent/train.beton", "data.val=/nonexistent/val.beton"]
 

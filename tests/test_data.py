@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from st_scale.config import ConfigError, load_config
+from st_scale.config import load_config
 from st_scale.data.commands import convert
 from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
 from st_scale.data.integrity import DatasetFileError, verify_beton
 from st_scale.data.loaders import BatchPreparer, eval_loader, train_loader
+from st_scale.errors import ConfigError
 
 
 def test_digits_conversion_writes_checksums_and_metadata(digits_dir):

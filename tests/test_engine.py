@@ -164,7 +164,7 @@ def test_each_rank_gets_its_own_rng_state_back(tmp_path):
 
 def test_a_checkpoint_gives_back_its_run_info_and_weights(tmp_path):
     from st_scale.checkpoint import RunInfo, committed_ranks, load_weights, model_weights, read_run
-    from st_scale.config import ConfigError
+    from st_scale.errors import ConfigError
 
     cfg, model, engine = _engine()
     _step(engine, 0, torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))

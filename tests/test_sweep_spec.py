@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from st_scale.cli import main
-from st_scale.config import ConfigError
+from st_scale.errors import ConfigError
 from st_scale.sweep.spec import check_spec, load_spec, trial_assignments, trial_labels
 
 ROOT = Path(__file__).resolve().parents[1]

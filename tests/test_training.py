@@ -6,6 +6,8 @@ starts.
 """
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import torch
 
 from st_scale import checkpoint
 from st_scale.checkpoint import RUN_FILE
-from st_scale.config import ConfigError, load_config
+from st_scale.config import load_config
+from st_scale.errors import ConfigError, RunFailedError
 from st_scale.launch import connect_ray, train
 
 pytestmark = pytest.mark.slow
@@ -170,13 +173,15 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace,
     train(make_config(digits_dir, workspace, "diverges", "run.stop_after_epochs=1"))
     # It would diverge again on every retry: even under unlimited retries the run fails at once.
     start = time.monotonic()
-    with pytest.raises(Exception, match=r"loss became (nan|inf) at global step \d+ \(epoch 2; ce=.*kl=") as failed:
+    with pytest.raises(RunFailedError, match=r"loss became (nan|inf) at global step \d+ \(epoch 2; ce=.*kl=") as failed:
         train(
             make_config(
                 digits_dir, workspace, "diverges", "optimizer.lr=1e30", "method.kl_weight=1e30", "run.max_failures=-1"
             )
         )
     assert "it would recur on every retry" in str(failed.value) and time.monotonic() - start < 300
+    assert "run 'diverges' failed: RecurringWorkerError: worker " in str(failed.value)
+    assert "full log: " in str(failed.value) and "resume" in str(failed.value)
     (checkpoint,) = [p for p in (Path(workspace) / "ray" / "diverges").glob("checkpoint_*") if p.is_dir()]
     assert {"COMMITTED.rank0", "COMMITTED.rank1"} <= {p.name for p in checkpoint.iterdir()}
     assert json.loads((checkpoint / RUN_FILE).read_text())["epoch"] == 1
@@ -233,19 +238,26 @@ def test_eval_of_a_damaged_checkpoint_or_moved_data_says_what_to_do(reference, t
     assert "has no model weights" in capsys.readouterr().err
 
 
-def test_demo_prints_ct_and_st_side_by_side(workspace, digits_dir, capsys):
-    from st_scale.cli import main
+def test_demo_prints_one_line_per_epoch_and_ct_and_st_side_by_side(workspace, digits_dir):
+    """`st-scale demo` as a user runs it (a process of its own, here joining this module's Ray): its
+    console holds each run's epoch lines and the table, and none of Ray Train's per-rank chatter."""
+    import ray
 
     out = workspace / "demo.json"
-    code = main(
+    done = subprocess.run(
         [
+            sys.executable,
+            "-m",
+            "st_scale",
             "demo",
             "--epochs",
-            "1",
+            "2",
             "--data-dir",
             str(digits_dir),
             "--summary-json",
             str(out),
+            "--address",
+            ray.get_runtime_context().gcs_address,
             "--set",
             f"tracking.tracking_uri=sqlite:///{workspace / 'mlflow.db'}",
             "--set",
@@ -254,12 +266,24 @@ def test_demo_prints_ct_and_st_side_by_side(workspace, digits_dir, capsys):
             "data.calibration_images=256",
             "--set",
             "tracking.system_metrics=false",
-        ]
+            "--set",
+            "eval.subnets_every=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "| ct | cifar_resnet20 |" in printed and "| st | cifar_resnet20 |" in printed
-    assert f"st-scale mlflow-server --backend-store {workspace / 'mlflow.db'}" in printed
+    assert done.returncode == 0, done.stdout + done.stderr
+    console = done.stdout + done.stderr
+    for chatter in ("Reporting training result", "Checkpoint successfully created", "TrainingReport(", "INFO mlflow"):
+        assert chatter not in console, console
+    epoch_lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split("  ")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"] * 2, done.stdout
+    assert all("main top-1" in line and "img/s" in line for line in epoch_lines)
+    assert ["sub-nets" in line for line in epoch_lines] == [False, True] * 2  # evaluated every 2nd epoch
+    assert "left" in epoch_lines[0] and "left" not in epoch_lines[1]
+    assert "| ct | cifar_resnet20 |" in done.stdout and "| st | cifar_resnet20 |" in done.stdout
+    assert f"st-scale mlflow-server --backend-store {workspace / 'mlflow.db'}" in done.stdout
     runs = json.loads(out.read_text())["runs"]
     assert [r["method"] for r in runs] == ["ct", "st"]
     fields = {
@@ -275,4 +299,7 @@ def test_demo_prints_ct_and_st_side_by_side(workspace, digits_dir, capsys):
         "epochs",
         "wall_s",
     }
-    assert all(fields <= set(r) and r["num_subnets"] == 27 and r["epochs"] == 1 for r in runs)
+    assert all(fields <= set(r) and r["num_subnets"] == 27 and r["epochs"] == 2 for r in runs)
+    # each epoch line shows what the run logged: the last one's sub-network figures
+    st_last = epoch_lines[-1]
+    assert f"sub-nets {runs[1]['subnets_mean_top1']:.2f} ± {runs[1]['subnets_std_top1']:.2f}%" in st_last

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .convert import WriteOptions, cifar_source, digits_source, fashion_mnist_source, imagefolder_source, write_beton
 
 
