@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, RunFailedError
+from .errors import ConfigError, RunFailedError, RunStoppedError
 
 EPILOG = """examples:
   st-scale demo                                   CT vs ST on the bundled digits, local Ray, 2 CPU workers
@@ -26,7 +26,8 @@ checkpoint and continues the same MLflow run; re-running `sweep` with the same s
 sweep (Tune restores it, unfinished trials continue from their checkpoints, same parent run).
 
 exit codes: 0 done; 1 a run or sweep failed; 2 bad input, found
-before any work started (the message names the field or option, the value, and the fix)."""
+before any work started (the message names the field or option, the value, and the fix); 130 and 143
+stopped by Ctrl-C or SIGTERM (the workers stopped with it; the same command resumes)."""
 
 
 def counted(minimum: int = 1, maximum: int | None = None):
@@ -253,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailedError as error:
         print(f"st-scale {args.command}: {error}", file=sys.stderr)
         return 1
+    except RunStoppedError as error:
+        print(f"st-scale {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 def _check_summary_path(args) -> None:

@@ -104,7 +104,7 @@ class ConsoleView:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="st-scale-console", daemon=True)
         self._bar = None
-        self._started = time.monotonic()
+        self._first_step_at: float | None = None  # worker start-up is not an epoch's time
         self._epochs_seen = 0
 
     def __enter__(self) -> ConsoleView:
@@ -139,6 +139,7 @@ class ConsoleView:
         from tqdm import tqdm
 
         if self._bar is None:
+            self._first_step_at = time.monotonic()
             self._bar = tqdm(  # from the step it starts at: a resumed run's rate counts only its own steps
                 total=event["total"],
                 initial=event["step"],
@@ -158,8 +159,11 @@ class ConsoleView:
 
         self._epochs_seen += 1
         metrics, epochs = event["metrics"], event["epochs"]
-        per_epoch = (time.monotonic() - self._started) / self._epochs_seen
-        line = epoch_line(metrics, epochs, per_epoch * (epochs - int(metrics["epoch"])))
+        left = None
+        if self._first_step_at is not None:  # epochs so far, training and evaluation, since the first step
+            per_epoch = (time.monotonic() - self._first_step_at) / self._epochs_seen
+            left = per_epoch * (epochs - int(metrics["epoch"]))
+        line = epoch_line(metrics, epochs, left)
         tqdm.write(line, file=sys.stdout)
 
 

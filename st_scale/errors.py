@@ -8,3 +8,11 @@ class ConfigError(ValueError):
 class RunFailedError(RuntimeError):
     """A run or sweep that started and then failed; the message says what failed, where the full log
     is and how to continue (exit code 1)."""
+
+
+class RunStoppedError(RuntimeError):
+    """A run stopped by Ctrl-C or SIGTERM, its workers stopped; `exit_code` is 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

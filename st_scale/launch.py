@@ -15,6 +15,7 @@ from .config import Config
 from .data.integrity import DatasetFileError, verify_beton
 from .engine import resolve_ds_config
 from .errors import ConfigError, RunFailedError
+from .interrupts import sigterm_as_ctrl_c, stopped
 from .tracking import check_tracking_uri, resolve_tracking_uri
 from .worker_inputs import FaultInjection, WorkerInputs
 
@@ -228,13 +229,21 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
     inputs = replace(inputs, progress=board, verbose=verbose)
     trainer = build_trainer(cfg, inputs)
     start = time.perf_counter()
-    try:
-        with ConsoleView(board, f"{cfg.method.name} {cfg.run.name}"):
-            result = trainer.fit()
-    except TrainingFailedError as error:
-        if verbose:
-            raise
-        raise RunFailedError(describe_failure(error, cfg)) from error
+    with sigterm_as_ctrl_c() as received:
+        try:
+            with ConsoleView(board, f"{cfg.method.name} {cfg.run.name}"):
+                result = trainer.fit()
+        except TrainingFailedError as error:
+            if verbose:
+                raise
+            raise RunFailedError(describe_failure(error, cfg)) from error
+        except (KeyboardInterrupt, SystemExit):  # Ray Train's Ctrl-C handler aborts the run, then exits
+            raise stopped(
+                received,
+                f"run {cfg.run.name!r}",
+                f"its workers were stopped. Run the same command again (same run.name) to resume from the last "
+                f"complete checkpoint in {Path(cfg.run.storage_path) / cfg.run.name}",
+            ) from None
     wall = time.perf_counter() - start
     m = result.metrics or {}
     return RunSummary(
