@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..interrupts import sigterm_as_ctrl_c
 from ..launch import connect_ray, copies_that_fit, validate_inputs, write_json
 from .parent import CloseChildRuns, TrialRow, finish_parent_run, open_parent_run, trial_rows
 from .spec import CheckedSweep, check_spec, load_spec
@@ -133,7 +134,8 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
     )
     start = time.perf_counter()
     try:
-        tuner.fit()  # returns (rather than raises) when interrupted with Ctrl+C, after saving the experiment
+        with sigterm_as_ctrl_c():  # a SIGTERM too: Tune saves the sweep's state, the same command resumes it
+            tuner.fit()  # returns (rather than raises) when interrupted with Ctrl+C, after saving the experiment
     except BaseException as error:  # the parent shows why the sweep ended; running it again resumes it
         import mlflow
 
