@@ -36,6 +36,7 @@ class RunSummary:
     epochs: int
     wall_s: float
     checkpoint: str | None = None  # the last checkpoint folder (for `st-scale eval`)
+    mlflow_experiment_id: str | None = None
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -259,6 +260,7 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
         epochs=int(m.get("epoch", 0)),
         wall_s=round(wall, 1),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
+        mlflow_experiment_id=inputs.experiment_id,
     )
 
 

@@ -26,7 +26,7 @@ def summary_table(summaries: Sequence[RunSummary]) -> str:
 
 
 def print_summaries(summaries: Sequence[RunSummary], cfg) -> None:
-    from .tracking import resolve_tracking_uri, sqlite_path
+    from .tracking import DEFAULT_UI, resolve_tracking_uri, sqlite_path, training_view_url
 
     print()
     print(summary_table(summaries))
@@ -36,5 +36,11 @@ def print_summaries(summaries: Sequence[RunSummary], cfg) -> None:
         f"MLflow: experiment {cfg.tracking.experiment!r} in {uri}; runs "
         + ", ".join(s.mlflow_run_id or "?" for s in summaries)
     )
+    experiment_id = next((s.mlflow_experiment_id for s in summaries if s.mlflow_experiment_id), None)
     if sqlite_path(uri) is not None:
-        print(f"Open the UI:  st-scale mlflow-server --backend-store {sqlite_path(uri)}   (http://127.0.0.1:5000)")
+        print(
+            f"Open the UI:  st-scale mlflow-server --backend-store {sqlite_path(uri)}\n"
+            f"         then {training_view_url(DEFAULT_UI, experiment_id)}"
+        )
+    elif uri.startswith(("http://", "https://")):
+        print(f"Open the UI:  {training_view_url(uri, experiment_id)}")

@@ -24,6 +24,15 @@ SQLITE = "sqlite:///"
 
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `st-scale mlflow-server` serves by default
+
+
+def training_view_url(server: str, experiment_id: str | None = None) -> str:
+    """The MLflow 3 UI page of an experiment's runs (or of all experiments), in its model-training view.
+    The UI picks GenAI or model training from a workflow type it keeps per browser (GenAI at first),
+    not from the experiment's kind tag, so the link names it."""
+    page = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
+    return f"{server.rstrip('/')}/#/{page}?workflowType=machine_learning"
 
 
 def sqlite_path(uri: str) -> str | None:
@@ -70,7 +79,8 @@ def check_tracking_uri(uri: str, experiment: str) -> str:
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
         if found is None or EXPERIMENT_KIND_TAG not in found.tags:
-            # Without a kind, the MLflow 3 UI opens the experiment in its GenAI view (traces, sessions).
+            # The experiment's kind, for MLflow clients that read it; the 3.x UI itself follows the
+            # workflow type in its URL (training_view_url).
             client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment_id
     except Exception as error:
@@ -224,6 +234,7 @@ def serve_mlflow(*, host: str, port: int, backend_store: str, artifacts: str, wo
         )
     print(
         f"MLflow UI and API on http://{host}:{port}  (store {store}, artifacts {artifacts_dir})\n"
+        f"runs in the model-training view: {training_view_url(f'http://{host}:{port}')}\n"
         f"log runs there with: export MLFLOW_TRACKING_URI=http://{host}:{port}",
         file=sys.stderr,
         flush=True,

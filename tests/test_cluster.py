@@ -7,64 +7,22 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from processes import free_port, serve_mlflow, stop_processes, wait_for
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray, st-scale: the same installation the cluster runs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout_s: float, what: str, interval_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def stop_processes(processes) -> None:
-    """SIGTERM, then SIGKILL what is left: only the processes given (and found below them)."""
-    import psutil
-
-    everything = {}
-    for p in processes:
-        try:
-            everything[p.pid] = p
-            everything.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    for p in everything.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(everything.values()), timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @dataclass
@@ -117,50 +75,11 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@dataclass
-class MlflowServer:
-    url: str
-    artifacts: Path
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    import psutil
-
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [
-            str(BIN / "st-scale"),
-            "mlflow-server",
-            "--port",
-            str(port),
-            "--backend-store",
-            str(root / "mlflow.db"),
-            "--artifacts",
-            str(root / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return process.poll() is not None and pytest.fail((root / "server.log").read_text()[-3000:])
-
-    try:
-        wait_for(healthy, 120, "the MLflow server")
-        yield MlflowServer(url, root / "artifacts")
-    finally:
-        stop_processes([psutil.Process(process.pid)] if process.poll() is None else [])
-        process.wait(timeout=30)
-        log.close()
+    with serve_mlflow(root / "mlflow.db", root / "artifacts") as server:
+        yield server
 
 
 def get_json(url: str, payload: dict | None = None) -> dict:
@@ -180,6 +99,30 @@ def digits_overrides(digits_dir) -> list[str]:
     ]
 
 
+def submit_job(head: Head, submission: str, entrypoint: list[str], runtime_env: dict):
+    """`ray job submit` (it waits for the job), and a function running `ray job <command>` on it."""
+    ray = str(BIN / "ray")
+    submitted = subprocess.run(
+        [ray, "job", "submit", "--address", head.dashboard, "--submission-id", submission]
+        + ["--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint],
+        env=head.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    def job(command: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [ray, "job", command, "--address", head.dashboard, submission],
+            env=head.env | env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    return submitted, job
+
+
 def test_job_submit_trains_and_logs_to_the_mlflow_server(ray_head, mlflow_server, digits_dir, tmp_path):
     submission = f"st-scale-test-{secrets.token_hex(4)}"
     overrides = digits_overrides(digits_dir) + [
@@ -187,38 +130,11 @@ def test_job_submit_trains_and_logs_to_the_mlflow_server(ray_head, mlflow_server
         "run.name=job-st",
         f"run.storage_path={tmp_path}/runs",
     ]
-    entrypoint = "st-scale train demo_st " + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}}
-    ray = str(BIN / "ray")
-    submitted = subprocess.run(
-        [
-            ray,
-            "job",
-            "submit",
-            "--address",
-            ray_head.dashboard,
-            "--submission-id",
-            submission,
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            *shlex.split(entrypoint),
-        ],
-        env=ray_head.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    entrypoint = ["st-scale", "train", "demo_st", *(a for o in overrides for a in ("--set", o))]
+    submitted, job = submit_job(
+        ray_head, submission, entrypoint, {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}}
     )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
-
-    def job(command: str, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [ray, "job", command, "--address", ray_head.dashboard, submission],
-            env=ray_head.env | env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
 
     status = job("status")
     assert f"Job '{submission}' succeeded" in status.stdout + status.stderr
@@ -345,3 +261,101 @@ def test_sweep_resumes_after_its_driver_dies(ray_head, digits_dir, tmp_path):
         "sweep/best_trial.json",
         "plots/objective_vs_search_space.png",
     } <= artifacts
+
+
+@pytest.mark.parametrize("algorithm", ["hyperopt", "optuna"])
+def test_a_model_based_search_sweeps_and_keeps_its_state(ray_head, digits_dir, tmp_path, algorithm):
+    """Two one-epoch trials: the first drawn at random, the second proposed by TPE from it. HyperOpt
+    searches digits_tiny's nested sampler family as it is; Optuna a flat space. The searcher's state
+    Tune saves with the sweep (what a resume restores) holds both results."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    tree = yaml.safe_load((ROOT / "tune" / "digits_tiny.yaml").read_text())
+    fixed = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in digits_overrides(digits_dir))}
+    tree["set"].update(fixed, **{"tracking.tracking_uri": store, "optimizer.epochs": 1})
+    if algorithm == "optuna":  # flat: the family's fields themselves
+        tree["space"] = {"method.kl_weight": {"loguniform": [0.3, 3.0]}, "sampling.decay": {"uniform": [0.5, 1.0]}}
+    tree.update(
+        name=f"search-{algorithm}",
+        storage_path=str(tmp_path / "sweeps"),
+        num_samples=2,
+        scheduler={"name": "fifo"},
+        search={"algorithm": algorithm, "initial_points": 1},
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tree, sort_keys=False))
+    result = subprocess.run(
+        [str(BIN / "st-scale"), "sweep", str(spec), "--summary-json", str(tmp_path / "summary.json")],
+        env=ray_head.env | {"RAY_ADDRESS": ray_head.address},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and [r["outcome"] for r in summary["rows"]] == ["completed"] * 2
+
+    client = mlflow.MlflowClient(store)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.params["search.algorithm"] == algorithm
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    weights = sorted(float(c.data.params["method.kl_weight"]) for c in children)
+    assert len(children) == 2 and all(0.3 <= w <= 3.0 for w in weights) and weights[0] != weights[1]
+    assert all(0.5 <= float(c.data.params["sampling.decay"]) <= 1.0 for c in children)
+
+    sweep_dir = tmp_path / "sweeps" / f"search-{algorithm}"
+    assert list(sweep_dir.glob("searcher-state-*.pkl")), sorted(p.name for p in sweep_dir.iterdir())
+    if algorithm == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch()
+        searcher.restore_from_dir(str(sweep_dir))
+        observed = [t for t in searcher._hpopt_trials.trials if t["result"].get("status") == "ok"]
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch()
+        searcher.restore_from_dir(str(sweep_dir))
+        observed = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
+    assert len(observed) == 2, "the saved searcher holds both trials' results"
+
+
+def test_job_submit_with_local_code_runs_that_code(ray_head, digits_dir, tmp_path):
+    """The README's way to try local changes on a cluster whose image is older: `"working_dir": "."`
+    and `python -m st_scale`. The copy submitted here carries a recipe the installed package lacks, so
+    the job succeeds only if the driver and its workers run the uploaded code."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    local = tmp_path / "checkout"
+    for name in tracked.splitlines():
+        source, target = ROOT / name, local / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
+            shutil.copy2(source, target)
+    (local / "st_scale" / "recipes" / "local_change_st.yaml").write_text(
+        "# demo_st, as a local change not yet in any image\nbase: demo_st\ntracking:\n  run_name: local-change\n"
+    )
+    assert not (ROOT / "st_scale" / "recipes" / "local_change_st.yaml").exists()
+    overrides = digits_overrides(digits_dir) + [
+        "optimizer.epochs=1",
+        "run.name=job-local",
+        f"run.storage_path={tmp_path}/runs",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    entrypoint = ["python", "-m", "st_scale", "train", "local_change_st", *(a for o in overrides for a in ("--set", o))]
+    submission = f"st-scale-local-{secrets.token_hex(4)}"
+    submitted, job = submit_job(ray_head, submission, entrypoint, {"working_dir": str(local)})
+    logs = job("logs").stdout
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:] + logs[-4000:]
+    assert f"Job '{submission}' succeeded" in job("status").stdout + job("status").stderr
+    assert "| st | cifar_resnet20 |" in logs and "unknown recipe" not in logs
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("st-scale-demo").experiment_id])
+    assert run.info.run_name == "local-change" and run.info.status == "FINISHED"

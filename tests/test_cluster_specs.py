@@ -70,7 +70,8 @@ def test_image_installs_with_the_makefile(dockerfile):
     text = dockerfile.read_text()
     runs = " ".join(run_instructions(dockerfile))
     assert "make system-deps" in runs
-    install = re.search(r"make install PYTHON=(python3\.\d+) VENV=(\S+) EXTRAS= EDITABLE= ", runs)
+    extras = "\\[gpu\\]" if dockerfile.name == "Dockerfile.gpu" else ""  # NVML: GPU system metrics
+    install = re.search(rf"make install PYTHON=(python3\.\d+) VENV=(\S+) EXTRAS={extras} EDITABLE= ", runs)
     assert install, "the image must install through `make install`, without dev extras, not editable"
     minor = int(install[1].split(".")[1])
     requires = re.search(r'requires-python = ">=3\.(\d+),<3\.(\d+)"', (ROOT / "pyproject.toml").read_text())
@@ -83,6 +84,14 @@ def test_image_installs_with_the_makefile(dockerfile):
     assert {"pyproject.toml", "Makefile", "st_scale", "ds_configs", "tune"} <= copied
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and user[-1].split(":")[0] not in ("0", "root")
+
+
+def test_the_gpu_extra_brings_nvml():
+    """MLflow logs GPU utilisation and memory only where the NVML bindings are installed."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("nvidia-ml-py") for r in extras["gpu"])
 
 
 def test_both_images_run_the_same_python():

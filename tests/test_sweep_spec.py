@@ -97,6 +97,58 @@ def test_bad_objective_names_the_field(tmp_path, objective, field, message):
     assert field in str(error.value) and message in str(error.value), str(error.value)
 
 
+@pytest.mark.parametrize(
+    "search, space_entry, field, message",
+    [
+        ("optuna", None, "space.sampler", "a family under search.algorithm=optuna; Optuna searches flat spaces"),
+        ("hyperopt", {"optimizer.lr": {"grid": [0.1, 0.05]}}, "space.optimizer.lr", "a grid under search.algorithm"),
+        (
+            "optuna",
+            {"sampler": {"family": {"a": {"sampling.decay": 1.0}}, "search": "grid"}},
+            "space.sampler",
+            "a family under search.algorithm=optuna",
+        ),
+        (
+            "hyperopt",
+            {"sampler": {"family": {"a": {"sampling.decay": 1.0}}, "search": "grid"}},
+            "space.sampler",
+            "a grid under search.algorithm=hyperopt",
+        ),
+    ],
+)
+def test_a_model_based_search_refuses_what_it_cannot_search(tmp_path, search, space_entry, field, message):
+    space = yaml.safe_load(TINY.read_text())["space"] | (space_entry or {})
+    spec = load_spec(spec_file(tmp_path, space=space, search={"algorithm": search}))
+    with pytest.raises(ConfigError) as error:
+        check_spec(spec)
+    assert str(error.value).startswith(field) and message in str(error.value), str(error.value)
+
+
+def test_search_algorithms_take_the_spaces_they_search(tmp_path):
+    """HyperOpt takes digits_tiny's nested family as it is; Optuna a flat space; both seeded and
+    limited to the concurrency the cluster allows, as Tune runs them."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.hyperopt import HyperOptSearch
+    from ray.tune.search.optuna import OptunaSearch
+
+    from st_scale.sweep.driver import search_algorithm
+
+    hyperopt = check_spec(load_spec(spec_file(tmp_path, search={"algorithm": "hyperopt", "initial_points": 2})))
+    flat = {"method.kl_weight": {"loguniform": [0.3, 3.0]}, "sampling.decay": {"uniform": [0.5, 1.0]}}
+    optuna = check_spec(load_spec(spec_file(tmp_path, space=flat, search={"algorithm": "optuna"})))
+    for checked, kind in ((hyperopt, HyperOptSearch), (optuna, OptunaSearch)):
+        limited = search_algorithm(checked.spec, concurrency=3)
+        assert isinstance(limited, ConcurrencyLimiter) and limited.max_concurrent == 3
+        assert isinstance(limited.searcher, kind)
+        searcher = limited.searcher
+        assert searcher.set_search_properties("sweep/objective", "max", checked.param_space())
+        for i in range(4):  # suggestions become trial configs the recipe accepts
+            suggested = searcher.suggest(f"t{i}")
+            cfg = checked.trial_config(suggested)
+            assert 0.3 <= cfg.method.kl_weight <= 3.0 and 0.5 <= cfg.sampling.decay <= 1.0
+            searcher.on_trial_complete(f"t{i}", {"sweep/objective": float(i)})
+
+
 def test_objective_needs_a_metric_the_scheduler_sees_every_epoch(tmp_path):
     tree_set = yaml.safe_load(TINY.read_text())["set"] | {"eval.subnets_every": 2}
     with pytest.raises(ConfigError, match=r"objective.weights.val/subnets_mean_top1: .*eval.subnets_every=2"):

@@ -238,9 +238,9 @@ def test_eval_of_a_damaged_checkpoint_or_moved_data_says_what_to_do(reference, t
     assert "has no model weights" in capsys.readouterr().err
 
 
-def test_demo_prints_one_line_per_epoch_and_ct_and_st_side_by_side(workspace, digits_dir):
-    """`st-scale demo` as a user runs it (a process of its own, here joining this module's Ray): its
-    console holds each run's epoch lines and the table, and none of Ray Train's per-rank chatter."""
+@pytest.fixture(scope="module")
+def demo(workspace, digits_dir):
+    """`st-scale demo` as a user runs it (a process of its own, here joining this module's Ray)."""
     import ray
 
     out = workspace / "demo.json"
@@ -274,6 +274,12 @@ def test_demo_prints_one_line_per_epoch_and_ct_and_st_side_by_side(workspace, di
         timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done, json.loads(out.read_text())["runs"]
+
+
+def test_demo_prints_one_line_per_epoch_and_ct_and_st_side_by_side(demo, workspace):
+    """Its console holds each run's epoch lines and the table, and none of Ray Train's per-rank chatter."""
+    done, runs = demo
     console = done.stdout + done.stderr
     for chatter in ("Reporting training result", "Checkpoint successfully created", "TrainingReport(", "INFO mlflow"):
         assert chatter not in console, console
@@ -284,7 +290,6 @@ def test_demo_prints_one_line_per_epoch_and_ct_and_st_side_by_side(workspace, di
     assert "left" in epoch_lines[0] and "left" not in epoch_lines[1]
     assert "| ct | cifar_resnet20 |" in done.stdout and "| st | cifar_resnet20 |" in done.stdout
     assert f"st-scale mlflow-server --backend-store {workspace / 'mlflow.db'}" in done.stdout
-    runs = json.loads(out.read_text())["runs"]
     assert [r["method"] for r in runs] == ["ct", "st"]
     fields = {
         "method",
@@ -303,3 +308,24 @@ def test_demo_prints_one_line_per_epoch_and_ct_and_st_side_by_side(workspace, di
     # each epoch line shows what the run logged: the last one's sub-network figures
     st_last = epoch_lines[-1]
     assert f"sub-nets {runs[1]['subnets_mean_top1']:.2f} ± {runs[1]['subnets_std_top1']:.2f}%" in st_last
+
+
+def test_the_mlflow_ui_shows_the_demo_in_its_training_view(demo, workspace):
+    """The UI link the demo prints, in a real headless browser against `st-scale mlflow-server`: the
+    experiment's runs table (not the GenAI overview) lists both runs, and the compare page shows each
+    run's all-sub-network std as logged."""
+    from mlflow_ui import chromium, compared_metrics, page_text_once
+    from processes import serve_mlflow
+
+    done, runs = demo
+    link = next(line.split("then ", 1)[1] for line in done.stdout.splitlines() if "then http://" in line)
+    names = [client(workspace).get_run(r["mlflow_run_id"]).info.run_name for r in runs]
+    experiment_id, run_ids = runs[0]["mlflow_experiment_id"], [r["mlflow_run_id"] for r in runs]
+    with serve_mlflow(workspace / "mlflow.db", workspace / "mlartifacts") as server, chromium() as browser:
+        shown = page_text_once(browser, link.replace("http://127.0.0.1:5000", server.url), "Run Name", *names)
+        assert "/runs" in browser.current_url and "workflowType=machine_learning" in browser.current_url
+        assert "Traces\n0" not in shown  # the GenAI overview's empty traces panel
+        rows = compared_metrics(browser, server.url, experiment_id, run_ids)
+    assert len(rows["val/subnets_std_top1"]) == 2, rows
+    shown_std = [float(v) for v in rows["val/subnets_std_top1"]]
+    assert shown_std == pytest.approx([r["subnets_std_top1"] for r in runs], abs=0.01)

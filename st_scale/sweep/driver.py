@@ -53,10 +53,33 @@ def concurrent_trials(checked: CheckedSweep, total: dict[str, float]) -> int:
     return spec.max_concurrent_trials or fit
 
 
+def search_algorithm(spec, concurrency: int):
+    """The spec's search algorithm, seeded by `seed`, running at most `concurrency` trials at a time.
+    Tune saves its state with the sweep, so a resumed sweep proposes from every result so far."""
+    if spec.search.algorithm == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # a BasicVariantGenerator ignores TuneConfig.max_concurrent_trials: it takes its own limit
+        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency)
+    from ray.tune.search import ConcurrencyLimiter
+
+    if spec.search.algorithm == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(n_initial_points=spec.search.initial_points, random_state_seed=spec.seed)
+    else:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.search.initial_points)
+        searcher = OptunaSearch(sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+
+
 def _tuner(checked: CheckedSweep, payload: dict, sweep_dir: Path, concurrency: int, callback: CloseChildRuns):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     spec = checked.spec
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload), {"CPU": spec.trial.cpus})
@@ -85,8 +108,7 @@ def _tuner(checked: CheckedSweep, payload: dict, sweep_dir: Path, concurrency: i
             mode=spec.objective.mode,
             scheduler=scheduler,
             num_samples=spec.num_samples,
-            # a BasicVariantGenerator ignores TuneConfig.max_concurrent_trials: it takes its own limit
-            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency),
+            search_alg=search_algorithm(spec, concurrency),
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(

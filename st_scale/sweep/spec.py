@@ -82,6 +82,17 @@ class Scheduler(Section):
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
 
 
+class SearchSection(Section):
+    algorithm: Literal["random", "hyperopt", "optuna"] = Field(
+        "random",
+        description="random: draw every trial from the space (grid entries run every value); hyperopt, optuna: "
+        "TPE, which proposes each trial from the results so far (no grid entries; optuna: no families)",
+    )
+    initial_points: int = Field(
+        4, ge=1, description="hyperopt, optuna: trials drawn at random before the model proposes them"
+    )
+
+
 class TrialSection(Section):
     cpus: float = Field(1.0, gt=0, description="the trial's own process (the Ray Train driver), besides its workers")
     max_failures: int = Field(0, ge=-1, description="retries of a failed trial (it resumes from its last checkpoint)")
@@ -94,6 +105,7 @@ class SweepSpec(Section):
     space: dict[str, Any] = Field(description="dotted config field -> distribution, or label -> {family: options}")
     objective: Objective
     scheduler: Scheduler = Scheduler()
+    search: SearchSection = SearchSection()
     num_samples: int = Field(8, ge=1, description="trials (times each grid point)")
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="default: as many as fit the cluster now; set it higher on an autoscaling cluster"
@@ -329,7 +341,29 @@ def check_spec(spec: SweepSpec) -> CheckedSweep:
             except ConfigError as error:
                 raise ConfigError(f"space.{dim.label}: {description} gives an invalid trial config:\n{error}") from None
     _check_objective(spec, base)
+    _check_search(spec, dimensions)
     return CheckedSweep(spec, dimensions, base_tree, base)
+
+
+def _check_search(spec: SweepSpec, dimensions: list[Dimension]) -> None:
+    """What a model-based search cannot take: grid entries (it proposes values, it does not enumerate
+    them) and, for Optuna, families (it takes flat spaces of single values)."""
+    algorithm = spec.search.algorithm
+    if algorithm == "random":
+        return
+    for dim in dimensions:
+        where = f"space.{dim.label}"
+        if dim.is_family and algorithm == "optuna":
+            raise ConfigError(
+                f"{where}: a family under search.algorithm=optuna; Optuna searches flat spaces of single values. "
+                f"Use search.algorithm=hyperopt (it searches nested families) or random, or replace the family "
+                f"by the fields it sets"
+            )
+        if dim.grid or (dim.distribution is not None and dim.distribution.kind == "grid"):
+            raise ConfigError(
+                f"{where}: a grid under search.algorithm={algorithm}, which proposes values instead of running "
+                f"every one; use {{choice: [...]}} (search: choice for a family), or search.algorithm=random"
+            )
 
 
 def _check_objective(spec: SweepSpec, cfg: Config) -> None:
