@@ -5,10 +5,13 @@
       checkpoint/              DeepSpeed's engine state: model, optimizer (sharded under ZeRO) and
                                st-scale's client state (epoch, step, MLflow run id, last metrics)
       rng.rank<r>.pt           each rank's torch / numpy / python (and CUDA) RNG state
-      COMMITTED.rank<r>        written last by each rank: a folder without every marker is incomplete
+      COMMITTED.rank<r>        written last by each rank, naming the number of ranks that wrote the
+                               folder: a folder without every one of their markers is incomplete
 
-Every rank calls `save` and `load` (DeepSpeed's are collective). `read_run` and `load_weights` serve
-`st-scale eval` and anything else that wants plain weights without an engine.
+Every rank calls `save` and `load` (DeepSpeed's are collective). A checkpoint written without ZeRO
+resumes on any number of workers (rank 0 saved the whole optimizer state); under ZeRO-1/2 on the
+number that wrote it. `read_run` and `load_weights` serve `st-scale eval` and anything else that
+wants plain weights without an engine.
 """
 
 from __future__ import annotations
@@ -66,14 +69,17 @@ class RunInfo:
     mlflow_run_id: str | None
     tracking_uri: str
     experiment_id: str
+    world_size: int | None = None  # the ranks that wrote the checkpoint (absent before it was recorded)
 
     def config_model(self) -> Config:
         return Config.model_validate(self.config)
 
 
-def save(engine, directory: Path, rank: int, client_state: dict, run_info: RunInfo | None = None) -> None:
-    """Every rank calls this. Rank 0 writes the run info first; each rank then writes its engine
-    shard, its RNG state and, last, its commit marker."""
+def save(
+    engine, directory: Path, rank: int, world_size: int, client_state: dict, run_info: RunInfo | None = None
+) -> None:
+    """Every rank of the `world_size` that write the checkpoint calls this. Rank 0 writes the run info
+    first; each rank then writes its engine shard, its RNG state and, last, its commit marker."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if run_info is not None:
@@ -81,7 +87,7 @@ def save(engine, directory: Path, rank: int, client_state: dict, run_info: RunIn
     engine.save_checkpoint(str(directory), tag=ENGINE_TAG, client_state=client_state)
     torch.save(rng_state(), _rng_file(directory, rank))
     _commit_marker(directory, rank).write_text(
-        json.dumps({"epoch": client_state["epoch"], "step": client_state["step"]})
+        json.dumps({"epoch": client_state["epoch"], "step": client_state["step"], "world_size": world_size})
     )
 
 
@@ -89,26 +95,66 @@ def committed_ranks(directory: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("COMMITTED.rank")) for p in Path(directory).glob("COMMITTED.rank*"))
 
 
-def check_complete(directory: Path, world_size: int) -> None:
-    missing = [r for r in range(world_size) if not _commit_marker(Path(directory), r).is_file()]
+def writer_world_size(directory: Path) -> int:
+    """How many ranks wrote this checkpoint, after checking each of them committed it. The markers
+    name it (a checkpoint from before they did: the highest committed rank + 1)."""
+    directory = Path(directory)
+    ranks = committed_ranks(directory)
+    if not ranks:
+        raise RuntimeError(f"checkpoint {directory} is incomplete (no commit markers): it was interrupted while saving")
+    stated = {json.loads(_commit_marker(directory, r).read_text()).get("world_size") for r in ranks}
+    stated.discard(None)
+    if len(stated) > 1:
+        raise RuntimeError(f"checkpoint {directory}: its commit markers disagree on the number of ranks ({stated})")
+    world = stated.pop() if stated else max(ranks) + 1
+    missing = [r for r in range(world) if r not in ranks]
     if missing:
         raise RuntimeError(
-            f"checkpoint {directory} is incomplete (no commit marker from ranks {missing}); it was written by a "
-            f"different number of workers or interrupted while saving. Resume with {world_size} workers from a "
-            f"complete checkpoint, or start a new run name"
+            f"checkpoint {directory} is incomplete (no commit marker from ranks {missing} of the {world} that wrote "
+            f"it): it was interrupted while saving. Resume from an earlier checkpoint, or start a new run name"
         )
+    return world
+
+
+def check_reshardable(zero_stage: int, directory: Path, written_by: int, world_size: int) -> None:
+    """Without ZeRO, rank 0 saved the whole optimizer state with the model: any number of ranks loads
+    it. Under ZeRO-1/2 each rank saved only its shard, and DeepSpeed 0.19 loads shards into another
+    number of ranks only from a universal checkpoint (a converted copy), which st-scale does not write."""
+    if zero_stage == 0 or written_by == world_size:
+        return
+    raise ConfigError(
+        f"checkpoint {directory} was written by {written_by} workers under ZeRO-{zero_stage}, whose optimizer "
+        f"state is sharded per worker and cannot be re-sharded for {world_size}; resume it with "
+        f"scaling.num_workers={written_by} (runs without ZeRO resume on any number of workers)"
+    )
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (what Ray Train resumes from), if any."""
+    for folder in sorted(Path(run_dir).glob("checkpoint_*"), reverse=True):  # named by their time
+        if folder.is_dir() and (folder / RUN_FILE).is_file():
+            try:
+                writer_world_size(folder)
+                return folder
+            except RuntimeError:
+                continue  # interrupted while saving: Ray Train does not count it either
+    return None
 
 
 def load(engine, directory: Path, rank: int, world_size: int) -> dict:
-    """Restore engine, optimizer and this rank's RNG state; return the client state."""
+    """Restore engine, optimizer and this rank's RNG state; return the client state. A checkpoint of
+    another number of ranks is re-sharded (see the module's note); a rank the writer did not have keeps
+    the RNG state it was seeded with."""
     directory = Path(directory)
-    check_complete(directory, world_size)
+    written_by = writer_world_size(directory)
+    check_reshardable(engine.zero_optimization_stage(), directory, written_by, world_size)
     _, client_state = engine.load_checkpoint(
         str(directory), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-    set_rng_state(torch.load(_rng_file(directory, rank), weights_only=False))
+    if rank < written_by:
+        set_rng_state(torch.load(_rng_file(directory, rank), weights_only=False))
     return client_state
 
 
@@ -121,13 +167,10 @@ def read_run(directory: Path) -> RunInfo:
             f"{directory} is not an st-scale checkpoint folder (no {RUN_FILE}); give a "
             f"checkpoint_* folder under <run.storage_path>/<run.name>/"
         )
-    ranks = committed_ranks(directory)
-    if not ranks:
-        raise ConfigError(
-            f"{directory} is incomplete (no commit markers): it was interrupted while saving; "
-            f"give an earlier checkpoint_* folder"
-        )
-    check_complete(directory, max(ranks) + 1)
+    try:
+        writer_world_size(directory)
+    except RuntimeError as error:
+        raise ConfigError(f"{error}; give an earlier checkpoint_* folder") from None
     return RunInfo(**json.loads(info_file.read_text()))
 
 

@@ -177,7 +177,9 @@ class Config(Section):
         if self.data.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} is not divisible by scaling.num_workers="
-                f"{self.scaling.num_workers}; choose a global batch size that is a multiple of the worker count"
+                f"{self.scaling.num_workers}; the global batch is kept whatever the number of workers (a resumed "
+                f"run included): choose a worker count that divides it, or a global batch size that is a multiple "
+                f"of the worker count"
             )
         return self
 

@@ -58,7 +58,8 @@ def resolve_ds_config(cfg: Config) -> dict:
     if global_batch % (world * accumulation):
         raise ConfigError(
             f"data.batch_size={global_batch} is not divisible by scaling.num_workers={world} x "
-            f"gradient_accumulation_steps={accumulation}"
+            f"gradient_accumulation_steps={accumulation}; the global batch is kept whatever the number of workers: "
+            f"choose a worker count and accumulation whose product divides it"
         )
     derived = {
         "train_batch_size": global_batch,

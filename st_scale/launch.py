@@ -164,6 +164,7 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
     check_buildable(cfg)
     ds_config = resolve_ds_config(cfg)
     cfg.run.storage_path = str(check_writable(cfg.run.storage_path, "run.storage_path", folder=True))
+    _check_resumable(cfg, ds_config)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     experiment_id = check_tracking_uri(tracking_uri, cfg.tracking.experiment)
     return WorkerInputs(
@@ -178,6 +179,17 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
         },
         fault=_fault_from_env(cfg),
     )
+
+
+def _check_resumable(cfg: Config, ds_config: dict) -> None:
+    """A run that resumes does so from its newest complete checkpoint: one that cannot be loaded by
+    this number of workers is refused here rather than in every worker."""
+    from . import checkpoint
+
+    found = checkpoint.latest(Path(cfg.run.storage_path) / cfg.run.name)
+    if found is not None:
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        checkpoint.check_reshardable(stage, found, checkpoint.writer_world_size(found), cfg.scaling.num_workers)
 
 
 def _fault_from_env(cfg: Config) -> FaultInjection | None:

@@ -182,8 +182,11 @@ def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int
     preparer = BatchPreparer(cfg.data, device, dtype, cfg.run.seed, rank)
     threads = cfg.data.num_workers or max(1, int(cfg.scaling.cpus_per_worker))
     micro_batch = inputs.ds_config["train_micro_batch_size_per_gpu"]
+    # Sharded by torch's DistributedSampler at every world size, one included: rank r reads every
+    # world-th sample of one seeded order, so a global batch holds the same images whatever the number
+    # of workers, and a run resumed on another number continues the same data order.
     train = train_loader(
-        cfg.data, batch_size=micro_batch, seed=cfg.run.seed, num_workers=threads, device=device, distributed=world > 1
+        cfg.data, batch_size=micro_batch, seed=cfg.run.seed, num_workers=threads, device=device, distributed=True
     )
     n_train, n_val = read_metadata(cfg.data.train)["num_samples"], read_metadata(cfg.data.val)["num_samples"]
     calibration = other = None
@@ -248,6 +251,7 @@ def _run_epochs(ctx: WorkerContext, start_epoch: int, stop_at: int, step: int) -
             "epoch": epoch + 1,
             "step": step,
             "train/epoch_time_s": time.perf_counter() - started,
+            "train/world_size": ctx.world,  # a resumed run may continue on another number of workers
             **epoch_stats,
             **_evaluate(ctx, epoch),
         }
@@ -347,9 +351,10 @@ def _checkpoint(ctx: WorkerContext, epoch: int, step: int, metrics: dict) -> Non
             mlflow_run_id=ctx.run_id,
             tracking_uri=ctx.inputs.tracking_uri,
             experiment_id=ctx.inputs.experiment_id,
+            world_size=ctx.world,
         )
     with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
-        checkpoint.save(ctx.engine, Path(directory), ctx.rank, client_state, run_info)
+        checkpoint.save(ctx.engine, Path(directory), ctx.rank, ctx.world, client_state, run_info)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
 

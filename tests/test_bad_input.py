@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -92,6 +93,13 @@ CASES = [
         2,
         "cut.jpg is not a readable image",
     ),
+    (
+        "zero1-checkpoint-resumed-on-another-number-of-workers",
+        [*TRAIN, "--set", "run.name=zero1-run", "--set", "deepspeed.config=cpu_zero1_fp32.json"]
+        + ["--set", "scaling.num_workers=1"],
+        2,
+        "was written by 2 workers under ZeRO-1, whose optimizer state is sharded per worker",
+    ),
     ("convert-jpeg-quality-out-of-range", ["convert", "digits", "--out", "{tmp}/d", "--jpeg-quality", "0"], 2, "0 is"),
 ]
 
@@ -124,6 +132,12 @@ def inputs(tmp_path_factory):
         "      restricted: {sampling.space: restricted, sampling.max_dropped: [0, 1]}\n"
         "objective: {metric: val/main_top1, mode: max}\n"
     )
+    # The newest checkpoint of a 2-worker ZeRO-1 run, as far as the driver reads it: run info and markers.
+    written = tmp / "runs" / "zero1-run" / "checkpoint_2026-11-30_10-00-00.000000"
+    written.mkdir(parents=True)
+    (written / "st_scale_config.json").write_text(json.dumps({"world_size": 2}))
+    for rank in (0, 1):
+        (written / f"COMMITTED.rank{rank}").write_text(json.dumps({"epoch": 1, "step": 22, "world_size": 2}))
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()

@@ -1,6 +1,7 @@
 """DeepSpeed engine in one process (gloo, world size 1): every packaged CPU config trains, the LR
 schedule, parameter groups, and checkpoints that restore exactly or refuse when incomplete."""
 
+import json
 import math
 import random
 import shutil
@@ -13,6 +14,7 @@ from st_scale.checkpoint import load as load_checkpoint
 from st_scale.checkpoint import save as save_checkpoint
 from st_scale.config import load_config
 from st_scale.engine import build_engine, parameter_groups, resolve_ds_config, set_lr
+from st_scale.errors import ConfigError
 from st_scale.models import create_model
 from st_scale.schedule import lr_at
 from st_scale.train_loop import build_model_and_objective
@@ -132,7 +134,7 @@ def test_checkpoint_restores_weights_optimizer_and_rng(tmp_path):
     images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
     for step in range(3):
         _step(engine, step, images, labels)
-    save_checkpoint(engine, tmp_path / "ckpt", 0, {"epoch": 1, "step": 3})
+    save_checkpoint(engine, tmp_path / "ckpt", 0, 1, {"epoch": 1, "step": 3})
     expected_rng = torch.rand(3)
     continued = [_step(engine, 3 + s, images, labels) for s in range(2)]
 
@@ -153,7 +155,7 @@ def test_each_rank_gets_its_own_rng_state_back(tmp_path):
     expected = {}
     for rank, seed in ((0, 11), (1, 22)):
         torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
-        save_checkpoint(engine, tmp_path / "ckpt", rank, {"epoch": 1, "step": 0})
+        save_checkpoint(engine, tmp_path / "ckpt", rank, 2, {"epoch": 1, "step": 0})
         expected[rank] = _draws()
     assert expected[0] != expected[1]
     for rank in (1, 0):
@@ -164,14 +166,13 @@ def test_each_rank_gets_its_own_rng_state_back(tmp_path):
 
 def test_a_checkpoint_gives_back_its_run_info_and_weights(tmp_path):
     from st_scale.checkpoint import RunInfo, committed_ranks, load_weights, model_weights, read_run
-    from st_scale.errors import ConfigError
 
     cfg, model, engine = _engine()
     _step(engine, 0, torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
     info = RunInfo(cfg.model_dump(mode="json"), 2, 7, "run-id", "sqlite:////x.db", "3")
     folder = tmp_path / "run" / "checkpoint_000001"  # its parent does not exist yet
-    save_checkpoint(engine, folder, 0, {"epoch": 2, "step": 7}, info)
-    save_checkpoint(engine, folder, 1, {"epoch": 2, "step": 7})
+    save_checkpoint(engine, folder, 0, 2, {"epoch": 2, "step": 7}, info)
+    save_checkpoint(engine, folder, 1, 2, {"epoch": 2, "step": 7})
     assert committed_ranks(folder) == [0, 1]
     assert read_run(folder) == info and read_run(folder).config_model() == cfg
     weights = model_weights(folder)
@@ -183,16 +184,31 @@ def test_a_checkpoint_gives_back_its_run_info_and_weights(tmp_path):
     with pytest.raises(ConfigError, match="is not an st-scale checkpoint folder"):
         read_run(tmp_path)
     (folder / "COMMITTED.rank0").unlink()
-    with pytest.raises(RuntimeError, match=r"no commit marker from ranks \[0\]"):
+    with pytest.raises(ConfigError, match=r"no commit marker from ranks \[0\] of the 2 that wrote it"):
         read_run(folder)
 
 
 def test_an_incomplete_checkpoint_is_refused(tmp_path):
     _, _, engine = _engine()
-    save_checkpoint(engine, tmp_path / "ckpt", 0, {"epoch": 1, "step": 0})
+    save_checkpoint(engine, tmp_path / "ckpt", 0, 1, {"epoch": 1, "step": 0})
     shutil.copytree(tmp_path / "ckpt", tmp_path / "partial")
     (tmp_path / "partial" / "COMMITTED.rank0").unlink()
-    with pytest.raises(RuntimeError, match=r"is incomplete \(no commit marker from ranks \[0\]\)"):
+    with pytest.raises(RuntimeError, match=r"is incomplete \(no commit markers\)"):
         load_checkpoint(engine, tmp_path / "partial", 0, 1)
-    with pytest.raises(RuntimeError, match=r"no commit marker from ranks \[1\]"):
+    # rank 0 of two committed, rank 1 did not: whatever the number of workers resuming it
+    marker = tmp_path / "ckpt" / "COMMITTED.rank0"
+    marker.write_text(json.dumps(json.loads(marker.read_text()) | {"world_size": 2}))
+    for resuming_with in (1, 2):
+        with pytest.raises(RuntimeError, match=r"no commit marker from ranks \[1\] of the 2 that wrote it"):
+            load_checkpoint(engine, tmp_path / "ckpt", 0, resuming_with)
+
+
+def test_a_zero1_checkpoint_resumes_only_on_the_number_of_workers_that_wrote_it(tmp_path):
+    """Each rank saved only its ZeRO-1 shard of the optimizer state. (A world of one writes it; resuming
+    it with a world of two is what is checked.)"""
+    _, _, engine = _engine("cpu_zero1_fp32.json")
+    _step(engine, 0, torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
+    save_checkpoint(engine, tmp_path / "ckpt", 0, 1, {"epoch": 1, "step": 1})
+    with pytest.raises(ConfigError, match=r"written by 1 workers under ZeRO-1.*scaling.num_workers=1"):
         load_checkpoint(engine, tmp_path / "ckpt", 0, 2)
+    assert load_checkpoint(engine, tmp_path / "ckpt", 0, 1)["step"] == 1

@@ -54,7 +54,7 @@ def _label_pipeline(device: torch.device):
 def train_loader(
     data: DataSection, *, batch_size: int, seed: int, num_workers: int, device: torch.device, distributed: bool
 ):
-    """Shuffled, sharded across ranks like DistributedSampler (the process group must exist)."""
+    """Shuffled; with `distributed`, sharded across ranks by DistributedSampler (the process group must exist)."""
     from ffcv.loader import Loader, OrderOption
 
     return Loader(
