@@ -2,7 +2,7 @@
 
 Ray forwards every worker's output to the driver with a pid prefix, so progress bars drawn in the
 workers arrive garbled (several lines per epoch) and Ray Train's own INFO messages arrive once per
-rank. Instead, rank 0 posts its progress to a small Ray actor (`ProgressBoard`) and the driver
+rank. Instead, rank 0 posts its progress to a small Ray actor (the board) and the driver
 draws it (`ConsoleView`); the workers keep only warnings and errors (`quiet_logs`). With
 `--verbose` everything Ray and MLflow say is shown, as before.
 """
@@ -32,13 +32,6 @@ class _Board:
     def take(self) -> list[dict]:
         events, self._events = self._events, []
         return events
-
-
-def start_board():
-    """The board as a Ray actor (no CPU reserved: it must never hold a worker's slot)."""
-    import ray
-
-    return ray.remote(num_cpus=0)(_Board).remote()
 
 
 class ProgressPoster:
@@ -94,11 +87,14 @@ def epoch_line(metrics: dict[str, Any], epochs: int, seconds_left: float | None)
 
 
 class ConsoleView:
-    """The driver's side, around `trainer.fit()`: a thread reads the board and draws one bar (on
-    stderr) and one line per epoch (on stdout, above the bar)."""
+    """The driver's side: it starts the board (`board`, handed to the workers), and around
+    `trainer.fit()` a thread reads it and draws one bar (on stderr) and one line per epoch (on
+    stdout, above the bar). Leaving the block ends the board."""
 
-    def __init__(self, board: Any, label: str, *, stream=None) -> None:
-        self._board = board
+    def __init__(self, label: str, *, stream=None) -> None:
+        import ray
+
+        self.board = ray.remote(num_cpus=0)(_Board).remote()  # no CPU: it must never hold a worker's slot
         self._label = label
         self._stream = stream or sys.stderr
         self._stop = threading.Event()
@@ -117,6 +113,9 @@ class ConsoleView:
         self._drain()  # the last epoch's line, posted just before fit() returned
         if self._bar is not None:
             self._bar.close()
+        import ray
+
+        ray.kill(self.board)
 
     def _follow(self) -> None:
         while not self._stop.wait(POLL_INTERVAL_S):
@@ -126,7 +125,7 @@ class ConsoleView:
         import ray
 
         try:
-            events = ray.get(self._board.take.remote(), timeout=30)
+            events = ray.get(self.board.take.remote(), timeout=30)
         except Exception:  # the board is best-effort: a run never fails because its display did
             return
         for event in events:

@@ -231,20 +231,19 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
     drawn on this console, a failure raised as a RunFailedError that says what failed and where."""
     from ray.train import TrainingFailedError
 
-    from .console import ConsoleView, quiet_logs, start_board
+    from .console import ConsoleView, quiet_logs
 
     if not verbose:
         quiet_logs()
     inputs = validate_inputs(cfg)
     connect_ray(address)
     check_cluster_fits(cfg)
-    board = start_board()
-    inputs = replace(inputs, progress=board, verbose=verbose)
-    trainer = build_trainer(cfg, inputs)
+    view = ConsoleView(f"{cfg.method.name} {cfg.run.name}")
+    trainer = build_trainer(cfg, replace(inputs, progress=view.board, verbose=verbose))
     start = time.perf_counter()
     with sigterm_as_ctrl_c() as received:
         try:
-            with ConsoleView(board, f"{cfg.method.name} {cfg.run.name}"):
+            with view:
                 result = trainer.fit()
         except TrainingFailedError as error:
             if verbose:

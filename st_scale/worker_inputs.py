@@ -26,7 +26,7 @@ class WorkerInputs:
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (a sweep's parent run, trial id)
     fault: FaultInjection | None = None
-    progress: Any = None  # the driver's console.ProgressBoard actor; None in Tune trials
+    progress: Any = None  # the board of the driver's console.ConsoleView (a Ray actor); None in Tune trials
     verbose: bool = False  # --verbose: Ray Train's and MLflow's INFO messages stay on the console
 
     @property
