@@ -69,7 +69,6 @@ class RunInfo:
     mlflow_run_id: str | None
     tracking_uri: str
     experiment_id: str
-    world_size: int | None = None  # the ranks that wrote the checkpoint (absent before it was recorded)
 
     def config_model(self) -> Config:
         return Config.model_validate(self.config)

@@ -248,13 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as error:
-        print(f"st-scale {args.command}: {error}", file=sys.stderr)
-        return 2
-    except RunFailedError as error:
-        print(f"st-scale {args.command}: {error}", file=sys.stderr)
-        return 1
-    except RunStoppedError as error:
+    except (ConfigError, RunFailedError, RunStoppedError) as error:  # each carries its exit code
         print(f"st-scale {args.command}: {error}", file=sys.stderr)
         return error.exit_code
 

@@ -91,12 +91,11 @@ class ConsoleView:
     `trainer.fit()` a thread reads it and draws one bar (on stderr) and one line per epoch (on
     stdout, above the bar). Leaving the block ends the board."""
 
-    def __init__(self, label: str, *, stream=None) -> None:
+    def __init__(self, label: str) -> None:
         import ray
 
         self.board = ray.remote(num_cpus=0)(_Board).remote()  # no CPU: it must never hold a worker's slot
         self._label = label
-        self._stream = stream or sys.stderr
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="st-scale-console", daemon=True)
         self._bar = None
@@ -144,7 +143,7 @@ class ConsoleView:
                 initial=event["step"],
                 desc=self._label,
                 unit="step",
-                file=self._stream,
+                file=sys.stderr,
                 dynamic_ncols=True,
                 leave=False,
             )

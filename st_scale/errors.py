@@ -4,10 +4,14 @@
 class ConfigError(ValueError):
     """A recipe, override or option the user must fix; the message names the field, the value and the fix."""
 
+    exit_code = 2
+
 
 class RunFailedError(RuntimeError):
     """A run or sweep that started and then failed; the message says what failed, where the full log
-    is and how to continue (exit code 1)."""
+    is and how to continue."""
+
+    exit_code = 1
 
 
 class RunStoppedError(RuntimeError):

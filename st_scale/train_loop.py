@@ -351,7 +351,6 @@ def _checkpoint(ctx: WorkerContext, epoch: int, step: int, metrics: dict) -> Non
             mlflow_run_id=ctx.run_id,
             tracking_uri=ctx.inputs.tracking_uri,
             experiment_id=ctx.inputs.experiment_id,
-            world_size=ctx.world,
         )
     with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
         checkpoint.save(ctx.engine, Path(directory), ctx.rank, ctx.world, client_state, run_info)

@@ -135,7 +135,7 @@ def inputs(tmp_path_factory):
     # The newest checkpoint of a 2-worker ZeRO-1 run, as far as the driver reads it: run info and markers.
     written = tmp / "runs" / "zero1-run" / "checkpoint_2026-11-30_10-00-00.000000"
     written.mkdir(parents=True)
-    (written / "st_scale_config.json").write_text(json.dumps({"world_size": 2}))
+    (written / "st_scale_config.json").write_text(json.dumps({}))
     for rank in (0, 1):
         (written / f"COMMITTED.rank{rank}").write_text(json.dumps({"epoch": 1, "step": 22, "world_size": 2}))
     busy = socket.socket()

@@ -165,13 +165,19 @@ def test_job_submit_trains_and_logs_to_the_mlflow_server(ray_head, mlflow_server
     assert page.status == 200 and "<title>MLflow</title>" in html
 
 
+def digits_tiny_tree(digits_dir, store: str) -> dict:
+    """tune/digits_tiny.yaml on the session's digits files, logging to `store`."""
+    tree = yaml.safe_load((ROOT / "tune" / "digits_tiny.yaml").read_text())
+    fixed = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in digits_overrides(digits_dir))}
+    tree["set"].update(fixed, **{"tracking.tracking_uri": store})
+    return tree
+
+
 def sweep_spec(tmp_path, digits_dir, store: str) -> Path:
     """tune/digits_tiny.yaml with a learning-rate grid whose last point learns nothing in one epoch,
     so ASHA (one trial at a time: a fixed order) stops it at its first rung."""
-    tree = yaml.safe_load((ROOT / "tune" / "digits_tiny.yaml").read_text())
+    tree = digits_tiny_tree(digits_dir, store)
     tree.update(name="cluster-sweep", storage_path=str(tmp_path / "sweeps"), num_samples=1)
-    fixed = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in digits_overrides(digits_dir))}
-    tree["set"].update(fixed, **{"tracking.tracking_uri": store})
     tree["space"]["optimizer.lr"] = {"grid": [0.1, 0.05, 0.00001]}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -271,9 +277,8 @@ def test_a_model_based_search_sweeps_and_keeps_its_state(ray_head, digits_dir, t
     import mlflow
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    tree = yaml.safe_load((ROOT / "tune" / "digits_tiny.yaml").read_text())
-    fixed = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in digits_overrides(digits_dir))}
-    tree["set"].update(fixed, **{"tracking.tracking_uri": store, "optimizer.epochs": 1})
+    tree = digits_tiny_tree(digits_dir, store)
+    tree["set"]["optimizer.epochs"] = 1
     if algorithm == "optuna":  # flat: the family's fields themselves
         tree["space"] = {"method.kl_weight": {"loguniform": [0.3, 3.0]}, "sampling.decay": {"uniform": [0.5, 1.0]}}
     tree.update(
