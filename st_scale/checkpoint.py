@@ -8,10 +8,11 @@
       COMMITTED.rank<r>        written last by each rank, naming the number of ranks that wrote the
                                folder: a folder without every one of their markers is incomplete
 
-Every rank calls `save` and `load` (DeepSpeed's are collective). A checkpoint written without ZeRO
-resumes on any number of workers (rank 0 saved the whole optimizer state); under ZeRO-1/2 on the
-number that wrote it. `read_run` and `load_weights` serve `st-scale eval` and anything else that
-wants plain weights without an engine.
+Every rank calls `save` and `load` (DeepSpeed's are collective). A checkpoint resumes on any number
+of workers: without ZeRO rank 0 saved the whole optimizer state; under ZeRO-1/2 each rank saved its
+shard, and `load` re-partitions the writers' shards for the new number (DeepSpeed 0.19 itself only
+re-shards through universal checkpoints, which hold Adam's state and not SGD's momentum). `read_run`
+and `load_weights` serve `st-scale eval` and anything else that wants plain weights without an engine.
 """
 
 from __future__ import annotations
@@ -116,15 +117,15 @@ def writer_world_size(directory: Path) -> int:
 
 
 def check_reshardable(zero_stage: int, directory: Path, written_by: int, world_size: int) -> None:
-    """Without ZeRO, rank 0 saved the whole optimizer state with the model: any number of ranks loads
-    it. Under ZeRO-1/2 each rank saved only its shard, and DeepSpeed 0.19 loads shards into another
-    number of ranks only from a universal checkpoint (a converted copy), which st-scale does not write."""
-    if zero_stage == 0 or written_by == world_size:
+    """ZeRO-0 (whole optimizer state on rank 0) and ZeRO-1/2 (fp32 weights and optimizer state sharded
+    over a flat buffer, re-partitioned by `load`) resume on any number of ranks; ZeRO-3 shards the
+    parameters themselves, which st-scale does not re-shard."""
+    if zero_stage <= 2 or written_by == world_size:
         return
     raise ConfigError(
-        f"checkpoint {directory} was written by {written_by} workers under ZeRO-{zero_stage}, whose optimizer "
-        f"state is sharded per worker and cannot be re-sharded for {world_size}; resume it with "
-        f"scaling.num_workers={written_by} (runs without ZeRO resume on any number of workers)"
+        f"checkpoint {directory} was written by {written_by} workers under ZeRO-{zero_stage}, whose parameters "
+        f"are sharded per worker and cannot be re-sharded for {world_size}; resume it with "
+        f"scaling.num_workers={written_by} (runs under ZeRO-0/1/2 resume on any number of workers)"
     )
 
 
@@ -147,14 +148,89 @@ def load(engine, directory: Path, rank: int, world_size: int) -> dict:
     directory = Path(directory)
     written_by = writer_world_size(directory)
     check_reshardable(engine.zero_optimization_stage(), directory, written_by, world_size)
+    resharding = written_by != world_size and engine.zero_optimization_stage() > 0
+    # Re-sharding: DeepSpeed loads the module (and refreshes the fp32 partitions from it); the
+    # optimizer's partitions come from every writer's shard below.
     _, client_state = engine.load_checkpoint(
-        str(directory), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        str(directory), tag=ENGINE_TAG, load_optimizer_states=not resharding, load_lr_scheduler_states=False
     )
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+    if resharding:
+        reshard_zero_state(engine.optimizer, _zero_shards(directory, written_by))
     if rank < written_by:
         set_rng_state(torch.load(_rng_file(directory, rank), weights_only=False))
     return client_state
+
+
+def _zero_shards(directory: Path, written_by: int) -> list[dict]:
+    """Every writer's ZeRO optimizer shard (DeepSpeed's `optimizer_state_dict`), in rank order."""
+    shards = []
+    for rank in range(written_by):
+        found = list((Path(directory) / ENGINE_TAG).glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+        if len(found) != 1:
+            raise RuntimeError(f"checkpoint {directory}: the ZeRO optimizer shard of rank {rank} is missing")
+        shards.append(torch.load(found[0], map_location="cpu", weights_only=False)["optimizer_state_dict"])
+    return shards
+
+
+def reshard_zero_state(optimizer, shards: list[dict]) -> None:
+    """Set this rank's ZeRO-1/2 partition of the fp32 master weights and of every optimizer state
+    tensor from the shards another number of ranks saved. Each parameter group is one flat buffer cut
+    into equal partitions, padding at the end: the writers' partitions (without their padding) joined
+    in rank order are the group's buffer, which is cut again for this world size."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.round_robin_gradients:
+        raise ConfigError(
+            f"a ZeRO checkpoint is re-sharded for another number of workers only with DeepSpeed's ZeRO-1/2 "
+            f"optimizer without round_robin_gradients (this run uses {type(optimizer).__name__}); resume it with "
+            f"the number of workers that wrote it"
+        )
+    if any(s["param_alignment_paddings"] != optimizer.round_robin_bit16_padding for s in shards):
+        raise ConfigError(
+            "the ZeRO checkpoint's parameter layout differs from this run's (zero_optimization.parameter_alignment "
+            "changed); resume with the DeepSpeed config that wrote it"
+        )
+    rank = torch.distributed.get_rank(group=optimizer.dp_process_group)
+    for group, partition in enumerate(optimizer.single_partition_of_fp32_groups):
+        lengths = [s["single_partition_of_fp32_groups"][group].numel() for s in shards]
+        written_size = lengths[0] + shards[0]["group_paddings"][group]  # every writer's partition size
+        layout = optimizer.round_robin_bit16_meta[group]
+        expected = sum(t.numel() for t in layout) + sum(optimizer.round_robin_bit16_padding[group])
+        if sum(lengths) != expected:
+            raise RuntimeError(
+                f"ZeRO checkpoint: parameter group {group} holds {sum(lengths)} values, this model {expected}"
+            )
+
+        def this_rank(pieces, size=partition.numel(), lengths=lengths):
+            whole = torch.cat([piece.flatten()[:n] for piece, n in zip(pieces, lengths)])
+            mine = torch.zeros(size, dtype=whole.dtype)
+            part = whole[rank * size : (rank + 1) * size]
+            mine[: part.numel()] = part
+            return mine
+
+        partition.data.copy_(this_rank([s["single_partition_of_fp32_groups"][group] for s in shards]))
+        flat_param = optimizer.optimizer.param_groups[group]["params"][0]
+        saved = [s["base_optimizer_state"]["state"].get(group, {}) for s in shards]
+        state = optimizer.optimizer.state[flat_param]
+        for key, value in saved[0].items():
+            if torch.is_tensor(value) and value.shape == (written_size,):
+                state[key] = this_rank([s[key] for s in saved]).to(flat_param.device, flat_param.dtype)
+            else:  # a scalar (a step count): the same on every rank
+                state[key] = value
+    # The module's weights already came from the checkpoint. DeepSpeed's per-parameter views of the
+    # partitions (its `safe_get_full_*` helpers read them) are linked to the restored state.
+    link_optimizer_state(optimizer)
+
+
+def link_optimizer_state(optimizer) -> None:
+    """(Re)link every parameter's view of its ZeRO partition and optimizer state. DeepSpeed 0.19 links
+    the optimizer state once, right after the first parameter group's first step, so a second group
+    (st-scale's parameters without weight decay) stays unlinked."""
+    optimizer._link_all_hp_params()
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def read_run(directory: Path) -> RunInfo:

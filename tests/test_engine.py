@@ -3,6 +3,7 @@ schedule, parameter groups, and checkpoints that restore exactly or refuse when 
 
 import json
 import math
+import os
 import random
 import shutil
 
@@ -24,11 +25,11 @@ from st_scale.train_loop import build_model_and_objective
 pytestmark = pytest.mark.usefixtures("gloo_process_group")
 
 
-def _engine(ds_config="cpu_fp32.json", method="st"):
+def _engine(ds_config="cpu_fp32.json", method="st", workers=1):
     cfg = load_config(
         "demo_st",
         [
-            "scaling.num_workers=1",
+            f"scaling.num_workers={workers}",
             f"deepspeed.config={ds_config}",
             f"method.name={method}",
             "data.batch_size=16",
@@ -203,12 +204,94 @@ def test_an_incomplete_checkpoint_is_refused(tmp_path):
             load_checkpoint(engine, tmp_path / "ckpt", 0, resuming_with)
 
 
-def test_a_zero1_checkpoint_resumes_only_on_the_number_of_workers_that_wrote_it(tmp_path):
-    """Each rank saved only its ZeRO-1 shard of the optimizer state. (A world of one writes it; resuming
-    it with a world of two is what is checked.)"""
-    _, _, engine = _engine("cpu_zero1_fp32.json")
-    _step(engine, 0, torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
-    save_checkpoint(engine, tmp_path / "ckpt", 0, 1, {"epoch": 1, "step": 1})
-    with pytest.raises(ConfigError, match=r"written by 1 workers under ZeRO-1.*scaling.num_workers=1"):
-        load_checkpoint(engine, tmp_path / "ckpt", 0, 2)
-    assert load_checkpoint(engine, tmp_path / "ckpt", 0, 1)["step"] == 1
+def test_a_checkpoint_interrupted_while_saving_is_passed_over_for_the_one_before(tmp_path):
+    """What a resume (and Ray Train) counts: the newest folder every writer committed."""
+    from st_scale.checkpoint import RunInfo, latest
+
+    cfg, _, engine = _engine()
+    info = RunInfo(cfg.model_dump(mode="json"), 1, 4, None, "sqlite:////x.db", "0")
+    older, newer = tmp_path / "checkpoint_2026-01-01_00-00-00", tmp_path / "checkpoint_2026-01-01_00-10-00"
+    for folder in (older, newer):
+        for rank in (0, 1):
+            save_checkpoint(engine, folder, rank, 2, {"epoch": 1, "step": 4}, info if rank == 0 else None)
+    assert latest(tmp_path) == newer
+    (newer / "COMMITTED.rank1").unlink()  # rank 1 died before its marker
+    assert latest(tmp_path) == older
+    (older / "COMMITTED.rank0").unlink()
+    assert latest(tmp_path) is None
+
+
+def _full_zero_state(engine) -> dict:
+    """Every parameter's whole fp32 master weight and momentum, gathered by DeepSpeed from the ranks'
+    ZeRO partitions (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from st_scale.checkpoint import link_optimizer_state
+
+    link_optimizer_state(engine.optimizer)
+    return {
+        name: (safe_get_full_fp32_param(p).clone(), safe_get_full_optimizer_state(p, "momentum_buffer").clone())
+        for name, p in engine.module.named_parameters()
+    }
+
+
+def _zero1_on_ranks(rank: int, world: int, port: int, folder, role: str) -> None:
+    """A rank of a `world`-process gloo group: `write` trains two steps (each rank on its own
+    micro-batch) and saves a ZeRO-1 checkpoint with the gathered state beside it; `read` loads the
+    checkpoint (written by another number of ranks) and compares the gathered state with that."""
+    os.environ |= {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "DS_ACCELERATOR": "cpu",
+    }
+    torch.distributed.init_process_group("gloo")
+    try:
+        if role == "write":
+            _write_zero1(rank, world, folder)
+        else:
+            _read_zero1(rank, world, folder)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _write_zero1(rank, world, folder):
+    _, _, engine = _engine("cpu_zero1_fp32.json", workers=world)
+    generator = torch.Generator().manual_seed(rank)
+    micro = 16 // world
+    for step in range(2):
+        _step(engine, step, torch.randn(micro, 3, 16, 16, generator=generator), torch.arange(micro) % 10)
+    state = _full_zero_state(engine)
+    if rank == 0:
+        torch.save(state, folder / "gathered.pt")
+    save_checkpoint(engine, folder / "ckpt", rank, world, {"epoch": 1, "step": 2})
+
+
+def _read_zero1(rank, world, folder):
+    _, _, engine = _engine("cpu_zero1_fp32.json", workers=world)
+    assert load_checkpoint(engine, folder / "ckpt", rank, world)["step"] == 2
+    expected, restored = torch.load(folder / "gathered.pt"), _full_zero_state(engine)
+    assert expected.keys() == restored.keys()
+    for name, (weight, momentum) in expected.items():
+        assert torch.equal(restored[name][0], weight), f"{name}: fp32 master weight"
+        assert torch.equal(restored[name][1], momentum), f"{name}: momentum"
+    for name, p in engine.module.named_parameters():  # the module's own weights agree too
+        assert torch.equal(p.detach(), expected[name][0]), name
+    micro = 16 // world
+    _step(engine, 2, torch.randn(micro, 3, 16, 16), torch.arange(micro) % 10)  # and it trains on
+
+
+@pytest.mark.parametrize("written_by, read_by", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_a_zero1_checkpoint_is_resharded_for_another_number_of_ranks(tmp_path, written_by, read_by):
+    """Each ZeRO-1 rank saves only its partition of the fp32 weights and the momentum; loaded by another
+    number of ranks, the whole state DeepSpeed gathers from the new partitions equals the writers'.
+    One side runs in this process (a world of one), the other in spawned processes."""
+    from processes import free_port
+
+    for role, world in (("write", written_by), ("read", read_by)):
+        if world == 1:
+            (_write_zero1 if role == "write" else _read_zero1)(0, 1, tmp_path)
+        else:
+            torch.multiprocessing.spawn(_zero1_on_ranks, args=(world, free_port(), tmp_path, role), nprocs=world)

@@ -173,19 +173,31 @@ def test_a_worker_failure_is_restarted_from_the_last_checkpoint(reference, works
     assert_same_weights(final_weights(summary.checkpoint), final_weights(uninterrupted.checkpoint))
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-def test_a_run_resumes_on_another_number_of_workers(reference, workspace, digits_dir, first, then):
+@pytest.fixture(scope="module")
+def uninterrupted_on_one_worker(workspace, digits_dir):
+    return train(make_config(digits_dir, workspace, "uninterrupted-1w", "scaling.num_workers=1"))
+
+
+@pytest.mark.parametrize(
+    "first, then, ds_config",
+    [(2, 1, "cpu_fp32.json"), (1, 2, "cpu_fp32.json"), (2, 1, "cpu_zero1_fp32.json"), (1, 2, "cpu_zero1_fp32.json")],
+    ids=["2to1", "1to2", "zero1-2to1", "zero1-1to2"],
+)
+def test_a_run_resumes_on_another_number_of_workers(
+    reference, uninterrupted_on_one_worker, workspace, digits_dir, first, then, ds_config
+):
     """Epoch 1 on `first` workers, epoch 2 on `then`: the same global batch and data order, the
-    optimizer state loaded whole, the same MLflow run. Against the uninterrupted run on `first`
-    workers, only what depends on the split differs in epoch 2 (BatchNorm statistics of each worker's
-    micro-batch, per-rank augmentation): weights and the epoch's loss agree within RESHARD_TOLERANCE."""
-    name = f"reshard-{first}to{then}"
-    if first == 2:
-        _, uninterrupted = reference
-    else:
-        uninterrupted = train(make_config(digits_dir, workspace, "uninterrupted-1w", "scaling.num_workers=1"))
-    stopped = train(make_config(digits_dir, workspace, name, f"scaling.num_workers={first}", "run.stop_after_epochs=1"))
-    resumed = train(make_config(digits_dir, workspace, name, f"scaling.num_workers={then}"))
+    optimizer state loaded whole (ZeRO-0) or re-sharded (ZeRO-1), the same MLflow run. Against the
+    uninterrupted run on `first` workers (ZeRO-0: ZeRO-1 computes the same update), only what depends
+    on the split differs in epoch 2 (BatchNorm statistics of each worker's micro-batch, per-rank
+    augmentation): weights and the epoch's loss agree within RESHARD_TOLERANCE."""
+    name = f"reshard-{first}to{then}-{ds_config.removesuffix('.json')}"
+    uninterrupted = reference[1] if first == 2 else uninterrupted_on_one_worker
+    zero = f"deepspeed.config={ds_config}"
+    stopped = train(
+        make_config(digits_dir, workspace, name, zero, f"scaling.num_workers={first}", "run.stop_after_epochs=1")
+    )
+    resumed = train(make_config(digits_dir, workspace, name, zero, f"scaling.num_workers={then}"))
     assert resumed.epochs == 2 and resumed.mlflow_run_id == stopped.mlflow_run_id
     (run,) = runs_named(workspace, name)
     c = client(workspace)
