@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # ffcv compiles against OpenCV and libjpeg-turbo found through pkg-config.
 SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev
 
-.PHONY: help install system-deps fashion-mnist browser demo lint format test test-fast bench study mutate clean
+.PHONY: help install system-deps fashion-mnist browser postgres demo lint format test test-fast bench study mutate clean
 
 help:
 	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root);"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
 	@echo "make fashion-mnist  Debian's dataset-fashion-mnist package (real benchmark data, RESULTS.md)"
 	@echo "make browser    Debian's chromium and chromium-driver (the MLflow UI test drives a headless browser)"
+	@echo "make postgres   Debian's PostgreSQL server (tests run MLflow's tracking store on it)"
 	@echo "make study      the CPU study of RESULTS.md (its 18 runs take hours on 2 cores; running it again resumes it)"
 	@echo "make mutate     mutation testing of the core modules with the fast tests (BENCHMARKS.md, Test strength; hours)"
 
@@ -65,6 +66,18 @@ browser:
 		exit 1; \
 	fi
 
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+		echo "postgres: PostgreSQL server found"; \
+	elif [ "$$(id -u)" = "0" ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	else \
+		echo "The tracking-store tests start Debian's PostgreSQL server. Run as root:"; \
+		echo "  sudo apt-get install -y --no-install-recommends postgresql"; \
+		exit 1; \
+	fi
+
 $(STAMP): pyproject.toml | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel "setuptools<81"
@@ -85,7 +98,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install fashion-mnist browser
+test: install fashion-mnist browser postgres
 	$(BIN)/pytest -q
 
 test-fast: install

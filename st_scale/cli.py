@@ -118,15 +118,23 @@ def _add_mlflow_server(sub) -> None:
     p = _parser(
         sub,
         "mlflow-server",
-        "serve the MLflow UI and tracking API (SQLite store, local artifacts)",
-        "Run `mlflow server` on 127.0.0.1 over a SQLite store. Point training at it with "
-        "MLFLOW_TRACKING_URI=http://HOST:PORT (or --set tracking.tracking_uri=...).",
+        "serve the MLflow UI and tracking API (SQLite or PostgreSQL store)",
+        "Run `mlflow server` on 127.0.0.1 over a SQLite file (one machine) or a PostgreSQL database (a cluster, "
+        "many concurrent writers). Point training at it with MLFLOW_TRACKING_URI=http://HOST:PORT (or --set "
+        "tracking.tracking_uri=...).",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (use 0.0.0.0 only behind a firewall)")
     p.add_argument("--port", type=counted(1, 65535), default=5000)
-    p.add_argument("--backend-store", default="mlflow.db", help="SQLite file (or any MLflow backend store URI)")
     p.add_argument(
-        "--artifacts", default="mlartifacts", help="where logged artifacts are stored (shared storage on a cluster)"
+        "--backend-store",
+        default="mlflow.db",
+        help="a SQLite file, or a database URI such as postgresql://USER:PASSWORD@HOST:5432/mlflow (checked before "
+        "the server starts)",
+    )
+    p.add_argument(
+        "--artifacts",
+        default="mlartifacts",
+        help="where logged artifacts are stored: a folder (shared storage on a cluster) or an s3:// URI",
     )
     p.add_argument("--workers", type=counted(), default=1)
 

@@ -40,6 +40,38 @@ def sqlite_path(uri: str) -> str | None:
     return uri[len(SQLITE) :] if uri.startswith(SQLITE) else None
 
 
+def is_database(uri: str) -> bool:
+    """A database server MLflow talks to through SQLAlchemy (PostgreSQL, MySQL, MSSQL), not SQLite."""
+    return uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql")
+
+
+def redacted(uri: str) -> str:
+    """The URI as it may be printed: a database password replaced by ***."""
+    if not is_database(uri):
+        return uri
+    from sqlalchemy.engine import make_url
+
+    return make_url(uri).render_as_string(hide_password=True)
+
+
+def check_database_answers(uri: str, field: str, timeout_s: int = 10) -> None:
+    """One short connection: MLflow's store retries an unreachable database for minutes."""
+    import sqlalchemy
+
+    timeout = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=timeout)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001  (a missing driver, a refused connection, a bad password: all named)
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"{field}={redacted(uri)!r}: the database cannot be used ({type(error).__name__}: {reason}); start it, "
+            f"create the database, or fix the URI (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)"
+        ) from None
+
+
 def resolve_tracking_uri(uri: str | None) -> str:
     """An absolute URI (workers and Tune trials do not share the driver's cwd)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{DEFAULT_STORE}"
@@ -74,6 +106,8 @@ def check_tracking_uri(uri: str, experiment: str) -> str:
             ) from None
     if uri.startswith(("http://", "https://")):
         _check_server_answers(uri)
+    if is_database(uri):
+        check_database_answers(uri, "tracking.tracking_uri")
     try:
         client = mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
@@ -85,7 +119,7 @@ def check_tracking_uri(uri: str, experiment: str) -> str:
         return experiment_id
     except Exception as error:
         raise ConfigError(
-            f"tracking.tracking_uri={uri!r}: the MLflow store cannot be used ({type(error).__name__}: "
+            f"tracking.tracking_uri={redacted(uri)!r}: the MLflow store cannot be used ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:300]}); start the server or fix the URI"
         ) from None
 
@@ -225,35 +259,30 @@ def serve_mlflow(*, host: str, port: int, backend_store: str, artifacts: str, wo
 
     _check_port_free(host, port)
     store = resolve_tracking_uri(backend_store if "://" in backend_store else f"{SQLITE}{backend_store}")
-    artifacts_dir = Path(artifacts).expanduser().resolve()
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    if is_database(store):
+        check_database_answers(store, "--backend-store")
+    if "://" in artifacts:  # object storage (s3://...): MLflow's server writes there itself
+        artifacts_dir = artifacts
+    else:
+        artifacts_dir = Path(artifacts).expanduser().resolve()
+        artifacts_dir.mkdir(parents=True, exist_ok=True)
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow_cli is None:
         raise ConfigError(
             "mlflow-server: the `mlflow` command is not installed next to this Python; run `make install`"
         )
     print(
-        f"MLflow UI and API on http://{host}:{port}  (store {store}, artifacts {artifacts_dir})\n"
+        f"MLflow UI and API on http://{host}:{port}  (store {redacted(store)}, artifacts {artifacts_dir})\n"
         f"runs in the model-training view: {training_view_url(f'http://{host}:{port}')}\n"
         f"log runs there with: export MLFLOW_TRACKING_URI=http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )
-    os.execv(
+    # The store goes by environment, not argument: a database password stays out of the process list.
+    os.execve(
         mlflow_cli,
-        [
-            mlflow_cli,
-            "server",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--backend-store-uri",
-            store,
-            "--artifacts-destination",
-            str(artifacts_dir),
-        ],
+        [mlflow_cli, "server", "--host", host, "--port", str(port), "--workers", str(workers)]
+        + ["--artifacts-destination", str(artifacts_dir)],
+        os.environ | {"MLFLOW_BACKEND_STORE_URI": store},
     )
     return 0  # not reached

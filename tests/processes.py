@@ -65,13 +65,13 @@ class MlflowServer:
 
 
 @contextmanager
-def serve_mlflow(store: Path, artifacts: Path):
-    """`st-scale mlflow-server` on a free loopback port over the SQLite file `store`, healthy before
-    it is handed out, stopped by its PID afterwards."""
+def serve_mlflow(store: Path | str, artifacts: Path, workers: int = 1):
+    """`st-scale mlflow-server` on a free loopback port over `store` (a SQLite file or a database URI),
+    healthy before it is handed out, stopped by its PID afterwards."""
     import psutil
 
     port = free_port()
-    log_path = store.parent / f"server-{port}.log"
+    log_path = artifacts.parent / f"server-{port}.log"
     log = open(log_path, "w")
     process = subprocess.Popen(
         [
@@ -83,6 +83,8 @@ def serve_mlflow(store: Path, artifacts: Path):
             str(store),
             "--artifacts",
             str(artifacts),
+            "--workers",
+            str(workers),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -104,3 +106,68 @@ def serve_mlflow(store: Path, artifacts: Path):
         stop_processes([psutil.Process(process.pid)] if process.poll() is None else [])
         process.wait(timeout=30)
         log.close()
+
+
+@contextmanager
+def serve_postgres(root: Path):
+    """A PostgreSQL server from Debian's packages on a free loopback port, over a new data directory
+    under `root`, trusting local connections; yields the URI of an empty `mlflow` database. Run as the
+    `postgres` user when the tests run as root (PostgreSQL refuses root)."""
+    import glob
+    import shutil
+    import tempfile
+
+    import psutil
+    import psycopg
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed: run `make postgres` (Debian's postgresql package)")
+    bin_dir = Path(found[-1]).parent
+    as_postgres = {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+    # Not under pytest's root-only temp folder: the postgres user must reach its data directory.
+    data = Path(tempfile.mkdtemp(prefix="st-pg-", dir=root if not as_postgres else None))
+    if as_postgres:
+        shutil.chown(data, "postgres", "postgres")
+    initdb = subprocess.run(
+        [str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "st_scale", "--auth=trust", "-E", "UTF8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **as_postgres,
+    )
+    assert initdb.returncode == 0, initdb.stdout + initdb.stderr
+    port = free_port()
+    log = open(root / f"postgres-{port}.log", "w")
+    server = subprocess.Popen(
+        [str(bin_dir / "postgres"), "-D", str(data / "db"), "-h", "127.0.0.1", "-p", str(port), "-k", str(data)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        **as_postgres,
+    )
+
+    def connect(database="postgres"):
+        return psycopg.connect(host="127.0.0.1", port=port, user="st_scale", dbname=database, connect_timeout=5)
+
+    def accepts():
+        if server.poll() is not None:
+            pytest.fail((root / f"postgres-{port}.log").read_text()[-3000:])
+        try:
+            connect().close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    try:
+        wait_for(accepts, 60, "PostgreSQL", interval_s=0.5)
+        connection = connect()
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE mlflow")
+        connection.close()
+        yield f"postgresql://st_scale@127.0.0.1:{port}/mlflow"
+    finally:
+        stop_processes([psutil.Process(server.pid)] if server.poll() is None else [])
+        server.wait(timeout=30)
+        log.close()
+        shutil.rmtree(data, ignore_errors=True)

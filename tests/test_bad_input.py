@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from processes import free_port
 
 from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 TIME_BOUND_S = 90  # a command start (torch, pydantic, MLflow imports) on a loaded 2-core machine
 
+PASSWORD, NO_DATABASE = "s3cret-pw", "127.0.0.1:{free_port}/mlflow"  # a port nothing listens on
 TRAIN = [
     "train",
     "demo_st",
@@ -85,6 +87,18 @@ CASES = [
         "DeepSpeed rejects it: DeepSpeedZeroConfig.stagee: Extra inputs are not permitted",
     ),
     ("server-port-in-use", ["mlflow-server", "--port", "{busy_port}"], 2, "--port {busy_port}: 127.0.0.1:{busy_port}"),
+    (
+        "server-database-nobody-serves",
+        ["mlflow-server", "--port", "{free_port}", "--backend-store", f"postgresql://mlflow:{PASSWORD}@{NO_DATABASE}"],
+        2,
+        f"--backend-store='postgresql://mlflow:***@{NO_DATABASE}': the database cannot be used (OperationalError",
+    ),
+    (
+        "tracking-database-nobody-serves",
+        [*TRAIN, "--set", f"tracking.tracking_uri=postgresql://mlflow:{PASSWORD}@{NO_DATABASE}"],
+        2,
+        f"tracking.tracking_uri='postgresql://mlflow:***@{NO_DATABASE}': the database cannot be used",
+    ),
     ("cifar-pipeline-image-size", [*TRAIN, "--set", "data.image_size=64"], 2, "the cifar pipeline uses as they are"),
     ("cifar-pipeline-crop-ratio", [*TRAIN, "--set", "data.val_crop_ratio=0.9"], 2, "the imagenet pipeline only"),
     (
@@ -94,11 +108,11 @@ CASES = [
         "cut.jpg is not a readable image",
     ),
     (
-        "zero1-checkpoint-resumed-on-another-number-of-workers",
-        [*TRAIN, "--set", "run.name=zero1-run", "--set", "deepspeed.config=cpu_zero1_fp32.json"]
+        "zero3-checkpoint-resumed-on-another-number-of-workers",
+        [*TRAIN, "--set", "run.name=zero3-run", "--set", "deepspeed.overrides={{zero_optimization.stage: 3}}"]
         + ["--set", "scaling.num_workers=1"],
         2,
-        "was written by 2 workers under ZeRO-1, whose optimizer state is sharded per worker",
+        "was written by 2 workers under ZeRO-3, whose parameters are sharded per worker",
     ),
     ("convert-jpeg-quality-out-of-range", ["convert", "digits", "--out", "{tmp}/d", "--jpeg-quality", "0"], 2, "0 is"),
 ]
@@ -132,8 +146,8 @@ def inputs(tmp_path_factory):
         "      restricted: {sampling.space: restricted, sampling.max_dropped: [0, 1]}\n"
         "objective: {metric: val/main_top1, mode: max}\n"
     )
-    # The newest checkpoint of a 2-worker ZeRO-1 run, as far as the driver reads it: run info and markers.
-    written = tmp / "runs" / "zero1-run" / "checkpoint_2026-11-30_10-00-00.000000"
+    # The newest checkpoint of a 2-worker ZeRO-3 run, as far as the driver reads it: run info and markers.
+    written = tmp / "runs" / "zero3-run" / "checkpoint_2026-11-30_10-00-00.000000"
     written.mkdir(parents=True)
     (written / "st_scale_config.json").write_text(json.dumps({}))
     for rank in (0, 1):
@@ -145,6 +159,7 @@ def inputs(tmp_path_factory):
         "tmp": tmp,
         "plain": tmp / "plain",
         "busy_port": busy.getsockname()[1],
+        "free_port": free_port(),
     }
     busy.close()
 
@@ -164,5 +179,6 @@ def test_bad_input_is_refused_early_with_a_message_that_names_it(inputs, argumen
     output = done.stdout + done.stderr
     assert done.returncode == code, output
     assert phrase.format(**inputs) in output, output
+    assert PASSWORD not in output, "a database password is never printed"
     assert "Traceback" not in output and "Started a local Ray instance" not in output, output
     assert elapsed < TIME_BOUND_S, f"took {elapsed:.0f} s"

@@ -1,6 +1,7 @@
 """A real cluster on 127.0.0.1: `ray start --head` with token auth set explicitly on both sides,
-`ray job submit` of a training run that logs to a real `st-scale mlflow-server`, and a sweep whose
-driver is killed mid-trial and then resumed. The head is stopped by its own PIDs, never `ray stop`."""
+`ray job submit` of a training run that logs to a real `st-scale mlflow-server`, a sweep whose
+driver is killed mid-trial and then resumed, and concurrent trials logging into a real PostgreSQL.
+The head (and every server) is stopped by its own PIDs, never `ray stop`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from processes import free_port, serve_mlflow, stop_processes, wait_for
+from processes import free_port, serve_mlflow, serve_postgres, stop_processes, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -267,6 +268,54 @@ def test_sweep_resumes_after_its_driver_dies(ray_head, digits_dir, tmp_path):
         "sweep/best_trial.json",
         "plots/objective_vs_search_space.png",
     } <= artifacts
+
+
+def test_concurrent_trials_log_to_mlflow_on_postgresql(ray_head, digits_dir, tmp_path):
+    """Two trials at once (each 1 CPU of the 2) log through `st-scale mlflow-server` (2 workers) into a
+    PostgreSQL database: both child runs and the parent end FINISHED, with their metrics, in the
+    database itself."""
+    import mlflow
+    import psycopg
+
+    with serve_postgres(tmp_path) as database, serve_mlflow(database, tmp_path / "artifacts", workers=2) as server:
+        tree = digits_tiny_tree(digits_dir, server.url)
+        tree["set"].update({"optimizer.epochs": 1, "scaling.num_workers": 1})
+        tree.update(
+            name="postgres-sweep",
+            storage_path=str(tmp_path / "sweeps"),
+            num_samples=2,
+            scheduler={"name": "fifo"},
+            trial={"cpus": 0.5},
+        )
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump(tree, sort_keys=False))
+        result = subprocess.run(
+            [str(BIN / "st-scale"), "sweep", str(spec), "--summary-json", str(tmp_path / "summary.json")],
+            env=ray_head.env | {"RAY_ADDRESS": ray_head.address},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert [r["outcome"] for r in summary["rows"]] == ["completed"] * 2
+
+        client = mlflow.MlflowClient(server.url)
+        parent = client.get_run(summary["parent_run_id"])
+        children = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
+        assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"] * 2
+        assert all("val/subnets_mean_top1" in c.data.metrics for c in children)
+        first, second = sorted(children, key=lambda c: c.info.start_time)
+        assert second.info.start_time < first.info.end_time, "the two trials ran at the same time"
+        with psycopg.connect(database, connect_timeout=10) as connection:
+            stored = dict(connection.execute("SELECT run_uuid, status FROM runs").fetchall())
+            logged = connection.execute(
+                "SELECT count(*) FROM metrics WHERE run_uuid = ANY(%s)", ([c.info.run_id for c in children],)
+            ).fetchone()[0]
+        assert stored == {r.info.run_id: "FINISHED" for r in (parent, *children)}
+        assert logged >= 2 * len(children[0].data.metrics)
 
 
 @pytest.mark.parametrize("algorithm", ["hyperopt", "optuna"])

@@ -144,7 +144,7 @@ def kuberay_objects() -> list[dict]:
 
 def test_kubernetes_objects_validate_strictly():
     standard = [d for d in kuberay_objects() if not d["apiVersion"].startswith("ray.io/")]
-    assert {d["kind"] for d in standard} == {"PersistentVolumeClaim", "Deployment", "Service"}
+    assert {d["kind"] for d in standard} == {"PersistentVolumeClaim", "Deployment", "Service", "StatefulSet"}
     for obj in standard:
         k8s_validate(obj)
 
@@ -179,6 +179,37 @@ def test_raycluster_manifest():
             assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://st-scale-mlflow:")
     for group in spec["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_mlflow_keeps_its_store_in_postgresql():
+    """The MLflow Deployment's `st-scale mlflow-server` parses, its store is the PostgreSQL Service's
+    database with the password from the Secret both use; the launcher's head reads a PostgreSQL URI."""
+    from st_scale.cli import build_parser
+    from st_scale.tracking import is_database
+
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in kuberay_objects()}
+    server = objects["Deployment", "st-scale-mlflow"]["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(server["command"][1:])
+    assert args.command == "mlflow-server" and is_database(args.backend_store)
+    assert args.backend_store == "postgresql://mlflow:$(POSTGRES_PASSWORD)@st-scale-postgres:5432/mlflow"
+    assert args.artifacts.startswith("/shared/")
+    postgres = objects["StatefulSet", "st-scale-postgres"]["spec"]["template"]["spec"]["containers"][0]
+    service = objects["Service", "st-scale-postgres"]
+    assert service["spec"]["ports"][0]["port"] == 5432
+    assert service["spec"]["selector"] == objects["StatefulSet", "st-scale-postgres"]["spec"]["selector"]["matchLabels"]
+
+    def secret_of(container):
+        (env,) = [e for e in container["env"] if e["name"] == "POSTGRES_PASSWORD"]
+        return env["valueFrom"]["secretKeyRef"]
+
+    assert secret_of(server) == secret_of(postgres) == {"name": "st-scale-postgres", "key": "password"}
+    assert {e["name"]: e.get("value") for e in postgres["env"]}.items() >= {
+        "POSTGRES_USER": "mlflow",
+        "POSTGRES_DB": "mlflow",
+    }.items()
+
+    head = " ".join(yaml.safe_load((DOCKER / "ray-cluster-aws.yaml").read_text())["head_start_ray_commands"])
+    assert '--backend-store "$(cat /shared/st_scale/mlflow/backend-store.uri)"' in head and "mlflow.db" not in head
 
 
 def test_shared_volume_claim_matches_mounts():
