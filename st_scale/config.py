@@ -114,13 +114,50 @@ class DeepSpeedSection(Section):
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="workers; [min, max] for an elastic group: it starts with as many as fit (at least min), "
+        "continues on fewer when a node is lost and grows back when nodes return, from the last checkpoint",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    resize_check_s: float = Field(
+        60.0, gt=0, description="elastic groups: how often a healthy group looks for room to grow"
+    )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _positive_range(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError(
+                f"{list(value) if isinstance(value, tuple) else value}: give N >= 1 or [min, max] with 1 <= min <= max"
+            )
+        return value
 
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers the run may train on."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    def describe(self) -> str:
+        return f"{self.min_workers}-{self.max_workers}" if self.elastic else str(self.num_workers)
 
 
 class EvalSection(Section):
@@ -174,12 +211,14 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.data.batch_size % self.scaling.num_workers:
+        misfits = [n for n in self.scaling.worker_counts if self.data.batch_size % n]
+        if misfits:
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} is not divisible by scaling.num_workers="
-                f"{self.scaling.num_workers}; the global batch is kept whatever the number of workers (a resumed "
-                f"run included): choose a worker count that divides it, or a global batch size that is a multiple "
-                f"of the worker count"
+                f"{self.scaling.describe()}"
+                + (f" ({', '.join(map(str, misfits))} workers)" if self.scaling.elastic else "")
+                + "; the global batch is kept whatever the number of workers (a resumed or elastic run included): "
+                "choose worker counts that divide it, or a global batch size that is a multiple of each"
             )
         return self
 

@@ -43,7 +43,7 @@ def run_demo(
         cfg = load_config(recipe, [*common, f"run.name={recipe.replace('_', '-')}-{stamp}"])
         print(
             f"\n=== {recipe}: {cfg.method.name.upper()} {cfg.model.name}, {cfg.optimizer.epochs} epochs, "
-            f"{cfg.scaling.num_workers} workers ===",
+            f"{cfg.scaling.describe()} workers ===",
             flush=True,
         )
         summaries.append(train(cfg, address=address, verbose=verbose))

@@ -52,27 +52,16 @@ def resolve_ds_config(cfg: Config) -> dict:
     ):
         if forbidden in ds:
             raise ConfigError(f"deepspeed.config: {path.name} has an {forbidden!r} block; remove it: {why}")
-    world = cfg.scaling.num_workers
     accumulation = int(ds.get("gradient_accumulation_steps", 1))
-    global_batch = cfg.data.batch_size
-    if global_batch % (world * accumulation):
-        raise ConfigError(
-            f"data.batch_size={global_batch} is not divisible by scaling.num_workers={world} x "
-            f"gradient_accumulation_steps={accumulation}; the global batch is kept whatever the number of workers: "
-            f"choose a worker count and accumulation whose product divides it"
-        )
-    derived = {
-        "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": global_batch // (world * accumulation),
-        "gradient_accumulation_steps": accumulation,
-    }
-    for key, value in derived.items():
-        if key in ds and int(ds[key]) != value:
-            raise ConfigError(
-                f"deepspeed.config: {path.name} sets {key}={ds[key]}, which contradicts the recipe "
-                f"(data.batch_size={global_batch}, {world} workers gives {value}); remove it from the JSON"
-            )
-    ds.update(derived)
+    for world in cfg.scaling.worker_counts:  # an elastic run may train on any of them
+        for key, value in batch_sizes(cfg.data.batch_size, world, accumulation).items():
+            if key in ds and int(ds[key]) != value:
+                raise ConfigError(
+                    f"deepspeed.config: {path.name} sets {key}={ds[key]}, which contradicts the recipe "
+                    f"(data.batch_size={cfg.data.batch_size}, {world} workers gives {value}); remove it from the JSON"
+                )
+    # For a full group; each worker restates them for the number of workers it trains with.
+    ds = ds | batch_sizes(cfg.data.batch_size, cfg.scaling.max_workers, accumulation)
     if cfg.deepspeed.overrides or path.parent != DS_CONFIG_DIR:  # the packaged files are tested as they are
         _check_against_deepspeed(ds, path.name)
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
@@ -87,6 +76,22 @@ def resolve_ds_config(cfg: Config) -> dict:
             f"BatchNorm buffers must be bf16 too"
         )
     return ds
+
+
+def batch_sizes(global_batch: int, world: int, accumulation: int) -> dict:
+    """DeepSpeed's batch sizes for `world` workers: the global batch is the recipe's whatever the number
+    of workers, so each worker's micro-batch is global / (world x accumulation steps)."""
+    if global_batch % (world * accumulation):
+        raise ConfigError(
+            f"data.batch_size={global_batch} is not divisible by scaling.num_workers={world} x "
+            f"gradient_accumulation_steps={accumulation}; the global batch is kept whatever the number of workers: "
+            f"choose a worker count and accumulation whose product divides it"
+        )
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // (world * accumulation),
+        "gradient_accumulation_steps": accumulation,
+    }
 
 
 def _check_against_deepspeed(ds: dict, name: str) -> None:

@@ -109,12 +109,17 @@ def check_cluster_fits(cfg: Config) -> None:
     import ray
 
     s = cfg.scaling
+    workers = (
+        f"scaling.num_workers={list(s.num_workers)} (at least {s.min_workers})"
+        if s.elastic
+        else (f"scaling.num_workers={s.num_workers}")
+    )
     copies_that_fit(
         [
             (
                 resource,
-                per_worker * s.num_workers,
-                f"scaling.num_workers={s.num_workers} x scaling.{field}={per_worker} needs",
+                per_worker * s.min_workers,
+                f"{workers} x scaling.{field}={per_worker} needs",
             )
             for resource, per_worker, field in (
                 ("CPU", s.cpus_per_worker, "cpus_per_worker"),
@@ -186,10 +191,17 @@ def _check_resumable(cfg: Config, ds_config: dict) -> None:
     this number of workers is refused here rather than in every worker."""
     from . import checkpoint
 
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if cfg.scaling.elastic and stage >= 3:
+        raise ConfigError(
+            f"scaling.num_workers={list(cfg.scaling.num_workers)} with ZeRO-{stage}: an elastic group resumes on "
+            f"another number of workers, and ZeRO-3 checkpoints cannot be re-sharded; use ZeRO-0/1/2 or a fixed count"
+        )
     found = checkpoint.latest(Path(cfg.run.storage_path) / cfg.run.name)
     if found is not None:
-        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        checkpoint.check_reshardable(stage, found, checkpoint.writer_world_size(found), cfg.scaling.num_workers)
+        written_by = checkpoint.writer_world_size(found)
+        for world in cfg.scaling.worker_counts:
+            checkpoint.check_reshardable(stage, found, written_by, world)
 
 
 def _fault_from_env(cfg: Config) -> FaultInjection | None:
@@ -214,7 +226,12 @@ def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
     return TorchTrainer(
         train_worker,
         train_loop_config=inputs.to_loop_config(),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=s.resize_check_s,
+        ),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,

@@ -19,7 +19,7 @@ from . import checkpoint
 from .config import Config
 from .console import ProgressPoster, quiet_logs
 from .distributed import barrier
-from .engine import build_engine, set_lr
+from .engine import batch_sizes, build_engine, set_lr
 from .eval_pass import (
     calibration_suffix,
     first_images,
@@ -124,7 +124,11 @@ def train_worker(loop_config: dict) -> None:
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     device = _setup_process(cfg, train_ctx.get_local_rank())
     model, space, objective = build_model_and_objective(cfg, rank)
-    engine = build_engine(model, objective, cfg, inputs.ds_config)
+    # The group's size may differ from the recipe's maximum (an elastic run): the global batch does not.
+    ds_config = inputs.ds_config | batch_sizes(
+        cfg.data.batch_size, world, int(inputs.ds_config["gradient_accumulation_steps"])
+    )
+    engine = build_engine(model, objective, cfg, ds_config)
     data = _setup_data(cfg, inputs, engine, rank, world, device)
     resumed = _resume(engine, rank, world)
     ctx = WorkerContext(
@@ -137,7 +141,7 @@ def train_worker(loop_config: dict) -> None:
         model=model,
         data=data,
         subnets=space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed),
-        images_per_step=inputs.ds_config["train_micro_batch_size_per_gpu"] * world,
+        images_per_step=engine.train_micro_batch_size_per_gpu() * world,
         run_id=resumed.run_id,
     )
     if rank == 0:
@@ -181,7 +185,7 @@ def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     preparer = BatchPreparer(cfg.data, device, dtype, cfg.run.seed, rank)
     threads = cfg.data.num_workers or max(1, int(cfg.scaling.cpus_per_worker))
-    micro_batch = inputs.ds_config["train_micro_batch_size_per_gpu"]
+    micro_batch = engine.train_micro_batch_size_per_gpu()
     # Sharded by torch's DistributedSampler at every world size, one included: rank r reads every
     # world-th sample of one seeded order, so a global batch holds the same images whatever the number
     # of workers, and a run resumed on another number continues the same data order.

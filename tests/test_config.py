@@ -55,6 +55,12 @@ def test_overrides_parse_yaml_values():
         (["model.name=resnet51"], "model.name: unknown model 'resnet51'"),
         (["method.name=kd"], "method.name: unknown method 'kd'"),
         (["data.batch_size=63"], "data.batch_size=63 is not divisible by scaling.num_workers=2"),
+        (["scaling.num_workers=[2, 1]"], r"scaling.num_workers: .*\[2, 1\]: give N >= 1 or \[min, max\]"),
+        (["scaling.num_workers=0"], r"scaling.num_workers: .*0: give N >= 1"),
+        (
+            ["scaling.num_workers=[1, 5]"],
+            r"data.batch_size=64 is not divisible by scaling.num_workers=1-5 \(3, 5 workers\)",
+        ),
         (["sampling.space=restricted"], "space 'restricted' needs max_dropped"),
         (["bogus.key=1"], "bogus: unknown key"),
     ],
@@ -126,3 +132,25 @@ def test_version_is_the_installed_packages(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"st-scale {metadata.version('st-scale')}"
+
+
+def test_an_elastic_group_keeps_the_global_batch_on_every_number_of_workers():
+    """[min, max] workers: the DeepSpeed config is resolved for the full group, and a worker restates
+    the batch sizes for the number it trains with; the global batch is the recipe's in every case."""
+    from st_scale.engine import batch_sizes
+
+    with pytest.raises(ConfigError, match=r"\(3 workers\)"):
+        load_config("demo_st", ["scaling.num_workers=[1, 4]"])
+    cfg = load_config("demo_st", ["scaling.num_workers=[1, 4]", "data.batch_size=48"])
+    assert cfg.scaling.elastic and list(cfg.scaling.worker_counts) == [1, 2, 3, 4]
+    ds = resolve_ds_config(cfg)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (48, 12)
+    for world, micro in ((1, 48), (2, 24), (3, 16), (4, 12)):
+        assert batch_sizes(48, world, 1) == {
+            "train_batch_size": 48,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": 1,
+        }
+    assert batch_sizes(48, 2, 3)["train_micro_batch_size_per_gpu"] == 8
+    with pytest.raises(ConfigError, match="data.batch_size=48 is not divisible by scaling.num_workers=5"):
+        batch_sizes(48, 5, 1)

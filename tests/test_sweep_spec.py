@@ -262,6 +262,14 @@ def test_concurrent_trials_fit_the_cluster(tmp_path, resources, max_concurrent, 
     assert concurrent_trials(checked, resources) == expected
 
 
+def test_a_sweep_refuses_an_elastic_worker_group(tmp_path):
+    from st_scale.sweep.driver import concurrent_trials
+
+    checked = check_spec(load_spec(spec_file(tmp_path), ["set.scaling.num_workers=[1, 2]"]))
+    with pytest.raises(ConfigError, match=r"scaling.num_workers=\[1, 2\]: a sweep's trials train on a fixed number"):
+        concurrent_trials(checked, {"CPU": 64.0})
+
+
 def test_a_trial_that_needs_gpus_the_cluster_lacks(tmp_path):
     from st_scale.sweep.driver import concurrent_trials
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..interrupts import sigterm_as_ctrl_c
 from ..launch import connect_ray, copies_that_fit, validate_inputs, write_json
 from .parent import CloseChildRuns, TrialRow, finish_parent_run, open_parent_run, trial_rows
@@ -33,6 +34,11 @@ def concurrent_trials(checked: CheckedSweep, total: dict[str, float]) -> int:
     its own process plus its Train workers), or the spec's `max_concurrent_trials` when it sets one
     (on an autoscaling cluster the autoscaler adds the nodes). One trial must fit now."""
     spec, s = checked.spec, checked.base.scaling
+    if s.elastic:
+        raise ConfigError(
+            f"scaling.num_workers={list(s.num_workers)}: a sweep's trials train on a fixed number of workers "
+            f"(Tune places each trial's resources); give one number"
+        )
     fit = copies_that_fit(
         [
             (
