@@ -185,6 +185,25 @@ def sweep_spec(tmp_path, digits_dir, store: str) -> Path:
     return path
 
 
+def sweep_to_the_end(head: Head, tree: dict, tmp_path: Path) -> dict:
+    """`st-scale sweep` of the spec `tree` on the head; its summary, after checking that every trial
+    completed."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tree, sort_keys=False))
+    result = subprocess.run(
+        [str(BIN / "st-scale"), "sweep", str(spec), "--summary-json", str(tmp_path / "summary.json")],
+        env=head.env | {"RAY_ADDRESS": head.address},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "FINISHED"
+    assert [r["outcome"] for r in summary["rows"]] == ["completed"] * tree["num_samples"]
+    return summary
+
+
 def test_sweep_too_big_for_the_cluster_fails_before_any_trial(ray_head, digits_dir, tmp_path):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     spec = sweep_spec(tmp_path, digits_dir, store)
@@ -287,18 +306,7 @@ def test_concurrent_trials_log_to_mlflow_on_postgresql(ray_head, digits_dir, tmp
             scheduler={"name": "fifo"},
             trial={"cpus": 0.5},
         )
-        spec = tmp_path / "spec.yaml"
-        spec.write_text(yaml.safe_dump(tree, sort_keys=False))
-        result = subprocess.run(
-            [str(BIN / "st-scale"), "sweep", str(spec), "--summary-json", str(tmp_path / "summary.json")],
-            env=ray_head.env | {"RAY_ADDRESS": ray_head.address},
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        summary = json.loads((tmp_path / "summary.json").read_text())
-        assert [r["outcome"] for r in summary["rows"]] == ["completed"] * 2
+        summary = sweep_to_the_end(ray_head, tree, tmp_path)
 
         client = mlflow.MlflowClient(server.url)
         parent = client.get_run(summary["parent_run_id"])
@@ -337,18 +345,7 @@ def test_a_model_based_search_sweeps_and_keeps_its_state(ray_head, digits_dir, t
         scheduler={"name": "fifo"},
         search={"algorithm": algorithm, "initial_points": 1},
     )
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(tree, sort_keys=False))
-    result = subprocess.run(
-        [str(BIN / "st-scale"), "sweep", str(spec), "--summary-json", str(tmp_path / "summary.json")],
-        env=ray_head.env | {"RAY_ADDRESS": ray_head.address},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "FINISHED" and [r["outcome"] for r in summary["rows"]] == ["completed"] * 2
+    summary = sweep_to_the_end(ray_head, tree, tmp_path)
 
     client = mlflow.MlflowClient(store)
     parent = client.get_run(summary["parent_run_id"])
