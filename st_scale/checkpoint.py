@@ -203,25 +203,30 @@ def reshard_zero_state(optimizer, shards: list[dict]) -> None:
                 f"ZeRO checkpoint: parameter group {group} holds {sum(lengths)} values, this model {expected}"
             )
 
-        def this_rank(pieces, size=partition.numel(), lengths=lengths):
-            whole = torch.cat([piece.flatten()[:n] for piece, n in zip(pieces, lengths)])
-            mine = torch.zeros(size, dtype=whole.dtype)
-            part = whole[rank * size : (rank + 1) * size]
-            mine[: part.numel()] = part
-            return mine
-
-        partition.data.copy_(this_rank([s["single_partition_of_fp32_groups"][group] for s in shards]))
+        fp32 = _recut([s["single_partition_of_fp32_groups"][group] for s in shards], lengths, rank, partition.numel())
+        partition.data.copy_(fp32)
         flat_param = optimizer.optimizer.param_groups[group]["params"][0]
         saved = [s["base_optimizer_state"]["state"].get(group, {}) for s in shards]
         state = optimizer.optimizer.state[flat_param]
         for key, value in saved[0].items():
             if torch.is_tensor(value) and value.shape == (written_size,):
-                state[key] = this_rank([s[key] for s in saved]).to(flat_param.device, flat_param.dtype)
+                recut = _recut([s[key] for s in saved], lengths, rank, partition.numel())
+                state[key] = recut.to(flat_param.device, flat_param.dtype)
             else:  # a scalar (a step count): the same on every rank
                 state[key] = value
     # The module's weights already came from the checkpoint. DeepSpeed's per-parameter views of the
     # partitions (its `safe_get_full_*` helpers read them) are linked to the restored state.
     link_optimizer_state(optimizer)
+
+
+def _recut(pieces: list[torch.Tensor], lengths: list[int], rank: int, size: int) -> torch.Tensor:
+    """This rank's `size`-long partition of the flat buffer that the writers' `pieces` (the first
+    `lengths` values of each are data, the rest padding) make when joined; zero-padded at the end."""
+    whole = torch.cat([piece.flatten()[:n] for piece, n in zip(pieces, lengths)])
+    mine = torch.zeros(size, dtype=whole.dtype)
+    part = whole[rank * size : (rank + 1) * size]
+    mine[: part.numel()] = part
+    return mine
 
 
 def link_optimizer_state(optimizer) -> None:

@@ -109,11 +109,7 @@ def check_cluster_fits(cfg: Config) -> None:
     import ray
 
     s = cfg.scaling
-    workers = (
-        f"scaling.num_workers={list(s.num_workers)} (at least {s.min_workers})"
-        if s.elastic
-        else (f"scaling.num_workers={s.num_workers}")
-    )
+    workers = f"scaling.num_workers={s.describe()}" + (f" (at least {s.min_workers})" if s.elastic else "")
     copies_that_fit(
         [
             (
@@ -198,10 +194,8 @@ def _check_resumable(cfg: Config, ds_config: dict) -> None:
             f"another number of workers, and ZeRO-3 checkpoints cannot be re-sharded; use ZeRO-0/1/2 or a fixed count"
         )
     found = checkpoint.latest(Path(cfg.run.storage_path) / cfg.run.name)
-    if found is not None:
-        written_by = checkpoint.writer_world_size(found)
-        for world in cfg.scaling.worker_counts:
-            checkpoint.check_reshardable(stage, found, written_by, world)
+    if found is not None:  # (a range was refused above where re-sharding matters)
+        checkpoint.check_reshardable(stage, found, checkpoint.writer_world_size(found), cfg.scaling.max_workers)
 
 
 def _fault_from_env(cfg: Config) -> FaultInjection | None:

@@ -26,14 +26,14 @@ def summary_table(summaries: Sequence[RunSummary]) -> str:
 
 
 def print_summaries(summaries: Sequence[RunSummary], cfg) -> None:
-    from .tracking import DEFAULT_UI, resolve_tracking_uri, sqlite_path, training_view_url
+    from .tracking import DEFAULT_UI, redacted, resolve_tracking_uri, sqlite_path, training_view_url
 
     print()
     print(summary_table(summaries))
     print("\nAccuracies in %, each network on its own re-estimated BatchNorm statistics.")
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     print(
-        f"MLflow: experiment {cfg.tracking.experiment!r} in {uri}; runs "
+        f"MLflow: experiment {cfg.tracking.experiment!r} in {redacted(uri)}; runs "
         + ", ".join(s.mlflow_run_id or "?" for s in summaries)
     )
     experiment_id = next((s.mlflow_experiment_id for s in summaries if s.mlflow_experiment_id), None)

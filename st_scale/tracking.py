@@ -9,6 +9,7 @@ a checkpoint are never duplicated.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -45,13 +46,14 @@ def is_database(uri: str) -> bool:
     return uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql")
 
 
-def redacted(uri: str) -> str:
-    """The URI as it may be printed: a database password replaced by ***."""
-    if not is_database(uri):
-        return uri
-    from sqlalchemy.engine import make_url
+# the password of a URL's user:password@ (postgresql+psycopg://, mysql://, https://...), wherever it stands
+_URL_PASSWORD = re.compile(r"\b([a-z][\w+.-]*://[^:/@\s]+:)[^@\s/]+@")
 
-    return make_url(uri).render_as_string(hide_password=True)
+
+def redacted(text: str) -> str:
+    """`text` (a URI, a config dump, a param) as it may be printed or published: every password in a
+    URL replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 def check_database_answers(uri: str, field: str, timeout_s: int = 10) -> None:
@@ -146,7 +148,7 @@ def _check_server_answers(uri: str, timeout_s: float = 10.0) -> None:
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise ConfigError(
-            f"tracking.tracking_uri={uri!r}: no MLflow server answers there ({reason}); start one "
+            f"tracking.tracking_uri={redacted(uri)!r}: no MLflow server answers there ({reason}); start one "
             f"(`st-scale mlflow-server`) or fix the URI / MLFLOW_TRACKING_URI"
         ) from None
 
@@ -155,7 +157,7 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     """All params of a run, in the batches MLflow accepts (values cut to its length limit)."""
     from mlflow.entities import Param
 
-    items = [Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, "" if v is None else redacted(str(v))[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
 
@@ -223,7 +225,7 @@ class RunTracker:
             self.mlflow.log_metrics(fresh, step=step)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.mlflow.log_text(text, artifact_file)
+        self.mlflow.log_text(redacted(text), artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.mlflow.log_figure(figure, artifact_file)

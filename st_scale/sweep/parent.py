@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
-from ..tracking import find_run, log_params
+from ..tracking import find_run, log_params, redacted
 from .spec import CheckedSweep, flat_spec_params, trial_labels
 from .trial import OBJECTIVE_KEY
 
@@ -61,7 +61,7 @@ def open_parent_run(uri: str, experiment_id: str, checked: CheckedSweep, sweep_d
     )
     run_id = run.info.run_id
     log_params(client, run_id, flat_spec_params(spec))
-    client.log_text(run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/spec.yaml")
+    client.log_text(run_id, redacted(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)), "sweep/spec.yaml")
     client.log_text(run_id, yaml.safe_dump(spec.space, sort_keys=False), "sweep/search_space.yaml")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     state.write_text(json.dumps({"parent_run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}) + "\n")
@@ -215,6 +215,7 @@ def finish_parent_run(
             "sweep/best_trial.json",
         )
         best_config = checked.trial_config(best.config).model_dump(mode="json")
-        client.log_text(parent_run_id, yaml.safe_dump(best_config, sort_keys=False), "sweep/best_config.yaml")
+        best_yaml = redacted(yaml.safe_dump(best_config, sort_keys=False))
+        client.log_text(parent_run_id, best_yaml, "sweep/best_config.yaml")
     client.set_terminated(parent_run_id, status)
     return best
