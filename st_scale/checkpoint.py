@@ -28,6 +28,7 @@ import torch
 
 from .config import Config
 from .errors import ConfigError
+from .storage import Location, resolve
 
 ENGINE_TAG = "checkpoint"  # DeepSpeed's tag: the sub-folder of the engine state
 RUN_FILE = "st_scale_config.json"
@@ -35,8 +36,11 @@ RUN_FILE = "st_scale_config.json"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
+_MARKER_PREFIX = "COMMITTED.rank"
+
+
 def _commit_marker(directory: Path, rank: int) -> Path:
-    return directory / f"COMMITTED.rank{rank}"
+    return directory / f"{_MARKER_PREFIX}{rank}"
 
 
 def _rng_file(directory: Path, rank: int) -> Path:
@@ -91,14 +95,16 @@ def save(
     )
 
 
-def committed_ranks(directory: Path) -> list[int]:
-    return sorted(int(p.name.removeprefix("COMMITTED.rank")) for p in Path(directory).glob("COMMITTED.rank*"))
+def committed_ranks(directory: Path | Location) -> list[int]:
+    markers = resolve(directory).children(f"{_MARKER_PREFIX}*")
+    return sorted(int(marker.name.removeprefix(_MARKER_PREFIX)) for marker in markers)
 
 
-def writer_world_size(directory: Path) -> int:
-    """How many ranks wrote this checkpoint, after checking each of them committed it. The markers
-    name it (a checkpoint from before they did: the highest committed rank + 1)."""
-    directory = Path(directory)
+def writer_world_size(directory: Path | Location) -> int:
+    """How many ranks wrote this checkpoint (a local folder or one on the run storage), after checking
+    each of them committed it. The markers name it (a checkpoint from before they did: the highest
+    committed rank + 1)."""
+    directory = resolve(directory)
     ranks = committed_ranks(directory)
     if not ranks:
         raise RuntimeError(f"checkpoint {directory} is incomplete (no commit markers): it was interrupted while saving")
@@ -116,7 +122,7 @@ def writer_world_size(directory: Path) -> int:
     return world
 
 
-def check_reshardable(zero_stage: int, directory: Path, written_by: int, world_size: int) -> None:
+def check_reshardable(zero_stage: int, directory: Path | Location, written_by: int, world_size: int) -> None:
     """ZeRO-0 (whole optimizer state on rank 0) and ZeRO-1/2 (fp32 weights and optimizer state sharded
     over a flat buffer, re-partitioned by `load`) resume on any number of ranks; ZeRO-3 shards the
     parameters themselves, which st-scale does not re-shard."""
@@ -129,10 +135,11 @@ def check_reshardable(zero_stage: int, directory: Path, written_by: int, world_s
     )
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (what Ray Train resumes from), if any."""
-    for folder in sorted(Path(run_dir).glob("checkpoint_*"), reverse=True):  # named by their time
-        if folder.is_dir() and (folder / RUN_FILE).is_file():
+def latest(run_dir: Path | Location) -> Location | None:
+    """The newest complete checkpoint folder of a run (what Ray Train resumes from), if any; the run
+    folder may be local or on the object store."""
+    for folder in reversed(resolve(run_dir).children("checkpoint_*")):  # named by their time
+        if (folder / RUN_FILE).is_file():
             try:
                 writer_world_size(folder)
                 return folder
@@ -238,9 +245,10 @@ def link_optimizer_state(optimizer) -> None:
     optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def read_run(directory: Path) -> RunInfo:
-    """The run info of a complete checkpoint folder; a ConfigError naming what to give otherwise."""
-    directory = Path(directory)
+def read_run(directory: Path | Location) -> RunInfo:
+    """The run info of a complete checkpoint folder (local or on the run storage); a ConfigError
+    naming what to give otherwise."""
+    directory = resolve(directory)
     info_file = directory / RUN_FILE
     if not info_file.is_file():
         raise ConfigError(
@@ -252,6 +260,18 @@ def read_run(directory: Path) -> RunInfo:
     except RuntimeError as error:
         raise ConfigError(f"{error}; give an earlier checkpoint_* folder") from None
     return RunInfo(**json.loads(info_file.read_text()))
+
+
+def local_weights(directory: Path | Location, into: Path) -> Path:
+    """A local folder with what `read_run` and `module_state` read (run info, commit markers, module
+    weights): the checkpoint folder itself when it is local; from an object store, a copy of those
+    files in `into` (the optimizer shards are not needed to evaluate or export the weights)."""
+    directory = resolve(directory)
+    read_run(directory)  # a complete st-scale checkpoint, before anything is copied
+    if not directory.remote:
+        return Path(directory.path)
+    wanted = [RUN_FILE, *(m.name for m in directory.children(f"{_MARKER_PREFIX}*")), f"{ENGINE_TAG}/{_MODEL_STATES}"]
+    return directory.download([name for name in wanted if (directory / name).is_file()], into)
 
 
 def module_state(directory: Path) -> dict[str, torch.Tensor]:

@@ -4,17 +4,37 @@ the same evaluation pass as training's per-epoch evaluation."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
 from .errors import ConfigError
+from .storage import Location, check_object_store, check_storage_fields, is_object_store, resolve, resolve_endpoint
 
 
 def evaluate_checkpoint(
-    directory: Path, *, max_subnets: int | None = None, destruction: bool = True, recalibrate: bool = True
+    directory: str | Path,
+    *,
+    storage_endpoint: str | None = None,
+    max_subnets: int | None = None,
+    destruction: bool = True,
+    recalibrate: bool = True,
 ) -> dict:
+    """Evaluate the checkpoint folder `directory`: a local path or an s3:// URI (reached through
+    `storage_endpoint`, else $AWS_ENDPOINT_URL), whose weights are then copied here first."""
+    check_storage_fields(str(directory), storage_endpoint, field="checkpoint", endpoint_field="--storage-endpoint")
+    if is_object_store(directory):
+        storage_endpoint = resolve_endpoint(storage_endpoint)
+        check_object_store(str(directory), storage_endpoint, field="checkpoint", write=False)
+    location = resolve(directory, storage_endpoint)
+    with tempfile.TemporaryDirectory(prefix="st_scale_eval_") as copy:
+        weights = checkpoint.local_weights(location, Path(copy))
+        return _evaluate(weights, location, max_subnets, destruction, recalibrate)
+
+
+def _evaluate(directory: Path, shown: Location, max_subnets: int | None, destruction: bool, recalibrate: bool) -> dict:
     from .data.integrity import DatasetFileError, read_metadata, verify_beton
     from .data.loaders import BatchPreparer, calibration_batches, eval_loader
     from .eval_pass import (
@@ -37,7 +57,7 @@ def evaluate_checkpoint(
             verify_beton(getattr(cfg.data, field))
         except DatasetFileError as error:
             raise ConfigError(
-                f"data.{field} of the run that wrote {directory}: {error}. `st-scale eval` reads the files the run "
+                f"data.{field} of the run that wrote {shown}: {error}. `st-scale eval` reads the files the run "
                 f"trained on; if they moved, put them back at that path (or link them there)"
             ) from None
     model, space, _ = build_model_and_objective(cfg)

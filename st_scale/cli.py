@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, RunFailedError, RunStoppedError
@@ -17,6 +16,7 @@ EPILOG = """examples:
   st-scale convert fashion-mnist --out ~/.cache/st_scale/fashion   Debian's dataset-fashion-mnist as .beton
   st-scale convert imagefolder /data/imagenet --out /shared/imagenet --write-mode proportion --max-resolution 256
   st-scale eval ~/st_scale_runs/demo-st/checkpoint_2026-11-27_...   all sub-nets + destruction tests of a checkpoint
+  st-scale eval s3://runs/demo-st/checkpoint_2026-11-27_... --storage-endpoint http://minio:9000
   st-scale sweep tune/sampling_kl.yaml --set num_samples=32 --address auto
   st-scale report tune/fashion_table1.yaml         a study's Table 1, loafing figure and destruction curves
   st-scale mlflow-server --port 5000                 the MLflow UI over ./mlflow.db on http://127.0.0.1:5000
@@ -205,7 +205,18 @@ def _add_eval(sub) -> None:
         "Evaluate a training checkpoint (a folder Ray Train wrote) in this process and "
         "log the results into the run's MLflow run.",
     )
-    p.add_argument("checkpoint", help="checkpoint folder: a checkpoint_* folder under <run.storage_path>/<run.name>/")
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint_* folder under <run.storage_path>/<run.name>/: a path, or an s3://bucket/... URI when the "
+        "run kept its checkpoints in an object store",
+    )
+    p.add_argument(
+        "--storage-endpoint",
+        default=None,
+        metavar="URL",
+        help="for an s3:// checkpoint: the S3-compatible store's URL (http(s)://host:port); default "
+        "$AWS_ENDPOINT_URL, else AWS S3",
+    )
     p.add_argument(
         "--max-subnets", type=counted(), default=None, help="evaluate a seeded sample of this many sub-networks"
     )
@@ -368,7 +379,8 @@ def cmd_eval(args) -> int:
     from .checkpoint_eval import evaluate_checkpoint
 
     evaluate_checkpoint(
-        Path(args.checkpoint).expanduser(),
+        args.checkpoint,
+        storage_endpoint=args.storage_endpoint,
         max_subnets=args.max_subnets,
         destruction=not args.no_destruction,
         recalibrate=not args.shared_stats,

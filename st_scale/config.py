@@ -188,13 +188,35 @@ class TrackingSection(Section):
 
 class RunSection(Section):
     name: str = Field(description="the Ray Train run name; running the same name again resumes it")
-    storage_path: str = Field("~/st_scale_runs", description="checkpoints and results (shared storage on a cluster)")
+    storage_path: str = Field(
+        "~/st_scale_runs",
+        description="checkpoints and results: a folder (shared by every node on a cluster) or an object store, "
+        "s3://bucket/prefix",
+    )
+    storage_endpoint: str | None = Field(
+        None,
+        description="an S3-compatible store's URL (http(s)://host:port: MinIO, Ceph, R2) for an s3:// storage_path; "
+        "default $AWS_ENDPOINT_URL, else AWS S3",
+    )
+    storage_retry_s: float = Field(
+        300,
+        ge=0,
+        description="how long a checkpoint write or read waits for an object store that does not answer (a store "
+        "restarting, a network blip) before the worker fails and run.max_failures applies",
+    )
     seed: int = Field(0, ge=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
     checkpoints_to_keep: int = Field(2, ge=1)
     stop_after_epochs: int | None = Field(
         None, ge=1, description="end the job after N epochs (resumable), e.g. for smoke runs"
     )
+
+    @model_validator(mode="after")
+    def _storage(self) -> RunSection:
+        from .storage import check_storage_fields
+
+        check_storage_fields(self.storage_path, self.storage_endpoint)
+        return self
 
 
 class Config(Section):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from .data.integrity import DatasetFileError, verify_beton
 from .engine import resolve_ds_config
 from .errors import ConfigError, RunFailedError
 from .interrupts import sigterm_as_ctrl_c, stopped
+from .storage import Location, check_object_store, is_object_store, ray_storage, resolve, resolve_endpoint
 from .tracking import check_tracking_uri, resolve_tracking_uri
 from .worker_inputs import FaultInjection, WorkerInputs
 
@@ -164,7 +166,7 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
             )
     check_buildable(cfg)
     ds_config = resolve_ds_config(cfg)
-    cfg.run.storage_path = str(check_writable(cfg.run.storage_path, "run.storage_path", folder=True))
+    _resolve_storage(cfg)
     _check_resumable(cfg, ds_config)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     experiment_id = check_tracking_uri(tracking_uri, cfg.tracking.experiment)
@@ -193,17 +195,37 @@ def _check_resumable(cfg: Config, ds_config: dict) -> None:
             f"scaling.num_workers={list(cfg.scaling.num_workers)} with ZeRO-{stage}: an elastic group resumes on "
             f"another number of workers, and ZeRO-3 checkpoints cannot be re-sharded; use ZeRO-0/1/2 or a fixed count"
         )
-    found = checkpoint.latest(Path(cfg.run.storage_path) / cfg.run.name)
+    found = checkpoint.latest(run_folder(cfg))
     if found is not None:  # (a range was refused above where re-sharding matters)
         checkpoint.check_reshardable(stage, found, checkpoint.writer_world_size(found), cfg.scaling.max_workers)
 
 
+def _resolve_storage(cfg: Config) -> None:
+    """The run storage, checked before any worker starts and recorded in the config as the workers
+    reach it: a folder made absolute, or an object store with its endpoint (the recipe's, else
+    $AWS_ENDPOINT_URL) that answers and lets these credentials write."""
+    if is_object_store(cfg.run.storage_path):
+        cfg.run.storage_endpoint = resolve_endpoint(cfg.run.storage_endpoint)
+        check_object_store(cfg.run.storage_path, cfg.run.storage_endpoint)
+    else:
+        cfg.run.storage_path = str(check_writable(cfg.run.storage_path, "run.storage_path", folder=True))
+
+
+def run_folder(cfg: Config) -> Location:
+    """Where Ray Train keeps this run's checkpoints: <run.storage_path>/<run.name>."""
+    return resolve(cfg.run.storage_path, cfg.run.storage_endpoint) / cfg.run.name
+
+
 def _fault_from_env(cfg: Config) -> FaultInjection | None:
-    """ST_SCALE_FAIL_AT_STEP=N [ST_SCALE_FAIL_RANK=r]: a worker exits at global step N, once (tests)."""
+    """ST_SCALE_FAIL_AT_STEP=N [ST_SCALE_FAIL_RANK=r]: a worker exits at global step N, once (tests).
+    The marker that makes it once is a local file: beside the checkpoints, or in the temporary folder
+    when they are in an object store."""
     step = os.environ.get("ST_SCALE_FAIL_AT_STEP")
     if not step:
         return None
-    marker = Path(cfg.run.storage_path) / cfg.run.name / "injected_failure.txt"
+    folder = run_folder(cfg)
+    local = Path(folder.path) if not folder.remote else Path(tempfile.gettempdir()) / "st_scale_faults" / cfg.run.name
+    marker = local / "injected_failure.txt"
     return FaultInjection(step=int(step), rank=int(os.environ.get("ST_SCALE_FAIL_RANK", "1")), marker=str(marker))
 
 
@@ -228,7 +250,7 @@ def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
         ),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            **ray_storage(resolve(cfg.run.storage_path, cfg.run.storage_endpoint)),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=[FailOnRecurringErrors(), *callbacks],
@@ -265,7 +287,7 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
                 received,
                 f"run {cfg.run.name!r}",
                 f"its workers were stopped. Run the same command again (same run.name) to resume from the last "
-                f"complete checkpoint in {Path(cfg.run.storage_path) / cfg.run.name}",
+                f"complete checkpoint in {run_folder(cfg)}",
             ) from None
     wall = time.perf_counter() - start
     m = result.metrics or {}
@@ -281,7 +303,7 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
         mlflow_run_id=m.get("mlflow_run_id"),
         epochs=int(m.get("epoch", 0)),
         wall_s=round(wall, 1),
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=(run_folder(cfg) / Path(result.checkpoint.path).name).uri if result.checkpoint else None,
         mlflow_experiment_id=inputs.experiment_id,
     )
 
@@ -332,7 +354,7 @@ def describe_failure(error: BaseException, cfg: Config) -> str:
         f"run {cfg.run.name!r} failed: {what}\n"
         f"  full log: {ray_logs_dir()} (worker-*.err: each worker's output; train/: Ray Train's logs); "
         f"--verbose shows it here\n"
-        f"  checkpoints: {Path(cfg.run.storage_path) / cfg.run.name}; run again with the same run.name to resume "
+        f"  checkpoints: {run_folder(cfg)}; run again with the same run.name to resume "
         f"from the last complete one"
     )
 

@@ -38,6 +38,7 @@ from .methods import build_objective
 from .models import ElasticNet, create_model
 from .sampling import SubnetSampler, SubnetSpace
 from .schedule import lr_at
+from .storage import checkpoint_upload, with_retries
 from .worker_inputs import FaultInjection, WorkerInputs
 
 
@@ -130,7 +131,7 @@ def train_worker(loop_config: dict) -> None:
     )
     engine = build_engine(model, objective, cfg, ds_config)
     data = _setup_data(cfg, inputs, engine, rank, world, device)
-    resumed = _resume(engine, rank, world)
+    resumed = _resume(engine, cfg, rank, world)
     ctx = WorkerContext(
         cfg=cfg,
         inputs=inputs,
@@ -210,14 +211,22 @@ def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int
     return WorkerData(preparer, train, val_shard, val_full, calibration, other)
 
 
-def _resume(engine, rank: int, world: int) -> ResumeState:
+def _resume(engine, cfg: Config, rank: int, world: int) -> ResumeState:
     import ray.train
 
     found = ray.train.get_checkpoint()
     if found is None:
         return ResumeState()
-    with found.as_directory() as directory:
-        state = checkpoint.load(engine, Path(directory), rank, world)
+    from pyarrow.fs import LocalFileSystem
+
+    with tempfile.TemporaryDirectory(prefix="st_scale_resume_") as directory:
+        if isinstance(found.filesystem, LocalFileSystem):  # a folder (shared on a cluster): read where it is
+            local = found.path
+        else:  # an object store: downloaded first, waiting out a store that does not answer
+            local = with_retries(
+                lambda: found.to_directory(directory), "reading the checkpoint to resume from", cfg.run.storage_retry_s
+            )
+        state = checkpoint.load(engine, Path(local), rank, world)
     return ResumeState(state["epoch"], state["step"], state["mlflow_run_id"], state["metrics"])
 
 
@@ -358,7 +367,11 @@ def _checkpoint(ctx: WorkerContext, epoch: int, step: int, metrics: dict) -> Non
         )
     with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
         checkpoint.save(ctx.engine, Path(directory), ctx.rank, ctx.world, client_state, run_info)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(directory),
+            checkpoint_upload_fn=checkpoint_upload(ctx.cfg.run.storage_retry_s),
+        )
 
 
 def _with_fault(batches: Iterable, fault: FaultInjection | None, rank: int, first_step: int) -> Iterator:

@@ -1,5 +1,5 @@
-"""Processes the end-to-end tests start and stop by their own PIDs: free ports, bounded waits, and
-`st-scale mlflow-server` over a given store."""
+"""Processes the end-to-end tests start and stop by their own PIDs: free ports, bounded waits,
+`st-scale mlflow-server` over a given store, PostgreSQL and an S3 server."""
 
 from __future__ import annotations
 
@@ -171,3 +171,102 @@ def serve_postgres(root: Path):
         server.wait(timeout=30)
         log.close()
         shutil.rmtree(data, ignore_errors=True)
+
+
+class S3Server:
+    """moto's standalone S3 server on a loopback port, reached through a TCP relay (tests/tcp_relay.py)
+    that `interrupt` kills and starts again: for that long the store refuses every connection, as a
+    restarting store does, and keeps its objects (moto's are in memory: the server itself stays up)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.server_port, self.port = free_port(), free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / f"s3-{self.port}.log", "a")
+        self.server: subprocess.Popen | None = None
+        self.relay: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.server = self._spawn([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.server_port)])
+        self._start_relay()
+
+    def stop(self) -> None:
+        for process in (self.relay, self.server):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+
+    def cut(self) -> None:
+        """From now on no connection reaches the store; those open are cut."""
+        self.relay.kill()
+        self.relay.wait(timeout=30)
+
+    def restore(self) -> None:
+        self._start_relay()
+
+    def interrupt(self, down_s: float) -> None:
+        self.cut()
+        time.sleep(down_s)
+        self.restore()
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="st-scale-tests",
+            aws_secret_access_key="st-scale-tests",
+        )
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def _spawn(self, command: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def _start_relay(self) -> None:
+        relay = Path(__file__).with_name("tcp_relay.py")
+        self.relay = self._spawn([sys.executable, str(relay), str(self.port), str(self.server_port)])
+        wait_for(self._answers, 60, "the S3 server", interval_s=0.2)
+
+    def _answers(self) -> bool:
+        for process in (self.server, self.relay):
+            if process.poll() is not None:
+                pytest.fail(
+                    f"the S3 server or its relay exited: {(self.root / f's3-{self.port}.log').read_text()[-3000:]}"
+                )
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+@contextmanager
+def serve_s3(root: Path, buckets: tuple[str, ...] = ("st-scale",)):
+    """An S3-compatible server on 127.0.0.1 with `buckets` created, spoken to over HTTP like any S3
+    store; the process environment holds the credentials it takes (any key does) while it runs."""
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "st-scale-tests",
+        "AWS_SECRET_ACCESS_KEY": "st-scale-tests",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on this machine
+    }
+    saved = {key: os.environ.get(key) for key in credentials}
+    os.environ.update(credentials)
+    server = S3Server(root)
+    try:
+        server.start()
+        for bucket in buckets:
+            server.client().create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        server.stop()
+        server.log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

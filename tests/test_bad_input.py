@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from processes import free_port
+from processes import free_port, serve_s3
 
 from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
 
@@ -114,6 +114,37 @@ CASES = [
         2,
         "was written by 2 workers under ZeRO-3, whose parameters are sharded per worker",
     ),
+    (
+        "storage-in-a-store-st-scale-does-not-speak",
+        [*TRAIN, "--set", "run.storage_path=gs://bucket/runs"],
+        2,
+        "run.storage_path='gs://bucket/runs': st-scale keeps checkpoints in a folder or an S3-compatible store",
+    ),
+    (
+        "storage-endpoint-that-is-not-a-url",
+        [*TRAIN, "--set", "run.storage_path=s3://st-scale/runs", "--set", "run.storage_endpoint=127.0.0.1:9000"],
+        2,
+        "run.storage_endpoint='127.0.0.1:9000' is not an S3 endpoint URL; give the store's address as http(s)://",
+    ),
+    (
+        "object-store-nobody-serves",
+        [*TRAIN, "--set", "run.storage_path=s3://st-scale/runs"]
+        + ["--set", "run.storage_endpoint=http://127.0.0.1:{free_port}"],
+        2,
+        "run.storage_path=s3://st-scale/runs: cannot write to the object store at http://127.0.0.1:{free_port}",
+    ),
+    (
+        "object-store-bucket-missing",
+        [*TRAIN, "--set", "run.storage_path=s3://no-such-bucket/runs", "--set", "run.storage_endpoint={s3_endpoint}"],
+        2,
+        "bucket 'no-such-bucket' does not exist at {s3_endpoint}; create it first",
+    ),
+    (
+        "eval-of-a-checkpoint-not-in-the-bucket",
+        ["eval", "s3://st-scale/runs/demo-st/checkpoint_2026", "--storage-endpoint", "{s3_endpoint}"],
+        2,
+        "s3://st-scale/runs/demo-st/checkpoint_2026 is not an st-scale checkpoint folder",
+    ),
     ("convert-jpeg-quality-out-of-range", ["convert", "digits", "--out", "{tmp}/d", "--jpeg-quality", "0"], 2, "0 is"),
 ]
 
@@ -121,7 +152,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Small valid .beton files, a 20-class one, a regular file, broken recipe and spec files, an image
-    folder with a truncated JPEG, and a port something listens on."""
+    folder with a truncated JPEG, a port something listens on and an S3 server with one bucket."""
     tmp = tmp_path_factory.mktemp("bad_input")
     rng = np.random.default_rng(0)
     for name, classes in (("train", 10), ("val", 10), ("wide", 20)):
@@ -155,12 +186,14 @@ def inputs(tmp_path_factory):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    yield {name: tmp / f"{name}.beton" for name in ("train", "val", "wide")} | {
-        "tmp": tmp,
-        "plain": tmp / "plain",
-        "busy_port": busy.getsockname()[1],
-        "free_port": free_port(),
-    }
+    with serve_s3(tmp, buckets=("st-scale",)) as s3:
+        yield {name: tmp / f"{name}.beton" for name in ("train", "val", "wide")} | {
+            "tmp": tmp,
+            "plain": tmp / "plain",
+            "busy_port": busy.getsockname()[1],
+            "free_port": free_port(),
+            "s3_endpoint": s3.endpoint,
+        }
     busy.close()
 
 

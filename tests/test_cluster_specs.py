@@ -177,6 +177,9 @@ def test_raycluster_manifest():
             env = {e["name"]: e for e in container["env"]}
             assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
             assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://st-scale-mlflow:")
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # S3 keys when the Secret exists
+                assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "st-scale-s3"
+                assert env[key]["valueFrom"]["secretKeyRef"]["optional"] is True
     for group in spec["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
@@ -233,6 +236,7 @@ def test_rayjobs_run_valid_st_scale_commands():
     cluster = next(d for d in kuberay_objects() if d["kind"] == "RayCluster")
     jobs = [d for d in kuberay_objects() if d["kind"] == "RayJob"]
     assert {entrypoint_argv(j)[0] for j in jobs} == {"train", "sweep"}
+    assert any("s3://" in j["spec"]["entrypoint"] and "num_workers=[" in j["spec"]["entrypoint"] for j in jobs)
     for job in jobs:
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
         k8s_validate(as_pod_template(job["spec"]["submitterPodTemplate"], job["metadata"]["name"]))
@@ -240,7 +244,11 @@ def test_rayjobs_run_valid_st_scale_commands():
         if args.command == "train":
             cfg = load_config(args.recipe, args.overrides)
             assert cfg.method.name == "st" and cfg.data.train.startswith("/shared/")
-            assert cfg.run.storage_path.startswith("/shared/")
+            assert cfg.run.storage_path.startswith(("/shared/", "s3://"))
+            if cfg.scaling.elastic:  # checkpoints the nodes reach without a shared folder
+                assert cfg.run.storage_path.startswith("s3://") and cfg.run.max_failures != 0
+            else:
+                assert cfg.run.storage_path.startswith("/shared/")
         else:
             spec = args.spec.replace(IMAGE_ROOT, str(ROOT))
             checked = check_spec(load_spec(spec, args.overrides))

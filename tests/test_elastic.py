@@ -2,7 +2,8 @@
 second `ray start --address ...` node, one CPU each, started and stopped by their own PIDs. The
 second node is killed mid-epoch (as a preempted spot node would vanish): the run continues on the
 head's worker from the last checkpoint, then grows back when the node returns; one MLflow run
-throughout, its `train/world_size` history recording 2, 1, 2."""
+throughout, its `train/world_size` history recording 2, 1, 2. The nodes share no checkpoint folder:
+the run keeps its checkpoints in an S3 store (moto's server over HTTP), as on a KubeRay cluster."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import free_port, stop_processes, wait_for
+from processes import free_port, serve_s3, stop_processes, wait_for
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+BUCKET = "st-scale"
 
 
 def _ours(marker: str):
@@ -98,7 +100,13 @@ class TwoNodes:
 
 
 @pytest.fixture
-def two_nodes():
+def s3(tmp_path):
+    with serve_s3(tmp_path, buckets=(BUCKET,)) as server:
+        yield server
+
+
+@pytest.fixture
+def two_nodes(s3):  # the nodes' processes carry the store's credentials
     nodes = TwoNodes()
     try:
         nodes.start_head()
@@ -108,23 +116,24 @@ def two_nodes():
         nodes.stop()
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[int, int]]:
-    """(epoch, world size) of every complete checkpoint of the run."""
+def _checkpoints(s3, prefix: str) -> list[tuple[int, int]]:
+    """(epoch, world size) of every complete checkpoint of the run in the bucket."""
+    keys = s3.keys(BUCKET, prefix)
     found = []
-    for folder in sorted(run_dir.glob("checkpoint_*")):
-        markers = list(folder.glob("COMMITTED.rank*"))
-        if markers and (folder / "st_scale_config.json").is_file():
-            stated = json.loads(markers[0].read_text())
+    for folder in sorted({key.split("/")[2] for key in keys if key.count("/") > 2 and "/checkpoint_" in key}):
+        markers = [key for key in keys if key.startswith(f"{prefix}{folder}/COMMITTED.rank")]
+        if markers and f"{prefix}{folder}/st_scale_config.json" in keys:
+            stated = json.loads(s3.client().get_object(Bucket=BUCKET, Key=markers[0])["Body"].read())
             if len(markers) == stated["world_size"]:
                 found.append((stated["epoch"], stated["world_size"]))
     return found
 
 
-def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, digits_dir, tmp_path):
+def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, s3, digits_dir, tmp_path):
     import mlflow
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    run_dir = tmp_path / "runs" / "elastic"
+    prefix = "runs/elastic/"
     command = [
         str(BIN / "st-scale"),
         "train",
@@ -134,7 +143,8 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, 
         *("--set", f"data.train={digits_dir}/train.beton", "--set", f"data.val={digits_dir}/val.beton"),
         *("--set", "scaling.num_workers=[1, 2]", "--set", "scaling.resize_check_s=5"),
         *("--set", "optimizer.epochs=6", "--set", "run.max_failures=3", "--set", "run.checkpoints_to_keep=10"),
-        *("--set", "run.name=elastic", "--set", f"run.storage_path={tmp_path / 'runs'}"),
+        *("--set", "run.name=elastic", "--set", f"run.storage_path=s3://{BUCKET}/runs"),
+        *("--set", f"run.storage_endpoint={s3.endpoint}"),
         *("--set", f"tracking.tracking_uri={store}", "--set", "tracking.system_metrics=false"),
         *("--set", "data.calibration_images=128", "--set", "eval.max_subnets=4"),
     ]
@@ -143,7 +153,7 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, 
         driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for(
-                lambda: driver.poll() is not None or any(w == 2 for _, w in _checkpoints(run_dir)),
+                lambda: driver.poll() is not None or any(w == 2 for _, w in _checkpoints(s3, prefix)),
                 600,
                 "the first checkpoint of two workers",
             )
@@ -151,7 +161,7 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, 
             time.sleep(3)  # into the next epoch
             two_nodes.kill_second()
             wait_for(
-                lambda: driver.poll() is not None or any(w == 1 for _, w in _checkpoints(run_dir)),
+                lambda: driver.poll() is not None or any(w == 1 for _, w in _checkpoints(s3, prefix)),
                 600,
                 "a checkpoint of the one worker left",
             )
@@ -165,9 +175,9 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, 
     output = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 0, output[-4000:]
 
-    worlds = [w for _, w in sorted(_checkpoints(run_dir))]
+    worlds = [w for _, w in sorted(_checkpoints(s3, prefix))]
     changes = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
-    assert changes == [2, 1, 2], f"checkpoint world sizes by epoch: {sorted(_checkpoints(run_dir))}"
+    assert changes == [2, 1, 2], f"checkpoint world sizes by epoch: {sorted(_checkpoints(s3, prefix))}"
     client = mlflow.MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("st-scale-demo").experiment_id])
     assert run.info.status == "FINISHED"

@@ -214,9 +214,9 @@ def test_a_checkpoint_interrupted_while_saving_is_passed_over_for_the_one_before
     for folder in (older, newer):
         for rank in (0, 1):
             save_checkpoint(engine, folder, rank, 2, {"epoch": 1, "step": 4}, info if rank == 0 else None)
-    assert latest(tmp_path) == newer
+    assert latest(tmp_path).path == str(newer)
     (newer / "COMMITTED.rank1").unlink()  # rank 1 died before its marker
-    assert latest(tmp_path) == older
+    assert latest(tmp_path).path == str(older)
     (older / "COMMITTED.rank0").unlink()
     assert latest(tmp_path) is None
 

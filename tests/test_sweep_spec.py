@@ -172,6 +172,8 @@ def test_spec_level_errors(tmp_path):
         check_spec(load_spec(spec_file(tmp_path), ["scheduler.grace_period=5"]))
     with pytest.raises(ConfigError, match=r"sweep spec 'no_such_spec': no such file"):
         load_spec("no_such_spec")
+    with pytest.raises(ConfigError, match=r"storage_path='s3://bucket/sweeps': a sweep keeps .* in a folder"):
+        load_spec(spec_file(tmp_path, storage_path="s3://bucket/sweeps"))
 
 
 def test_cli_overrides_reach_set_and_space(tmp_path):

@@ -9,23 +9,29 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from processes import serve_s3, wait_for
 
 from st_scale import checkpoint
 from st_scale.checkpoint import RUN_FILE
 from st_scale.config import load_config
 from st_scale.errors import ConfigError, RunFailedError
 from st_scale.launch import connect_ray, train
+from st_scale.storage import resolve
 
 pytestmark = pytest.mark.slow
 
 # Relative L2 distance of the weights (and of epoch 2's mean loss) between a run resumed on another
 # number of workers and the uninterrupted run: measured 0.0128 (2 -> 1 workers) and 0.0133 (1 -> 2).
 RESHARD_TOLERANCE = 0.03
+# How long the object store stays down after epoch 2's metrics: well past Ray Train's own upload
+# retries (3 tries over about 3 s), which alone let the run fail (checked), within run.storage_retry_s.
+STORE_DOWN_AFTER_EPOCH_S = 20
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +224,52 @@ def test_a_run_resumes_on_another_number_of_workers(
     their_loss = c.get_metric_history(their_run.info.run_id, "train/epoch_loss")[-1].value
     our_loss = c.get_metric_history(run.info.run_id, "train/epoch_loss")[-1].value
     assert our_loss == pytest.approx(their_loss, rel=RESHARD_TOLERANCE)
+
+
+def test_a_run_keeps_its_checkpoints_in_an_object_store_through_an_outage(reference, workspace, digits_dir):
+    """run.storage_path=s3://... on a real S3 server over HTTP: epoch 1, stopped; resumed from the
+    bucket; the store stops answering mid-epoch 2 and comes back only after that epoch's checkpoint
+    began to be written (the write waits for it: with run.max_failures=0 a failed write would end the
+    run); one checkpoint kept (the other deleted from the bucket); the weights those of the run that
+    kept its checkpoints in a folder; `st-scale eval` of the checkpoint in the bucket."""
+    from st_scale.cli import main
+
+    name = "in-an-object-store"
+    with serve_s3(workspace, buckets=("st-scale",)) as s3:
+        storage = ("run.storage_path=s3://st-scale/runs", f"run.storage_endpoint={s3.endpoint}")
+        keep_one = "run.checkpoints_to_keep=1"
+        first = train(make_config(digits_dir, workspace, name, *storage, keep_one, "run.stop_after_epochs=1"))
+        assert first.epochs == 1 and first.checkpoint.startswith(f"s3://st-scale/runs/{name}/checkpoint_")
+
+        def logged(key: str, step: int) -> bool:
+            (run,) = runs_named(workspace, name)
+            return step in [m.step for m in client(workspace).get_metric_history(run.info.run_id, key)]
+
+        def outage():
+            wait_for(lambda: logged("train/loss", 30), 300, "step 30", interval_s=0.2)
+            s3.cut()
+            try:  # epoch 2 ends (its metrics are logged a few seconds before its checkpoint is written)
+                wait_for(lambda: logged("val/main_top1", 44), 300, "epoch 2's metrics", interval_s=0.2)
+                time.sleep(STORE_DOWN_AFTER_EPOCH_S)
+            finally:
+                s3.restore()
+
+        with ThreadPoolExecutor(1) as pool:
+            store_down = pool.submit(outage)
+            second = train(make_config(digits_dir, workspace, name, *storage, keep_one, "run.max_failures=0"))
+            store_down.result(timeout=60)
+        assert second.epochs == 2 and second.mlflow_run_id == first.mlflow_run_id
+        (run,) = runs_named(workspace, name)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client(workspace).get_metric_history(run.info.run_id, "train/loss")] == [10, 20, 30, 40]
+
+        kept = {key.split("/")[2] for key in s3.keys("st-scale", f"runs/{name}/checkpoint_") if key.count("/") > 2}
+        assert kept == {second.checkpoint.rsplit("/", 1)[1]}, "the older checkpoint is deleted from the bucket"
+        copied = checkpoint.local_weights(resolve(second.checkpoint, s3.endpoint), workspace / "copied")
+        assert_same_weights(checkpoint.module_state(copied), final_weights(reference[1].checkpoint))
+
+        assert main(["eval", second.checkpoint, "--storage-endpoint", s3.endpoint, "--max-subnets", "3"]) == 0
+        assert client(workspace).get_run(second.mlflow_run_id).data.metrics["eval/num_subnets"] == 3
 
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace, digits_dir):

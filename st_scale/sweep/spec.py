@@ -111,8 +111,20 @@ class SweepSpec(Section):
         None, ge=1, description="default: as many as fit the cluster now; set it higher on an autoscaling cluster"
     )
     trial: TrialSection = TrialSection()
-    storage_path: str = Field("~/st_scale_sweeps", description="shared storage on a cluster")
+    storage_path: str = Field(
+        "~/st_scale_sweeps", description="a folder; on a cluster one every node shares (Tune keeps its state there)"
+    )
     seed: int = Field(0, ge=0, description="seeds the search")
+
+    @model_validator(mode="after")
+    def _storage_is_a_folder(self) -> SweepSpec:
+        if "://" in self.storage_path:
+            raise ValueError(
+                f"storage_path={self.storage_path!r}: a sweep keeps its trials' runs and Tune's state in a folder "
+                f"(on a cluster, one every node shares); give a folder path. Single runs take an s3:// "
+                f"run.storage_path"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------ search space

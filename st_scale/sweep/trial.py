@@ -38,7 +38,12 @@ def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{sweep['name']}-{trial_id}"
-    own = {"run.name": name, "run.storage_path": sweep["train_runs_dir"], "tracking.run_name": name}
+    own = {
+        "run.name": name,
+        "run.storage_path": sweep["train_runs_dir"],
+        "run.storage_endpoint": None,  # the sweep's folder, whatever the recipe's storage
+        "tracking.run_name": name,
+    }
     cfg = build_config(with_assignments(sweep["base_tree"], trial_assignments(trial_config) | own))
     inputs = validate_inputs(cfg)  # cheap here: the driver verified the data and created the experiment
     tags = {
