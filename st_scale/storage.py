@@ -14,6 +14,7 @@ the store from every node.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -142,13 +143,14 @@ def resolve_endpoint(endpoint: str | None) -> str | None:
     return from_env
 
 
-def s3_filesystem(endpoint: str | None, *, probe: bool = False):
-    """pyarrow's S3 filesystem for `endpoint` (None: AWS). `probe`: short timeouts and one retry, for
-    checking the store answers before a run starts."""
+def s3_filesystem(bucket: str, endpoint: str | None, *, probe: bool = False):
+    """pyarrow's S3 filesystem for `bucket` at `endpoint` (None: AWS, in the bucket's own region unless
+    AWS_REGION says). `probe`: short timeouts and one retry, for checking the store answers before a
+    run starts."""
     from pyarrow import fs
 
     options: dict[str, Any] = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or _region(bucket, endpoint),
         "access_key": os.environ.get("AWS_ACCESS_KEY_ID") or None,
         "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
         "session_token": os.environ.get("AWS_SESSION_TOKEN") or None,
@@ -165,6 +167,19 @@ def s3_filesystem(endpoint: str | None, *, probe: bool = False):
     return fs.S3FileSystem(**options)
 
 
+@functools.lru_cache
+def _region(bucket: str, endpoint: str | None) -> str:
+    """AWS answers for a bucket only in its region; other stores take any name."""
+    if endpoint is None and bucket:
+        from pyarrow.fs import resolve_s3_region
+
+        try:
+            return resolve_s3_region(bucket)
+        except OSError:  # unknown or unreachable: the store check says so with the bucket's name
+            pass
+    return "us-east-1"
+
+
 def resolve(path: str | Path | Location, endpoint: str | None = None, *, probe: bool = False) -> Location:
     """The Location of a local path (made absolute) or of an s3:// URI, reached through `endpoint`
     (else $AWS_ENDPOINT_URL)."""
@@ -172,7 +187,8 @@ def resolve(path: str | Path | Location, endpoint: str | None = None, *, probe: 
         return path
     if is_object_store(path):
         uri = str(path).rstrip("/")
-        return Location(s3_filesystem(resolve_endpoint(endpoint), probe=probe), uri[len(OBJECT_STORE_SCHEME) :], uri)
+        key = uri[len(OBJECT_STORE_SCHEME) :]
+        return Location(s3_filesystem(key.split("/")[0], resolve_endpoint(endpoint), probe=probe), key, uri)
     from pyarrow.fs import LocalFileSystem
 
     local = Path(path).expanduser().resolve()
