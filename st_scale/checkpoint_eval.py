@@ -1,67 +1,82 @@
 """`st-scale eval`: all-sub-network accuracy and destruction tests of a training checkpoint, in one
 process, logged into the run's own MLflow run (metrics `eval/...`, artifacts under `eval/`). It runs
-the same evaluation pass as training's per-epoch evaluation."""
+the same evaluation pass as training's per-epoch evaluation. `open_checkpoint` gives `eval` and
+`export` the trained model with its run's data."""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
+from .config import Config
 from .errors import ConfigError
+from .evaluation import Batch
+from .models import ElasticNet
+from .sampling import SubnetSpace
 from .storage import Location, check_object_store, check_storage_fields, is_object_store, resolve, resolve_endpoint
 
 
-def evaluate_checkpoint(
-    directory: str | Path,
-    *,
-    storage_endpoint: str | None = None,
-    max_subnets: int | None = None,
-    destruction: bool = True,
-    recalibrate: bool = True,
-) -> dict:
-    """Evaluate the checkpoint folder `directory`: a local path or an s3:// URI (reached through
-    `storage_endpoint`, else $AWS_ENDPOINT_URL), whose weights are then copied here first."""
+@dataclass
+class TrainedCheckpoint:
+    """A checkpoint opened for evaluation: its run, the trained elastic model (fp32, CPU, eval mode),
+    the whole validation set and, unless BN statistics are shared, the calibration batches."""
+
+    location: Location
+    info: checkpoint.RunInfo
+    cfg: Config
+    model: ElasticNet
+    space: SubnetSpace
+    val: list[Batch]
+    calibration: list[Batch] | None
+
+    def tracker(self):
+        """The training run's own MLflow run, reopened."""
+        from .tracking import RunTracker
+
+        return RunTracker(
+            self.info.tracking_uri,
+            self.info.experiment_id,
+            run_id=self.info.mlflow_run_id,
+            run_name=None,
+            params={},
+            tags={},
+            system_metrics=False,
+        )
+
+
+def open_checkpoint(
+    directory: str | Path, *, storage_endpoint: str | None, recalibrate: bool, command: str
+) -> TrainedCheckpoint:
+    """Open the checkpoint folder `directory`, a local path or an s3:// URI (reached through
+    `storage_endpoint`, else $AWS_ENDPOINT_URL; its weights are copied here first), with the data of
+    the run that wrote it. `command` names the caller in errors."""
+    from .data.integrity import DatasetFileError, read_metadata, verify_beton
+    from .data.loaders import BatchPreparer, calibration_batches, eval_loader
+    from .train_loop import build_model_and_objective
+
     check_storage_fields(str(directory), storage_endpoint, field="checkpoint", endpoint_field="--storage-endpoint")
     if is_object_store(directory):
         storage_endpoint = resolve_endpoint(storage_endpoint)
         check_object_store(str(directory), storage_endpoint, field="checkpoint", write=False)
     location = resolve(directory, storage_endpoint)
-    with tempfile.TemporaryDirectory(prefix="st_scale_eval_") as copy:
+    with tempfile.TemporaryDirectory(prefix="st_scale_checkpoint_") as copy:
         weights = checkpoint.local_weights(location, Path(copy))
-        return _evaluate(weights, location, max_subnets, destruction, recalibrate)
-
-
-def _evaluate(directory: Path, shown: Location, max_subnets: int | None, destruction: bool, recalibrate: bool) -> dict:
-    from .data.integrity import DatasetFileError, read_metadata, verify_beton
-    from .data.loaders import BatchPreparer, calibration_batches, eval_loader
-    from .eval_pass import (
-        destruction_metrics,
-        first_images,
-        log_destruction,
-        log_subnet_reports,
-        main_metrics,
-        run_destruction,
-        subnet_metrics,
-        subnet_reports,
-    )
-    from .tracking import RunTracker
-    from .train_loop import build_model_and_objective
-
-    info = checkpoint.read_run(directory)
-    cfg = info.config_model()
-    for field in ("train", "val"):  # eval reads the run's own files, as a resume would
-        try:
-            verify_beton(getattr(cfg.data, field))
-        except DatasetFileError as error:
-            raise ConfigError(
-                f"data.{field} of the run that wrote {shown}: {error}. `st-scale eval` reads the files the run "
-                f"trained on; if they moved, put them back at that path (or link them there)"
-            ) from None
-    model, space, _ = build_model_and_objective(cfg)
-    checkpoint.load_weights(directory, model)
+        info = checkpoint.read_run(weights)
+        cfg = info.config_model()
+        for split in ("train", "val"):  # the run's own files, as a resume would read them
+            try:
+                verify_beton(getattr(cfg.data, split))
+            except DatasetFileError as error:
+                raise ConfigError(
+                    f"data.{split} of the run that wrote {location}: {error}. `st-scale {command}` reads the files the "
+                    f"run trained on; if they moved, put them back at that path (or link them there)"
+                ) from None
+        model, space, _ = build_model_and_objective(cfg)
+        checkpoint.load_weights(weights, model)
     model.eval()
     device = torch.device("cpu")
     threads = torch.get_num_threads()
@@ -82,22 +97,41 @@ def _evaluate(directory: Path, shown: Location, max_subnets: int | None, destruc
             eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=threads, device=device)
         )
     ]
-    subnets = space.sample_subset(max_subnets or cfg.eval.max_subnets, seed=cfg.run.seed)
+    return TrainedCheckpoint(location, info, cfg, model, space, val, calibration)
+
+
+def evaluate_checkpoint(
+    directory: str | Path,
+    *,
+    storage_endpoint: str | None = None,
+    max_subnets: int | None = None,
+    destruction: bool = True,
+    recalibrate: bool = True,
+) -> dict:
+    """Evaluate the checkpoint folder `directory` (a local path or an s3:// URI) and log the results
+    into its run."""
+    from .eval_pass import (
+        destruction_metrics,
+        first_images,
+        log_destruction,
+        log_subnet_reports,
+        main_metrics,
+        run_destruction,
+        subnet_metrics,
+        subnet_reports,
+    )
+
+    trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=recalibrate, command="eval")
+    info, cfg, model, val, calibration = trained.info, trained.cfg, trained.model, trained.val, trained.calibration
+    subnets = trained.space.sample_subset(max_subnets or cfg.eval.max_subnets, seed=cfg.run.seed)
     reports = subnet_reports(model, subnets, lambda: val, calibration, shared_stats=cfg.eval.shared_stats)
+    device = torch.device("cpu")
     metrics = {
         **main_metrics(model, lambda: val, calibration, device, prefix="eval", shared_stats=cfg.eval.shared_stats),
         **subnet_metrics("eval", reports),
     }
+    tracker = trained.tracker()
     title = f"{cfg.method.name} {cfg.model.name}"
-    tracker = RunTracker(
-        info.tracking_uri,
-        info.experiment_id,
-        run_id=info.mlflow_run_id,
-        run_name=None,
-        params={},
-        tags={},
-        system_metrics=False,
-    )
     log_subnet_reports(
         tracker,
         reports,

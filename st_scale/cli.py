@@ -1,4 +1,4 @@
-"""`st-scale`: train, sweep, demo, convert, eval, mlflow-server, recipes."""
+"""`st-scale`: train, sweep, demo, convert, eval, export, mlflow-server, recipes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ EPILOG = """examples:
   st-scale convert imagefolder /data/imagenet --out /shared/imagenet --write-mode proportion --max-resolution 256
   st-scale eval ~/st_scale_runs/demo-st/checkpoint_2026-11-27_...   all sub-nets + destruction tests of a checkpoint
   st-scale eval s3://runs/demo-st/checkpoint_2026-11-27_... --storage-endpoint http://minio:9000
+  st-scale export ~/st_scale_runs/demo-st/checkpoint_2026-11-27_... --subnet 1,2,1   a sub-network as its own model
   st-scale sweep tune/sampling_kl.yaml --set num_samples=32 --address auto
   st-scale report tune/fashion_table1.yaml         a study's Table 1, loafing figure and destruction curves
   st-scale mlflow-server --port 5000                 the MLflow UI over ./mlflow.db on http://127.0.0.1:5000
@@ -226,6 +227,36 @@ def _add_eval(sub) -> None:
     )
 
 
+def _add_export(sub) -> None:
+    p = _parser(
+        sub,
+        "export",
+        "one sub-network of a checkpoint as a standalone model",
+        "Build the plain network of one sub-network of a training checkpoint (ResNets), its "
+        "BatchNorm statistics re-estimated for it as the evaluation does, check on the whole "
+        "validation set that its logits equal the trained sub-network's, write it as a state dict, "
+        "a torch.export program (.pt2) and TorchScript (both run with torch alone) and log it to the "
+        "run's MLflow run.",
+    )
+    p.add_argument("checkpoint", help="a checkpoint_* folder (a path or an s3:// URI), as `st-scale eval` takes")
+    p.add_argument(
+        "--subnet",
+        required=True,
+        metavar="D1,D2,...",
+        help="blocks kept per stage, e.g. 1,2,1 (the full depths: the main net)",
+    )
+    p.add_argument(
+        "--format",
+        default="state_dict,pt2,torchscript",
+        help="comma-separated: state_dict, pt2 (torch.export), torchscript (default all three)",
+    )
+    p.add_argument("--out", default="exported", help="folder for the files and a JSON summary (default ./exported)")
+    p.add_argument("--register", default=None, metavar="NAME", help="also register the model under NAME in MLflow")
+    p.add_argument(
+        "--storage-endpoint", default=None, metavar="URL", help="for an s3:// checkpoint, as `st-scale eval` takes it"
+    )
+
+
 def _add_report(sub) -> None:
     p = _parser(
         sub,
@@ -256,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_convert(sub)
     _add_eval(sub)
+    _add_export(sub)
     _add_report(sub)
     _add_mlflow_server(sub)
     sub.add_parser("recipes", help="list the packaged recipes")
@@ -388,6 +420,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    export_checkpoint(
+        args.checkpoint,
+        args.subnet,
+        formats=[f.strip() for f in args.format.split(",") if f.strip()],
+        out=args.out,
+        storage_endpoint=args.storage_endpoint,
+        register=args.register,
+    )
+    return 0
+
+
 def cmd_report(args) -> int:
     from .study import report
 
@@ -402,6 +448,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "convert": cmd_convert,
     "eval": cmd_eval,
+    "export": cmd_export,
     "mlflow-server": cmd_mlflow_server,
     "recipes": cmd_recipes,
 }

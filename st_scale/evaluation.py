@@ -113,24 +113,37 @@ def recalibrate_bn(model: ElasticNet, plan: Plan, calibration: Iterable[Batch]) 
             bn.momentum = momentum
 
 
-def _plan_counts(model: ElasticNet, plan: Plan, val: Iterable[Batch], calibration: Iterable[Batch] | None) -> _Counts:
+def _plan_counts(
+    model: ElasticNet,
+    plan: Plan,
+    val: Iterable[Batch],
+    calibration: Iterable[Batch] | None,
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> _Counts:
     counts = _Counts()
     with preserved_bn(model):
         if calibration is not None:
             recalibrate_bn(model, plan, calibration)
         model.eval()
         for images, labels in val:
-            counts.add(model.run(images, plan), labels)
+            logits = model.run(images, plan)
+            if on_logits is not None:
+                on_logits(images, logits)
+            counts.add(logits, labels)
     return counts
 
 
 @torch.no_grad()
 def evaluate_plan(
-    model: ElasticNet, plan: Plan, val: Iterable[Batch], calibration: Iterable[Batch] | None = None
+    model: ElasticNet,
+    plan: Plan,
+    val: Iterable[Batch],
+    calibration: Iterable[Batch] | None = None,
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Accuracy:
     """Top-1/top-5 of one network; with `calibration`, on its own re-estimated BN statistics
-    (the model's own statistics are restored afterwards)."""
-    return _plan_counts(model, plan, val, calibration).result()
+    (the model's own statistics are restored afterwards). `on_logits(images, logits)` sees every batch."""
+    return _plan_counts(model, plan, val, calibration, on_logits).result()
 
 
 def evaluate_main(model: ElasticNet, val: Iterable[Batch], calibration: Iterable[Batch] | None = None) -> Accuracy:

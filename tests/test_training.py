@@ -231,7 +231,8 @@ def test_a_run_keeps_its_checkpoints_in_an_object_store_through_an_outage(refere
     bucket; the store stops answering mid-epoch 2 and comes back only after that epoch's checkpoint
     began to be written (the write waits for it: with run.max_failures=0 a failed write would end the
     run); one checkpoint kept (the other deleted from the bucket); the weights those of the run that
-    kept its checkpoints in a folder; `st-scale eval` of the checkpoint in the bucket."""
+    kept its checkpoints in a folder; `st-scale eval` and `st-scale export` of the checkpoint in the
+    bucket."""
     from st_scale.cli import main
 
     name = "in-an-object-store"
@@ -270,6 +271,19 @@ def test_a_run_keeps_its_checkpoints_in_an_object_store_through_an_outage(refere
 
         assert main(["eval", second.checkpoint, "--storage-endpoint", s3.endpoint, "--max-subnets", "3"]) == 0
         assert client(workspace).get_run(second.mlflow_run_id).data.metrics["eval/num_subnets"] == 3
+        out = workspace / "exported-from-s3"
+        export = [
+            "export",
+            second.checkpoint,
+            "--storage-endpoint",
+            s3.endpoint,
+            "--subnet",
+            "1,1,1",
+            "--out",
+            str(out),
+        ]
+        assert main([*export, "--format", "state_dict"]) == 0
+        assert [p.name for p in out.glob("*.pt")] == ["in-an-object-store_cifar_resnet20_1-1-1.state_dict.pt"]
 
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace, digits_dir):
@@ -320,6 +334,40 @@ def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys
         "eval/subnets.png",
         "eval/destruction.png",
     }
+
+
+def test_export_writes_a_sub_network_that_scores_what_training_measured(reference, workspace, tmp_path, capsys):
+    """`st-scale export` of sub-network 1-2-3: its accuracy on the validation set is the one the
+    run's own epoch-2 evaluation (the prefix-sharing tree, in the workers) recorded for it; the
+    TorchScript file runs without st-scale; the model is logged under the run and registered."""
+    import csv
+
+    from st_scale.cli import main
+
+    _, summary = reference
+    out = tmp_path / "exported"
+    argv = ["export", summary.checkpoint, "--subnet", "1,2,3", "--out", str(out), "--register", "r20-1-2-3"]
+    assert main(argv) == 0
+    assert "equal to the trained sub-network's" in capsys.readouterr().out
+    (summary_file,) = out.glob("*.json")
+    exported = json.loads(summary_file.read_text())
+    c = client(workspace)
+    trained_csv = Path(c.download_artifacts(summary.mlflow_run_id, "subnets/subnets_epoch002.csv", str(tmp_path)))
+    rows = {row["depths"]: float(row["top1"]) for row in csv.DictReader(trained_csv.read_text().splitlines())}
+    assert exported["top1"] == pytest.approx(rows["1-2-3"], abs=5e-5)
+    assert set(exported["files"]) == {"state_dict", "pt2", "torchscript"}
+
+    runs_it = (
+        "import sys, torch; net = torch.jit.load(sys.argv[1]); "
+        "print(tuple(net(torch.zeros(2, 3, 32, 32)).shape)); print('st_scale' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", runs_it, exported["files"]["torchscript"]], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split() == ["(2,", "10)", "False"], done.stdout + done.stderr
+    assert exported["mlflow_model_uri"].startswith("models:/")
+    (version,) = c.search_model_versions("name = 'r20-1-2-3'")
+    assert version.run_id == summary.mlflow_run_id
 
 
 def test_eval_of_a_damaged_checkpoint_or_moved_data_says_what_to_do(reference, tmp_path, capsys):

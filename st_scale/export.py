@@ -1,0 +1,168 @@
+"""`st-scale export`: one sub-network of a trained checkpoint as a model of its own.
+
+The sub-network `d` (stage s keeps its first d_s blocks) becomes the plain network of that
+architecture (torchvision's ResNet layout: `layerN` holding d_N blocks), its weights those blocks'
+and (under the run's `eval.recalibrate`, the default) its BatchNorm statistics re-estimated for it on
+the run's calibration set, exactly as the all-sub-network evaluation measures it. Before anything is written
+it is checked on the whole validation set: its logits must equal the elastic model's for that
+sub-network, so its accuracy is the evaluated one. Written as a state dict (for the same
+architecture), as a `torch.export` program (.pt2) and as TorchScript (both run with torch alone),
+and logged to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .evaluation import Batch, evaluate_plan, preserved_bn, recalibrate_bn
+from .models import ElasticNet, create_model
+
+FORMATS = ("state_dict", "pt2", "torchscript")
+
+
+@dataclass
+class ExportedSubnet:
+    depths: tuple[int, ...]
+    name: str  # e.g. cifar_resnet20[1-2-1]
+    top1: float  # percent, on the whole validation set: the elastic model's and the exported network's
+    files: dict[str, str] = field(default_factory=dict)  # format -> path
+    mlflow_model_uri: str | None = None
+
+
+def parse_depths(text: str) -> tuple[int, ...]:
+    """--subnet 1,2,1: blocks kept per stage."""
+    try:
+        depths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--subnet {text!r}: give the blocks kept per stage, e.g. --subnet 1,2,1") from None
+    return depths
+
+
+def standalone_subnet(model: ElasticNet, num_classes: int, depths, calibration: list[Batch] | None) -> nn.Module:
+    """The plain network of sub-network `depths` with the trained weights of its blocks and, given
+    `calibration`, BN statistics re-estimated for it; in eval mode. The elastic model is left as it was."""
+    try:
+        depths = model.check_depths(depths)
+        shell = create_model(model.name, num_classes, stage_depths=depths)
+    except ValueError as error:
+        raise ConfigError(f"--subnet: {error}") from None
+    with preserved_bn(model):
+        if calibration is not None:
+            recalibrate_bn(model, model.plan_for_depths(depths), calibration)
+        trained = model.net.state_dict()
+        own = shell.net.state_dict()
+        shell.net.load_state_dict({key: trained[key].clone() for key in own})  # its blocks are the first d_s
+    return shell.net.eval()
+
+
+@torch.no_grad()
+def check_same_outputs(model: ElasticNet, depths, standalone: nn.Module, val: list[Batch], calibration) -> float:
+    """Top-1 (%) of the standalone network on `val`, after checking its logits equal the elastic
+    model's for that sub-network (on its re-estimated statistics) batch by batch."""
+
+    def same(images: torch.Tensor, elastic: torch.Tensor) -> None:
+        ours = standalone(images)
+        if not torch.equal(ours, elastic):
+            raise RuntimeError(
+                f"the exported network's logits differ from the trained sub-network's by up to "
+                f"{float((ours - elastic).abs().max()):.3g}; nothing was written"
+            )
+
+    return evaluate_plan(model, model.plan_for_depths(depths), val, calibration, on_logits=same).top1
+
+
+def write_formats(standalone: nn.Module, example: torch.Tensor, formats, out: Path, stem: str) -> dict[str, str]:
+    """The network in each format under `out`; TorchScript is loaded back and checked against it."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if "state_dict" in formats:
+        path = out / f"{stem}.state_dict.pt"
+        torch.save(standalone.state_dict(), path)
+        files["state_dict"] = str(path)
+    if "pt2" in formats:  # torch.export: any batch size
+        path = out / f"{stem}.pt2"
+        batch = torch.export.Dim("batch", min=1)
+        # traced on two images: a batch of one would be specialised to that size
+        program = torch.export.export(standalone, (torch.cat([example] * 2),), dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(path))
+        loaded = torch.export.load(str(path)).module()
+        with torch.no_grad():
+            if not all(torch.equal(loaded(x), standalone(x)) for x in (example, torch.cat([example] * 3))):
+                raise RuntimeError(f"{path}: the exported program does not reproduce the network's logits")
+        files["pt2"] = str(path)
+    if "torchscript" in formats:  # deprecated by torch in favour of pt2; still what many servers load
+        path = out / f"{stem}.torchscript.pt"
+        with torch.no_grad():
+            traced = torch.jit.trace(standalone, example, check_trace=False)
+        traced.save(str(path))
+        loaded = torch.jit.load(str(path))
+        with torch.no_grad():
+            if not torch.equal(loaded(example), standalone(example)):
+                raise RuntimeError(f"{path}: the TorchScript module does not reproduce the network's logits")
+        files["torchscript"] = str(path)
+    return files
+
+
+def export_checkpoint(
+    directory: str | Path,
+    depths_text: str,
+    *,
+    formats=FORMATS,
+    out: str | Path = "exported",
+    storage_endpoint: str | None = None,
+    register: str | None = None,
+) -> ExportedSubnet:
+    from .checkpoint_eval import open_checkpoint
+
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"--format {','.join(unknown)}: choose from {', '.join(FORMATS)}")
+    depths = parse_depths(depths_text)
+    trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=True, command="export")
+    cfg = trained.cfg
+    calibration = trained.calibration if cfg.eval.recalibrate else None  # as the run evaluated its sub-networks
+    standalone = standalone_subnet(trained.model, cfg.model.num_classes, depths, calibration)
+    top1 = check_same_outputs(trained.model, depths, standalone, trained.val, calibration)
+    name = f"{cfg.model.name}[{'-'.join(map(str, depths))}]"
+    stem = f"{cfg.run.name}_{cfg.model.name}_{'-'.join(map(str, depths))}"
+    example = trained.val[0][0][:1]
+    files = write_formats(standalone, example, formats, Path(out).expanduser(), stem)
+    result = ExportedSubnet(tuple(depths), name, top1, files)
+    result.mlflow_model_uri = _log_model(trained, standalone, example, result, register)
+    Path(out, f"{stem}.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
+    print(
+        f"{name} from {trained.location} (epoch {trained.info.epoch}): top-1 {top1:.2f} on {len(trained.val)} "
+        f"validation batches, equal to the trained sub-network's; written to {Path(out).expanduser()}; "
+        f"logged to MLflow as {result.mlflow_model_uri}"
+    )
+    return result
+
+
+def _log_model(trained, standalone: nn.Module, example: torch.Tensor, result: ExportedSubnet, register) -> str:
+    """The network with an input example and signature, under the training run (and in the model
+    registry as `register`)."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    tracker = trained.tracker()
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), standalone(example).numpy())
+    artifact_name = f"subnet-{'-'.join(map(str, result.depths))}"
+    info = mlflow.pytorch.log_model(
+        standalone,
+        name=artifact_name,
+        input_example=example.numpy(),
+        signature=signature,
+        registered_model_name=register,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    tracker.log_metrics({f"export/{artifact_name}/top1": result.top1}, step=trained.info.step)
+    tracker.finish("FINISHED")
+    return info.model_uri

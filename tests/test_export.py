@@ -1,0 +1,65 @@
+"""A sub-network exported as a model of its own computes what the elastic model computes for it:
+the blocks it keeps, BN statistics re-estimated for it, nothing of the model changed; TorchScript
+reproduces it with torch alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturb_bn, random_batches
+
+from st_scale.errors import ConfigError
+from st_scale.evaluation import evaluate_plan
+from st_scale.export import check_same_outputs, parse_depths, standalone_subnet, write_formats
+from st_scale.models import create_model
+
+
+@pytest.mark.parametrize("name, depths, size", [("cifar_resnet20", (1, 3, 2), 16), ("resnet18", (2, 1, 1, 2), 32)])
+def test_the_exported_network_is_the_sub_network(name, depths, size, tmp_path):
+    model = create_model(name, 10)
+    perturb_bn(model, size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration, val = random_batches(3, 8, size, seed=1), random_batches(2, 8, size, seed=2)
+
+    standalone = standalone_subnet(model, 10, depths, calibration)
+    for stage, d in enumerate(depths):
+        assert len(getattr(standalone, f"layer{stage + 1}")) == d
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), "the elastic model is untouched"
+    top1 = check_same_outputs(model, depths, standalone, val, calibration)
+    # an independent route: the evaluation's own accuracy of that plan, on its re-estimated statistics
+    assert top1 == evaluate_plan(model, model.plan_for_depths(depths), val, calibration).top1
+    # its BN statistics are the sub-network's, not the main net's
+    trained_main = model.net.layer1[0].bn1.running_mean
+    assert not torch.equal(standalone.layer1[0].bn1.running_mean, trained_main)
+
+    files = write_formats(standalone, val[0][0][:1], ["state_dict", "pt2", "torchscript"], tmp_path, "net")
+    scripted = torch.jit.load(files["torchscript"])
+    program = torch.export.load(files["pt2"]).module()
+    plain = create_model(name, 10, stage_depths=depths).net.eval()
+    plain.load_state_dict(torch.load(files["state_dict"]))
+    with torch.no_grad():
+        images = val[1][0]
+        expected = standalone(images)
+        assert torch.equal(scripted(images), expected) and torch.equal(plain(images), expected)
+        assert torch.equal(program(images), expected)
+
+
+def test_a_network_that_disagrees_is_not_written():
+    model = create_model("cifar_resnet20", 10)
+    perturb_bn(model, 16)
+    calibration, val = random_batches(2, 8, 16, seed=1), random_batches(1, 8, 16, seed=2)
+    standalone = standalone_subnet(model, 10, (1, 1, 1), calibration)
+    with torch.no_grad():
+        standalone.fc.bias.add_(1e-3)
+    with pytest.raises(RuntimeError, match="logits differ from the trained sub-network's"):
+        check_same_outputs(model, (1, 1, 1), standalone, val, calibration)
+
+
+def test_a_sub_network_the_model_does_not_have_is_named():
+    model = create_model("cifar_resnet20", 10)
+    with pytest.raises(ConfigError, match="--subnet: depth vector \\[1, 4, 1\\]: stage 1 depth 4 is out of range"):
+        standalone_subnet(model, 10, (1, 4, 1), None)
+    with pytest.raises(ConfigError, match="--subnet 'one,two': give the blocks kept per stage"):
+        parse_depths("one,two")
+    with pytest.raises(ConfigError, match="--subnet: .*supported for ResNets"):
+        standalone_subnet(create_model("mobilenet_v3_small", 10), 10, (1, 1, 1, 1), None)
