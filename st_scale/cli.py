@@ -240,10 +240,15 @@ def _add_export(sub) -> None:
     )
     p.add_argument("checkpoint", help="a checkpoint_* folder (a path or an s3:// URI), as `st-scale eval` takes")
     p.add_argument(
-        "--subnet",
-        required=True,
-        metavar="D1,D2,...",
-        help="blocks kept per stage, e.g. 1,2,1 (the full depths: the main net)",
+        "--subnet", metavar="D1,D2,...", help="blocks kept per stage, e.g. 1,2,1 (the full depths: the main net)"
+    )
+    p.add_argument(
+        "--budget-macs",
+        metavar="N",
+        help="instead of --subnet: the most accurate evaluated sub-network with at most N MACs per image (2.0G, 150M)",
+    )
+    p.add_argument(
+        "--budget-params", metavar="N", help="instead of --subnet, or with --budget-macs: at most N parameters"
     )
     p.add_argument(
         "--format",
@@ -421,11 +426,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from .export import export_checkpoint, parse_count
 
     export_checkpoint(
         args.checkpoint,
         args.subnet,
+        max_macs=parse_count(args.budget_macs, "--budget-macs") if args.budget_macs else None,
+        max_params=parse_count(args.budget_params, "--budget-params") if args.budget_params else None,
         formats=[f.strip() for f in args.format.split(",") if f.strip()],
         out=args.out,
         storage_endpoint=args.storage_endpoint,

@@ -155,7 +155,8 @@ def evaluate_main(model: ElasticNet, val: Iterable[Batch], calibration: Iterable
 class SubnetRow:
     depths: Depths
     blocks: int
-    macs: int
+    macs: int  # per image, at the evaluated size
+    params: int
     top1: float
     top5: float
 
@@ -180,12 +181,41 @@ class SubnetReport:
         depths = tuple(depths)
         return next(r for r in self.rows if r.depths == depths)
 
+    def pareto_front(self) -> list[SubnetRow]:
+        """The sub-networks no other one beats on both accuracy and cost: each more accurate than
+        every one with fewer MACs (the cheapest of equally accurate ones), by MACs."""
+        front: list[SubnetRow] = []
+        for row in sorted(self.rows, key=lambda r: (r.macs, -r.top1)):
+            if not front or row.top1 > front[-1].top1:
+                front.append(row)
+        return front
+
+    def best_within(self, max_macs: int | None = None, max_params: int | None = None) -> SubnetRow | None:
+        """The most accurate sub-network within the budgets (the cheaper one of a tie); None if none fits."""
+        fits = [
+            r
+            for r in self.rows
+            if (max_macs is None or r.macs <= max_macs) and (max_params is None or r.params <= max_params)
+        ]
+        return max(fits, key=lambda r: (r.top1, -r.macs), default=None)
+
     def to_csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["depths", "blocks", "macs", "top1", "top5"])
+        writer.writerow(["depths", "blocks", "macs", "params", "top1", "top5", "pareto"])
+        front = {r.depths for r in self.pareto_front()}
         for r in self.rows:
-            writer.writerow(["-".join(map(str, r.depths)), r.blocks, r.macs, f"{r.top1:.4f}", f"{r.top5:.4f}"])
+            writer.writerow(
+                [
+                    "-".join(map(str, r.depths)),
+                    r.blocks,
+                    r.macs,
+                    r.params,
+                    f"{r.top1:.4f}",
+                    f"{r.top5:.4f}",
+                    int(r.depths in front),
+                ]
+            )
         return out.getvalue()
 
 
@@ -312,7 +342,9 @@ def _report(model: ElasticNet, counts: dict, recalibrated: bool, image_size: int
     rows = []
     for depths, c in counts.items():
         acc = c.result()
-        rows.append(SubnetRow(depths, sum(depths), macs.subnet_macs(depths), acc.top1, acc.top5))
+        rows.append(
+            SubnetRow(depths, sum(depths), macs.subnet_macs(depths), macs.subnet_params(depths), acc.top1, acc.top5)
+        )
     return SubnetReport(rows, recalibrated)
 
 

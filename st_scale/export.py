@@ -35,6 +35,21 @@ class ExportedSubnet:
     mlflow_model_uri: str | None = None
 
 
+_SCALE = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_count(text: str, option: str) -> int:
+    """A budget such as 2.0G, 150M or 3e8."""
+    number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SCALE else (text, "")
+    try:
+        value = float(number) * _SCALE[suffix]
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise ConfigError(f"{option} {text!r}: give a positive count such as 2.0G, 150M or 3e8")
+    return int(value)
+
+
 def parse_depths(text: str) -> tuple[int, ...]:
     """--subnet 1,2,1: blocks kept per stage."""
     try:
@@ -109,10 +124,37 @@ def write_formats(standalone: nn.Module, example: torch.Tensor, formats, out: Pa
     return files
 
 
+def pick_subnet(trained, max_macs: int | None, max_params: int | None) -> tuple[int, ...]:
+    """The most accurate of the run's evaluated sub-networks (its `eval.max_subnets`, seeded as
+    `st-scale eval` samples them) within the budgets, on their own BN statistics."""
+    from .eval_pass import subnet_reports
+
+    cfg = trained.cfg
+    calibration = trained.calibration if cfg.eval.recalibrate else None
+    subnets = trained.space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed)
+    report = subnet_reports(trained.model, subnets, lambda: trained.val, calibration, shared_stats=False)[""]
+    best = report.best_within(max_macs, max_params)
+    if best is None:
+        cheapest = min(report.rows, key=lambda r: (r.macs, r.params))
+        raise ConfigError(
+            f"--budget-macs/--budget-params: no evaluated sub-network fits (the cheapest, "
+            f"{'-'.join(map(str, cheapest.depths))}, has {cheapest.macs:,} MACs and {cheapest.params:,} parameters); "
+            f"give a larger budget"
+        )
+    front = report.pareto_front()
+    print(
+        f"within the budget: {'-'.join(map(str, best.depths))}, top-1 {best.top1:.2f}, {best.macs / 1e6:.2f} MMACs, "
+        f"{best.params / 1e6:.3f} M parameters (Pareto front of {len(report.rows)} sub-networks: {len(front)} points)"
+    )
+    return best.depths
+
+
 def export_checkpoint(
     directory: str | Path,
-    depths_text: str,
+    depths_text: str | None,
     *,
+    max_macs: int | None = None,
+    max_params: int | None = None,
     formats=FORMATS,
     out: str | Path = "exported",
     storage_endpoint: str | None = None,
@@ -123,9 +165,15 @@ def export_checkpoint(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"--format {','.join(unknown)}: choose from {', '.join(FORMATS)}")
-    depths = parse_depths(depths_text)
+    if (depths_text is None) == (max_macs is None and max_params is None):
+        raise ConfigError(
+            "give either --subnet D1,D2,... or a budget (--budget-macs and/or --budget-params) to pick it, not both"
+        )
+    depths = parse_depths(depths_text) if depths_text is not None else None
     trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=True, command="export")
     cfg = trained.cfg
+    if depths is None:
+        depths = pick_subnet(trained, max_macs, max_params)
     calibration = trained.calibration if cfg.eval.recalibrate else None  # as the run evaluated its sub-networks
     standalone = standalone_subnet(trained.model, cfg.model.num_classes, depths, calibration)
     top1 = check_same_outputs(trained.model, depths, standalone, trained.val, calibration)

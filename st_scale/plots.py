@@ -13,13 +13,17 @@ from .evaluation import RECALIBRATED, DestructionRow, SubnetReport  # noqa: E402
 
 
 def subnet_figure(report: SubnetReport, title: str):
-    """Top-1 vs number of blocks, vs MACs, and the histogram of top-1 over all sub-networks."""
+    """Top-1 vs number of blocks, vs MACs (with the accuracy-MACs Pareto front), and the histogram
+    of top-1 over all sub-networks."""
     rows = report.rows
     top1 = [r.top1 for r in rows]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     axes[0].scatter([r.blocks for r in rows], top1, s=12, alpha=0.7)
     axes[0].set_xlabel("blocks kept")
     axes[1].scatter([r.macs / 1e6 for r in rows], top1, s=12, alpha=0.7)
+    front = report.pareto_front()
+    axes[1].step([r.macs / 1e6 for r in front], [r.top1 for r in front], where="post", color="C3", label="Pareto front")
+    axes[1].legend(loc="lower right")
     axes[1].set_xlabel("MMACs per image")
     for ax in axes[:2]:
         ax.set_ylabel("top-1 (%)")

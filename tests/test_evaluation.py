@@ -151,10 +151,52 @@ def test_report_statistics_and_table():
     assert report.stats["std_top1"] == pytest.approx(top1.std(unbiased=False).item())
     assert report.stats["min_top1"] == top1.min().item() and report.stats["max_top1"] == top1.max().item()
     lines = report.to_csv().strip().splitlines()
-    assert lines[0] == "depths,blocks,macs,top1,top5" and len(lines) == 28
+    assert lines[0] == "depths,blocks,macs,params,top1,top5,pareto" and len(lines) == 28
     assert lines[1].startswith("1-1-1,3,")
     macs = [r.macs for r in report.rows]
     assert report.row((3, 3, 3)).macs == max(macs) and report.row((1, 1, 1)).macs == min(macs)
+    for depths in ((1, 1, 1), (2, 3, 1), (3, 3, 3)):  # a sub-network's parameters are its standalone model's
+        alone = create_model("cifar_resnet20", 10, stage_depths=depths)
+        assert report.row(depths).params == sum(p.numel() for p in alone.parameters())
+
+
+def test_the_pareto_front_and_the_pick_within_a_budget_match_a_brute_force_search():
+    from st_scale.evaluation import SubnetReport, SubnetRow
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        SubnetRow((i,), 1, int(m), int(p), float(t), 0.0)
+        for i, (m, p, t) in enumerate(
+            zip(
+                torch.randint(1, 30, (60,), generator=g),
+                torch.randint(1, 30, (60,), generator=g),
+                torch.randint(0, 20, (60,), generator=g),
+            )
+        )
+    ]
+    report = SubnetReport(rows, recalibrated=True)
+
+    def dominated(r):
+        return any(o.macs <= r.macs and o.top1 >= r.top1 and (o.macs, o.top1) != (r.macs, r.top1) for o in rows)
+
+    front = report.pareto_front()
+    # undominated rows, one per (macs, top1) point
+    assert {(r.macs, r.top1) for r in front} == {(r.macs, r.top1) for r in rows if not dominated(r)}
+    assert len(front) == len({(r.macs, r.top1) for r in front})
+    for max_macs, max_params in ((None, None), (10, None), (None, 7), (12, 12), (0, None)):
+        fits = [
+            r
+            for r in rows
+            if (max_macs is None or r.macs <= max_macs) and (max_params is None or r.params <= max_params)
+        ]
+        best = report.best_within(max_macs, max_params)
+        if not fits:
+            assert best is None
+        else:
+            assert best.top1 == max(r.top1 for r in fits)
+            assert best.macs == min(r.macs for r in fits if r.top1 == best.top1)
+    csv_front = [line.split(",")[0] for line in report.to_csv().strip().splitlines()[1:] if line.endswith(",1")]
+    assert sorted(csv_front) == sorted("-".join(map(str, r.depths)) for r in front)
 
 
 def test_bad_depths_in_evaluation_are_named():

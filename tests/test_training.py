@@ -353,9 +353,20 @@ def test_export_writes_a_sub_network_that_scores_what_training_measured(referenc
     exported = json.loads(summary_file.read_text())
     c = client(workspace)
     trained_csv = Path(c.download_artifacts(summary.mlflow_run_id, "subnets/subnets_epoch002.csv", str(tmp_path)))
-    rows = {row["depths"]: float(row["top1"]) for row in csv.DictReader(trained_csv.read_text().splitlines())}
+    table = list(csv.DictReader(trained_csv.read_text().splitlines()))
+    rows = {row["depths"]: float(row["top1"]) for row in table}
     assert exported["top1"] == pytest.approx(rows["1-2-3"], abs=5e-5)
     assert set(exported["files"]) == {"state_dict", "pt2", "torchscript"}
+
+    # by budget: the most accurate sub-network of the run's table within 25 M MACs (the cheaper of a tie)
+    fits = [row for row in table if int(row["macs"]) <= 25_000_000]
+    best = max(fits, key=lambda row: (float(row["top1"]), -int(row["macs"])))
+    budget_out = tmp_path / "by-budget"
+    argv = ["export", summary.checkpoint, "--budget-macs", "25M", "--format", "state_dict", "--out", str(budget_out)]
+    assert main(argv) == 0
+    (picked,) = [json.loads(p.read_text()) for p in budget_out.glob("*.json")]
+    assert "-".join(map(str, picked["depths"])) == best["depths"]
+    assert picked["top1"] == pytest.approx(float(best["top1"]), abs=5e-5)
 
     runs_it = (
         "import sys, torch; net = torch.jit.load(sys.argv[1]); "

@@ -23,16 +23,19 @@ def _leaf_macs(module: nn.Module, inputs, output: torch.Tensor) -> int:
 
 
 class MacCounter:
-    """Per-block MACs of a model at one input size; `subnet_macs(depths)` sums them."""
+    """Per-block MACs of a model at one input size, and per-block parameters; `subnet_macs(depths)`
+    and `subnet_params(depths)` sum them over the blocks a sub-network runs."""
 
     def __init__(self, model: ElasticNet, image_size: int):
         self.model = model
         self.block_macs: dict[tuple[int, int], int] = {}
+        self.block_params: dict[tuple[int, int], int] = {}
         handles = []
         for seg_index, segment in enumerate(model.segments):
             for block_index, block in enumerate(segment.blocks):
                 key = (seg_index, block_index)
                 self.block_macs[key] = 0
+                self.block_params[key] = sum(p.numel() for p in block.parameters())
                 for leaf in block.modules():
                     if isinstance(leaf, (nn.Conv2d, nn.Linear)):
                         handles.append(leaf.register_forward_hook(self._hook(key)))
@@ -50,9 +53,15 @@ class MacCounter:
 
         return add
 
-    def subnet_macs(self, depths: Depths) -> int:
+    def _sum(self, per_block: dict[tuple[int, int], int], depths: Depths) -> int:
         total = 0
         for seg_index, segment in enumerate(self.model.segments):
             count = len(segment.blocks) if segment.stage is None else depths[segment.stage]
-            total += sum(self.block_macs[(seg_index, j)] for j in range(count))
+            total += sum(per_block[(seg_index, j)] for j in range(count))
         return total
+
+    def subnet_macs(self, depths: Depths) -> int:
+        return self._sum(self.block_macs, depths)
+
+    def subnet_params(self, depths: Depths) -> int:
+        return self._sum(self.block_params, depths)
