@@ -107,6 +107,7 @@ def evaluate_checkpoint(
     max_subnets: int | None = None,
     destruction: bool = True,
     recalibrate: bool = True,
+    latency: bool = False,
 ) -> dict:
     """Evaluate the checkpoint folder `directory` (a local path or an s3:// URI) and log the results
     into its run."""
@@ -124,7 +125,14 @@ def evaluate_checkpoint(
     trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=recalibrate, command="eval")
     info, cfg, model, val, calibration = trained.info, trained.cfg, trained.model, trained.val, trained.calibration
     subnets = trained.space.sample_subset(max_subnets or cfg.eval.max_subnets, seed=cfg.run.seed)
-    reports = subnet_reports(model, subnets, lambda: val, calibration, shared_stats=cfg.eval.shared_stats)
+    reports = subnet_reports(
+        model,
+        subnets,
+        lambda: val,
+        calibration,
+        shared_stats=cfg.eval.shared_stats,
+        latency=latency or cfg.eval.latency,
+    )
     device = torch.device("cpu")
     metrics = {
         **main_metrics(model, lambda: val, calibration, device, prefix="eval", shared_stats=cfg.eval.shared_stats),

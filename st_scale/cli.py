@@ -225,6 +225,11 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--shared-stats", action="store_true", help="use the shared BN statistics, not per-network re-estimation"
     )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="also time each sub-network here (one image, and a validation batch): latency_ms and images_per_s",
+    )
 
 
 def _add_export(sub) -> None:
@@ -248,12 +253,19 @@ def _add_export(sub) -> None:
         help="instead of --subnet: the most accurate evaluated sub-network with at most N MACs per image (2.0G, 150M)",
     )
     p.add_argument(
-        "--budget-params", metavar="N", help="instead of --subnet, or with --budget-macs: at most N parameters"
+        "--budget-params", metavar="N", help="instead of --subnet, or with another budget: at most N parameters"
+    )
+    p.add_argument(
+        "--budget-latency-ms",
+        type=float,
+        metavar="MS",
+        help="instead of --subnet, or with another budget: at most MS ms for one image, timed here on this device",
     )
     p.add_argument(
         "--format",
         default="state_dict,pt2,torchscript",
-        help="comma-separated: state_dict, pt2 (torch.export), torchscript (default all three)",
+        help="comma-separated: state_dict, pt2 (torch.export), torchscript, onnx (checked with onnxruntime; "
+        "pip install 'st-scale[onnx]'); default state_dict,pt2,torchscript",
     )
     p.add_argument("--out", default="exported", help="folder for the files and a JSON summary (default ./exported)")
     p.add_argument("--register", default=None, metavar="NAME", help="also register the model under NAME in MLflow")
@@ -421,6 +433,7 @@ def cmd_eval(args) -> int:
         max_subnets=args.max_subnets,
         destruction=not args.no_destruction,
         recalibrate=not args.shared_stats,
+        latency=args.latency,
     )
     return 0
 
@@ -433,6 +446,7 @@ def cmd_export(args) -> int:
         args.subnet,
         max_macs=parse_count(args.budget_macs, "--budget-macs") if args.budget_macs else None,
         max_params=parse_count(args.budget_params, "--budget-params") if args.budget_params else None,
+        max_latency_ms=args.budget_latency_ms,
         formats=[f.strip() for f in args.format.split(",") if f.strip()],
         out=args.out,
         storage_endpoint=args.storage_endpoint,

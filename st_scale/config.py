@@ -171,6 +171,11 @@ class EvalSection(Section):
         ge=1,
         description="destruction tests on the first N validation images (default: all; each test evaluates a net)",
     )
+    latency: bool = Field(
+        False,
+        description="at the end (and in st-scale eval), also time each evaluated sub-network on the evaluating "
+        "device: one image (latency_ms) and a validation batch (images_per_s), for the latency Pareto front",
+    )
     compare_calibration: bool = Field(
         False,
         description="at the end, also measure main net and sub-nets with BN "

@@ -60,21 +60,40 @@ def subnet_reports(
     calibration: Sequence[Batch] | None,
     *,
     shared_stats: bool,
+    latency: bool = False,
 ) -> dict[str, SubnetReport]:
     """{suffix: report} for '' (re-estimated statistics, or shared ones without calibration) and,
-    with `shared_stats` and calibration, '_shared_stats'. Every rank gets the whole reports."""
+    with `shared_stats` and calibration, '_shared_stats'. Every rank gets the whole reports. With
+    `latency`, each rank times its share of the sub-networks on its own device: one image, and a
+    whole validation batch for the throughput."""
     versions = {"": calibration}
     if shared_stats and calibration is not None:
         versions[SHARED] = None
     rank, world = rank_and_world()
     mine = list(subnets)[rank::world]
+    timed = _timings(model, mine, next(iter(val()))[0]) if latency and mine else {}
     reports = {}
     for suffix, calib in versions.items():
         rows = evaluate_subnets(model, mine, val(), calib).rows if mine else []
+        for row in rows:
+            row.latency_ms, row.images_per_s = timed.get(row.depths, (None, None))
         rows = gather_lists(rows)
         if rows:
             reports[suffix] = SubnetReport(sorted(rows, key=lambda r: r.depths), calib is not None)
     return reports
+
+
+def _timings(model: ElasticNet, subnets: Sequence[Depths], batch: torch.Tensor) -> dict:
+    """{depths: (ms for one image, images per second at the batch's size)}."""
+    from .models.complexity import measure_latency_ms
+
+    timed = {}
+    for depths in subnets:
+        depths = model.check_depths(depths)
+        one = measure_latency_ms(model, depths, batch[:1])
+        whole = measure_latency_ms(model, depths, batch, warmup=1, repeats=3)
+        timed[depths] = (one, 1000 * len(batch) / whole)
+    return timed
 
 
 def subnet_metrics(prefix: str, reports: dict[str, SubnetReport]) -> dict[str, float]:

@@ -159,6 +159,11 @@ class SubnetRow:
     params: int
     top1: float
     top5: float
+    latency_ms: float | None = None  # one image, on the evaluating device (eval.latency)
+    images_per_s: float | None = None  # at the throughput batch, same device
+
+
+COSTS = ("macs", "params", "latency_ms")  # what a Pareto front or a budget can be taken over
 
 
 @dataclass
@@ -181,28 +186,32 @@ class SubnetReport:
         depths = tuple(depths)
         return next(r for r in self.rows if r.depths == depths)
 
-    def pareto_front(self) -> list[SubnetRow]:
-        """The sub-networks no other one beats on both accuracy and cost: each more accurate than
-        every one with fewer MACs (the cheapest of equally accurate ones), by MACs."""
+    @property
+    def has_latency(self) -> bool:
+        return all(r.latency_ms is not None for r in self.rows)
+
+    def pareto_front(self, cost: str = "macs") -> list[SubnetRow]:
+        """The sub-networks no other one beats on both accuracy and `cost` (one of COSTS): each more
+        accurate than every cheaper one (the cheapest of equally accurate ones), cheapest first."""
         front: list[SubnetRow] = []
-        for row in sorted(self.rows, key=lambda r: (r.macs, -r.top1)):
+        for row in sorted(self.rows, key=lambda r: (getattr(r, cost), -r.top1)):
             if not front or row.top1 > front[-1].top1:
                 front.append(row)
         return front
 
-    def best_within(self, max_macs: int | None = None, max_params: int | None = None) -> SubnetRow | None:
-        """The most accurate sub-network within the budgets (the cheaper one of a tie); None if none fits."""
-        fits = [
-            r
-            for r in self.rows
-            if (max_macs is None or r.macs <= max_macs) and (max_params is None or r.params <= max_params)
-        ]
+    def best_within(
+        self, max_macs: float | None = None, max_params: float | None = None, max_latency_ms: float | None = None
+    ) -> SubnetRow | None:
+        """The most accurate sub-network within the budgets (None: no limit), the cheaper in MACs of a
+        tie; None if none fits. A latency budget needs measured latencies."""
+        limits = {"macs": max_macs, "params": max_params, "latency_ms": max_latency_ms}
+        fits = [r for r in self.rows if all(v is None or getattr(r, c) <= v for c, v in limits.items())]
         return max(fits, key=lambda r: (r.top1, -r.macs), default=None)
 
     def to_csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["depths", "blocks", "macs", "params", "top1", "top5", "pareto"])
+        writer.writerow(["depths", "blocks", "macs", "params", "top1", "top5", "pareto", "latency_ms", "images_per_s"])
         front = {r.depths for r in self.pareto_front()}
         for r in self.rows:
             writer.writerow(
@@ -214,6 +223,8 @@ class SubnetReport:
                     f"{r.top1:.4f}",
                     f"{r.top5:.4f}",
                     int(r.depths in front),
+                    "" if r.latency_ms is None else f"{r.latency_ms:.4f}",
+                    "" if r.images_per_s is None else f"{r.images_per_s:.1f}",
                 ]
             )
         return out.getvalue()

@@ -7,7 +7,8 @@ the run's calibration set, exactly as the all-sub-network evaluation measures it
 it is checked on the whole validation set: its logits must equal the elastic model's for that
 sub-network, so its accuracy is the evaluated one. Written as a state dict (for the same
 architecture), as a `torch.export` program (.pt2) and as TorchScript (both run with torch alone),
-and logged to the training run in MLflow.
+optionally as ONNX (run back through onnxruntime on the validation set, logits within
+ONNX_TOLERANCE), and logged to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from .errors import ConfigError
 from .evaluation import Batch, evaluate_plan, preserved_bn, recalibrate_bn
 from .models import ElasticNet, create_model
 
-FORMATS = ("state_dict", "pt2", "torchscript")
+FORMATS = ("state_dict", "pt2", "torchscript", "onnx")
+DEFAULT_FORMATS = ("state_dict", "pt2", "torchscript")
+ONNX_TOLERANCE = 1e-4  # onnxruntime's logits against torch's: relative and absolute
 
 
 @dataclass
@@ -33,6 +36,8 @@ class ExportedSubnet:
     top1: float  # percent, on the whole validation set: the elastic model's and the exported network's
     files: dict[str, str] = field(default_factory=dict)  # format -> path
     mlflow_model_uri: str | None = None
+    onnx_top1: float | None = None  # the ONNX file run by onnxruntime on the same validation set
+    onnx_max_abs_diff: float | None = None  # its largest logit difference from torch's
 
 
 _SCALE = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -111,6 +116,13 @@ def write_formats(standalone: nn.Module, example: torch.Tensor, formats, out: Pa
             if not all(torch.equal(loaded(x), standalone(x)) for x in (example, torch.cat([example] * 3))):
                 raise RuntimeError(f"{path}: the exported program does not reproduce the network's logits")
         files["pt2"] = str(path)
+    if "onnx" in formats:
+        path = out / f"{stem}.onnx"
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(
+            standalone, (torch.cat([example] * 2),), str(path), dynamic_shapes=({0: batch},), dynamo=True, verbose=False
+        )
+        files["onnx"] = str(path)
     if "torchscript" in formats:  # deprecated by torch in favour of pt2; still what many servers load
         path = out / f"{stem}.torchscript.pt"
         with torch.no_grad():
@@ -124,29 +136,60 @@ def write_formats(standalone: nn.Module, example: torch.Tensor, formats, out: Pa
     return files
 
 
-def pick_subnet(trained, max_macs: int | None, max_params: int | None) -> tuple[int, ...]:
+def pick_subnet(trained, max_macs: int | None, max_params: int | None, max_latency_ms: float | None) -> tuple[int, ...]:
     """The most accurate of the run's evaluated sub-networks (its `eval.max_subnets`, seeded as
-    `st-scale eval` samples them) within the budgets, on their own BN statistics."""
+    `st-scale eval` samples them) within the budgets, on their own BN statistics; a latency budget
+    times them here first."""
     from .eval_pass import subnet_reports
 
     cfg = trained.cfg
     calibration = trained.calibration if cfg.eval.recalibrate else None
     subnets = trained.space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed)
-    report = subnet_reports(trained.model, subnets, lambda: trained.val, calibration, shared_stats=False)[""]
-    best = report.best_within(max_macs, max_params)
+    timed = max_latency_ms is not None
+    report = subnet_reports(
+        trained.model, subnets, lambda: trained.val, calibration, shared_stats=False, latency=timed
+    )[""]
+    best = report.best_within(max_macs, max_params, max_latency_ms)
     if best is None:
         cheapest = min(report.rows, key=lambda r: (r.macs, r.params))
+        timing = f", {min(r.latency_ms for r in report.rows):.3g} ms at the fastest" if timed else ""
         raise ConfigError(
-            f"--budget-macs/--budget-params: no evaluated sub-network fits (the cheapest, "
-            f"{'-'.join(map(str, cheapest.depths))}, has {cheapest.macs:,} MACs and {cheapest.params:,} parameters); "
-            f"give a larger budget"
+            f"--budget-*: no evaluated sub-network fits (the cheapest, {'-'.join(map(str, cheapest.depths))}, has "
+            f"{cheapest.macs:,} MACs and {cheapest.params:,} parameters{timing}); give a larger budget"
         )
-    front = report.pareto_front()
+    front = report.pareto_front("latency_ms" if timed else "macs")
     print(
         f"within the budget: {'-'.join(map(str, best.depths))}, top-1 {best.top1:.2f}, {best.macs / 1e6:.2f} MMACs, "
-        f"{best.params / 1e6:.3f} M parameters (Pareto front of {len(report.rows)} sub-networks: {len(front)} points)"
+        f"{best.params / 1e6:.3f} M parameters"
+        + (f", {best.latency_ms:.3g} ms" if timed else "")
+        + f" (Pareto front of {len(report.rows)} sub-networks: {len(front)} points)"
     )
     return best.depths
+
+
+def check_onnx(path: str, standalone: nn.Module, val: list[Batch]) -> tuple[float, float]:
+    """Run the ONNX file with onnxruntime on `val`: its logits must agree with torch's within
+    ONNX_TOLERANCE; returns its top-1 (%) and the largest logit difference."""
+    import numpy as np
+    import onnxruntime
+
+    from .evaluation import _Counts
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    counts, worst = _Counts(), 0.0
+    for images, labels in val:
+        logits = session.run(None, {name: images.cpu().numpy()})[0]
+        with torch.no_grad():
+            expected = standalone(images).cpu().numpy()
+        if not np.allclose(logits, expected, rtol=ONNX_TOLERANCE, atol=ONNX_TOLERANCE):
+            raise RuntimeError(
+                f"{path}: onnxruntime's logits differ from torch's by up to {np.abs(logits - expected).max():.3g} "
+                f"(tolerance {ONNX_TOLERANCE})"
+            )
+        worst = max(worst, float(np.abs(logits - expected).max()))
+        counts.add(torch.from_numpy(logits), labels.cpu())
+    return counts.result().top1, worst
 
 
 def export_checkpoint(
@@ -155,7 +198,8 @@ def export_checkpoint(
     *,
     max_macs: int | None = None,
     max_params: int | None = None,
-    formats=FORMATS,
+    max_latency_ms: float | None = None,
+    formats=DEFAULT_FORMATS,
     out: str | Path = "exported",
     storage_endpoint: str | None = None,
     register: str | None = None,
@@ -165,15 +209,27 @@ def export_checkpoint(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"--format {','.join(unknown)}: choose from {', '.join(FORMATS)}")
-    if (depths_text is None) == (max_macs is None and max_params is None):
+    if "onnx" in formats:
+        try:
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "--format onnx needs onnx, onnxscript and onnxruntime: pip install 'st-scale[onnx]'"
+            ) from None
+    budgets = (max_macs, max_params, max_latency_ms)
+    if (depths_text is None) == all(b is None for b in budgets):
         raise ConfigError(
-            "give either --subnet D1,D2,... or a budget (--budget-macs and/or --budget-params) to pick it, not both"
+            "give either --subnet D1,D2,... or a budget (--budget-macs, --budget-params, --budget-latency-ms) to pick "
+            "it, not both"
         )
+    if max_latency_ms is not None and not max_latency_ms > 0:
+        raise ConfigError(f"--budget-latency-ms {max_latency_ms}: give a positive number of milliseconds")
     depths = parse_depths(depths_text) if depths_text is not None else None
     trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=True, command="export")
     cfg = trained.cfg
     if depths is None:
-        depths = pick_subnet(trained, max_macs, max_params)
+        depths = pick_subnet(trained, max_macs, max_params, max_latency_ms)
     calibration = trained.calibration if cfg.eval.recalibrate else None  # as the run evaluated its sub-networks
     standalone = standalone_subnet(trained.model, cfg.model.num_classes, depths, calibration)
     top1 = check_same_outputs(trained.model, depths, standalone, trained.val, calibration)
@@ -182,6 +238,8 @@ def export_checkpoint(
     example = trained.val[0][0][:1]
     files = write_formats(standalone, example, formats, Path(out).expanduser(), stem)
     result = ExportedSubnet(tuple(depths), name, top1, files)
+    if "onnx" in files:
+        result.onnx_top1, result.onnx_max_abs_diff = check_onnx(files["onnx"], standalone, trained.val)
     result.mlflow_model_uri = _log_model(trained, standalone, example, result, register)
     Path(out, f"{stem}.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
     print(

@@ -13,24 +13,30 @@ from .evaluation import RECALIBRATED, DestructionRow, SubnetReport  # noqa: E402
 
 
 def subnet_figure(report: SubnetReport, title: str):
-    """Top-1 vs number of blocks, vs MACs (with the accuracy-MACs Pareto front), and the histogram
-    of top-1 over all sub-networks."""
+    """Top-1 vs number of blocks, vs MACs and (when measured) latency with their Pareto fronts, and
+    the histogram of top-1 over all sub-networks."""
     rows = report.rows
     top1 = [r.top1 for r in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = 4 if report.has_latency else 3
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
     axes[0].scatter([r.blocks for r in rows], top1, s=12, alpha=0.7)
     axes[0].set_xlabel("blocks kept")
-    axes[1].scatter([r.macs / 1e6 for r in rows], top1, s=12, alpha=0.7)
-    front = report.pareto_front()
-    axes[1].step([r.macs / 1e6 for r in front], [r.top1 for r in front], where="post", color="C3", label="Pareto front")
-    axes[1].legend(loc="lower right")
-    axes[1].set_xlabel("MMACs per image")
-    for ax in axes[:2]:
+    costs = [("macs", 1e-6, "MMACs per image")]
+    if report.has_latency:
+        costs.append(("latency_ms", 1.0, "latency, one image (ms)"))
+    for ax, (cost, scale, label) in zip(axes[1:], costs):
+        ax.scatter([getattr(r, cost) * scale for r in rows], top1, s=12, alpha=0.7)
+        front = report.pareto_front(cost)
+        xs = [getattr(r, cost) * scale for r in front]
+        ax.step(xs, [r.top1 for r in front], where="post", color="C3", label="Pareto front")
+        ax.legend(loc="lower right")
+        ax.set_xlabel(label)
+    for ax in axes[: 1 + len(costs)]:
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-    axes[2].hist(top1, bins=min(30, max(5, len(rows) // 3)))
-    axes[2].set_xlabel("top-1 (%)")
-    axes[2].set_ylabel("sub-networks")
+    axes[-1].hist(top1, bins=min(30, max(5, len(rows) // 3)))
+    axes[-1].set_xlabel("top-1 (%)")
+    axes[-1].set_ylabel("sub-networks")
     s = report.stats
     label = "per-network BN statistics" if report.recalibrated else "shared BN statistics"
     figure.suptitle(

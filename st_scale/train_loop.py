@@ -309,6 +309,7 @@ def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
             lambda: data.preparer.eval_batches(data.val_full),
             data.calibration,
             shared_stats=cfg.eval.shared_stats,
+            latency=final and cfg.eval.latency,
         )
         metrics.update(subnet_metrics("val", reports))
         if ctx.tracker:

@@ -151,7 +151,8 @@ def test_report_statistics_and_table():
     assert report.stats["std_top1"] == pytest.approx(top1.std(unbiased=False).item())
     assert report.stats["min_top1"] == top1.min().item() and report.stats["max_top1"] == top1.max().item()
     lines = report.to_csv().strip().splitlines()
-    assert lines[0] == "depths,blocks,macs,params,top1,top5,pareto" and len(lines) == 28
+    assert lines[0] == "depths,blocks,macs,params,top1,top5,pareto,latency_ms,images_per_s" and len(lines) == 28
+    assert lines[1].endswith(",,"), "no latency unless measured"
     assert lines[1].startswith("1-1-1,3,")
     macs = [r.macs for r in report.rows]
     assert report.row((3, 3, 3)).macs == max(macs) and report.row((1, 1, 1)).macs == min(macs)
@@ -164,39 +165,77 @@ def test_the_pareto_front_and_the_pick_within_a_budget_match_a_brute_force_searc
     from st_scale.evaluation import SubnetReport, SubnetRow
 
     g = torch.Generator().manual_seed(0)
+    draws = [torch.randint(low, high, (60,), generator=g).tolist() for low, high in ((1, 30), (1, 30), (0, 20), (1, 9))]
     rows = [
-        SubnetRow((i,), 1, int(m), int(p), float(t), 0.0)
-        for i, (m, p, t) in enumerate(
-            zip(
-                torch.randint(1, 30, (60,), generator=g),
-                torch.randint(1, 30, (60,), generator=g),
-                torch.randint(0, 20, (60,), generator=g),
-            )
-        )
+        SubnetRow((i,), 1, macs, params, float(top1), 0.0, latency_ms=float(ms))
+        for i, (macs, params, top1, ms) in enumerate(zip(*draws))
     ]
     report = SubnetReport(rows, recalibrated=True)
+    for cost in ("macs", "params", "latency_ms"):
 
-    def dominated(r):
-        return any(o.macs <= r.macs and o.top1 >= r.top1 and (o.macs, o.top1) != (r.macs, r.top1) for o in rows)
+        def point(r, cost=cost):
+            return (getattr(r, cost), r.top1)
 
-    front = report.pareto_front()
-    # undominated rows, one per (macs, top1) point
-    assert {(r.macs, r.top1) for r in front} == {(r.macs, r.top1) for r in rows if not dominated(r)}
-    assert len(front) == len({(r.macs, r.top1) for r in front})
-    for max_macs, max_params in ((None, None), (10, None), (None, 7), (12, 12), (0, None)):
+        def dominated(r, cost=cost):
+            return any(getattr(o, cost) <= getattr(r, cost) and o.top1 >= r.top1 and point(o) != point(r) for o in rows)
+
+        front = report.pareto_front(cost)
+        assert {point(r) for r in front} == {point(r) for r in rows if not dominated(r)}, cost
+        assert len(front) == len({point(r) for r in front}), "one row per point"
+    budgets = [
+        (None, None, None),
+        (10, None, None),
+        (None, 7, None),
+        (12, 12, None),
+        (0, None, None),
+        (None, None, 3.0),
+    ]
+    for max_macs, max_params, max_ms in budgets:
         fits = [
             r
             for r in rows
-            if (max_macs is None or r.macs <= max_macs) and (max_params is None or r.params <= max_params)
+            if all(
+                v is None or getattr(r, c) <= v
+                for c, v in (("macs", max_macs), ("params", max_params), ("latency_ms", max_ms))
+            )
         ]
-        best = report.best_within(max_macs, max_params)
+        best = report.best_within(max_macs, max_params, max_ms)
         if not fits:
             assert best is None
         else:
             assert best.top1 == max(r.top1 for r in fits)
             assert best.macs == min(r.macs for r in fits if r.top1 == best.top1)
-    csv_front = [line.split(",")[0] for line in report.to_csv().strip().splitlines()[1:] if line.endswith(",1")]
-    assert sorted(csv_front) == sorted("-".join(map(str, r.depths)) for r in front)
+    table = report.to_csv().strip().splitlines()
+    on_front = [line.split(",")[0] for line in table[1:] if line.split(",")[6] == "1"]
+    assert sorted(on_front) == sorted("-".join(map(str, r.depths)) for r in report.pareto_front())
+    assert all(line.split(",")[7] for line in table[1:]) and report.has_latency
+
+
+def test_latency_is_the_median_time_of_the_blocks_a_sub_network_runs():
+    import time
+
+    from torch import nn
+
+    from st_scale.models import ElasticNet, Segment
+    from st_scale.models.complexity import measure_latency_ms
+
+    class Sleeps(nn.Module):
+        def __init__(self, seconds: float):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            time.sleep(self.seconds)
+            return x
+
+    stem, first, second = Sleeps(0.002), Sleeps(0.004), Sleeps(0.008)
+    model = ElasticNet(
+        "sleeps", nn.Sequential(stem, first, second), [Segment([stem]), Segment([first, second], 0)], lambda b: b
+    )
+    x = torch.zeros(1, 3, 4, 4)
+    short, long = measure_latency_ms(model, (1,), x), measure_latency_ms(model, (2,), x)
+    assert 6 <= short < 6 + 10 and 14 <= long < 14 + 10, (short, long)
+    assert long - short == pytest.approx(8, abs=5)
 
 
 def test_bad_depths_in_evaluation_are_named():

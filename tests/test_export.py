@@ -10,7 +10,7 @@ from conftest import perturb_bn, random_batches
 
 from st_scale.errors import ConfigError
 from st_scale.evaluation import evaluate_plan
-from st_scale.export import check_same_outputs, parse_depths, standalone_subnet, write_formats
+from st_scale.export import check_onnx, check_same_outputs, parse_count, parse_depths, standalone_subnet, write_formats
 from st_scale.models import create_model
 
 
@@ -32,7 +32,9 @@ def test_the_exported_network_is_the_sub_network(name, depths, size, tmp_path):
     trained_main = model.net.layer1[0].bn1.running_mean
     assert not torch.equal(standalone.layer1[0].bn1.running_mean, trained_main)
 
-    files = write_formats(standalone, val[0][0][:1], ["state_dict", "pt2", "torchscript"], tmp_path, "net")
+    files = write_formats(standalone, val[0][0][:1], ["state_dict", "pt2", "torchscript", "onnx"], tmp_path, "net")
+    onnx_top1, worst = check_onnx(files["onnx"], standalone, val)  # onnxruntime, on the same batches
+    assert worst < 1e-4 and abs(onnx_top1 - top1) <= 100 / 16
     scripted = torch.jit.load(files["torchscript"])
     program = torch.export.load(files["pt2"]).module()
     plain = create_model(name, 10, stage_depths=depths).net.eval()
@@ -61,5 +63,15 @@ def test_a_sub_network_the_model_does_not_have_is_named():
         standalone_subnet(model, 10, (1, 4, 1), None)
     with pytest.raises(ConfigError, match="--subnet 'one,two': give the blocks kept per stage"):
         parse_depths("one,two")
+    assert [parse_count(t, "--budget-macs") for t in ("2.0G", "150M", "3e8", "40k", "12")] == [
+        2_000_000_000,
+        150_000_000,
+        300_000_000,
+        40_000,
+        12,
+    ]
+    for bad in ("", "G", "-1M", "two", "0"):
+        with pytest.raises(ConfigError, match="--budget-macs .*: give a positive count"):
+            parse_count(bad, "--budget-macs")
     with pytest.raises(ConfigError, match="--subnet: .*supported for ResNets"):
         standalone_subnet(create_model("mobilenet_v3_small", 10), 10, (1, 1, 1, 1), None)

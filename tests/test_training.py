@@ -257,12 +257,17 @@ def test_a_run_keeps_its_checkpoints_in_an_object_store_through_an_outage(refere
 
         with ThreadPoolExecutor(1) as pool:
             store_down = pool.submit(outage)
-            second = train(make_config(digits_dir, workspace, name, *storage, keep_one, "run.max_failures=0"))
+            second = train(
+                make_config(digits_dir, workspace, name, *storage, keep_one, "run.max_failures=0", "eval.latency=true")
+            )
             store_down.result(timeout=60)
         assert second.epochs == 2 and second.mlflow_run_id == first.mlflow_run_id
         (run,) = runs_named(workspace, name)
         assert run.info.status == "FINISHED"
         assert [m.step for m in client(workspace).get_metric_history(run.info.run_id, "train/loss")] == [10, 20, 30, 40]
+        table = client(workspace).download_artifacts(run.info.run_id, "subnets/subnets_epoch002.csv", str(workspace))
+        timed = [line.split(",")[7:] for line in Path(table).read_text().strip().splitlines()[1:]]
+        assert len(timed) == 27 and all(float(ms) > 0 and float(rate) > 0 for ms, rate in timed), "eval.latency"
 
         kept = {key.split("/")[2] for key in s3.keys("st-scale", f"runs/{name}/checkpoint_") if key.count("/") > 2}
         assert kept == {second.checkpoint.rsplit("/", 1)[1]}, "the older checkpoint is deleted from the bucket"
@@ -339,7 +344,8 @@ def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys
 def test_export_writes_a_sub_network_that_scores_what_training_measured(reference, workspace, tmp_path, capsys):
     """`st-scale export` of sub-network 1-2-3: its accuracy on the validation set is the one the
     run's own epoch-2 evaluation (the prefix-sharing tree, in the workers) recorded for it; the
-    TorchScript file runs without st-scale; the model is logged under the run and registered."""
+    TorchScript file runs without st-scale; the ONNX file through onnxruntime agrees; the model is logged
+    under the run and registered; budgets pick what the run's table says."""
     import csv
 
     from st_scale.cli import main
@@ -347,6 +353,7 @@ def test_export_writes_a_sub_network_that_scores_what_training_measured(referenc
     _, summary = reference
     out = tmp_path / "exported"
     argv = ["export", summary.checkpoint, "--subnet", "1,2,3", "--out", str(out), "--register", "r20-1-2-3"]
+    argv += ["--format", "state_dict,pt2,torchscript,onnx"]
     assert main(argv) == 0
     assert "equal to the trained sub-network's" in capsys.readouterr().out
     (summary_file,) = out.glob("*.json")
@@ -356,7 +363,8 @@ def test_export_writes_a_sub_network_that_scores_what_training_measured(referenc
     table = list(csv.DictReader(trained_csv.read_text().splitlines()))
     rows = {row["depths"]: float(row["top1"]) for row in table}
     assert exported["top1"] == pytest.approx(rows["1-2-3"], abs=5e-5)
-    assert set(exported["files"]) == {"state_dict", "pt2", "torchscript"}
+    assert set(exported["files"]) == {"state_dict", "pt2", "torchscript", "onnx"}
+    assert exported["onnx_max_abs_diff"] < 1e-4 and exported["onnx_top1"] == pytest.approx(exported["top1"], abs=0.5)
 
     # by budget: the most accurate sub-network of the run's table within 25 M MACs (the cheaper of a tie)
     fits = [row for row in table if int(row["macs"]) <= 25_000_000]
@@ -367,6 +375,22 @@ def test_export_writes_a_sub_network_that_scores_what_training_measured(referenc
     (picked,) = [json.loads(p.read_text()) for p in budget_out.glob("*.json")]
     assert "-".join(map(str, picked["depths"])) == best["depths"]
     assert picked["top1"] == pytest.approx(float(best["top1"]), abs=5e-5)
+    # a latency budget every sub-network meets (each is timed here first): the most accurate of all
+    fastest_out = tmp_path / "by-latency"
+    argv = [
+        "export",
+        summary.checkpoint,
+        "--budget-latency-ms",
+        "1e6",
+        "--format",
+        "state_dict",
+        "--out",
+        str(fastest_out),
+    ]
+    assert main(argv) == 0
+    (picked,) = [json.loads(p.read_text()) for p in fastest_out.glob("*.json")]
+    best = max(table, key=lambda row: (float(row["top1"]), -int(row["macs"])))
+    assert "-".join(map(str, picked["depths"])) == best["depths"]
 
     runs_it = (
         "import sys, torch; net = torch.jit.load(sys.argv[1]); "

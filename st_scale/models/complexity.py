@@ -65,3 +65,27 @@ class MacCounter:
 
     def subnet_params(self, depths: Depths) -> int:
         return self._sum(self.block_params, depths)
+
+
+@torch.no_grad()
+def measure_latency_ms(
+    model: ElasticNet, depths: Depths, images: torch.Tensor, *, warmup: int = 2, repeats: int = 5
+) -> float:
+    """Median wall time (ms) of one forward of sub-network `depths` on `images` (batch and device as
+    given), in eval mode; on a GPU each forward is waited for."""
+    import statistics
+    import time
+
+    plan = model.plan_for_depths(depths)
+    cuda = images.device.type == "cuda"
+    times = []
+    with preserved_mode(model):
+        model.eval()
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model.run(images, plan)
+            if cuda:
+                torch.cuda.synchronize(images.device)
+            if i >= warmup:
+                times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
