@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .evaluation import Batch
 from .models import ElasticNet
 from .sampling import SubnetSpace
-from .storage import Location, check_object_store, check_storage_fields, is_object_store, resolve, resolve_endpoint
+from .storage import Location, check_object_store, check_storage_fields, is_object_store, resolve
 
 
 @dataclass
@@ -60,8 +60,7 @@ def open_checkpoint(
 
     check_storage_fields(str(directory), storage_endpoint, field="checkpoint", endpoint_field="--storage-endpoint")
     if is_object_store(directory):
-        storage_endpoint = resolve_endpoint(storage_endpoint)
-        check_object_store(str(directory), storage_endpoint, field="checkpoint", write=False)
+        storage_endpoint = check_object_store(str(directory), storage_endpoint, field="checkpoint", write=False)
     location = resolve(directory, storage_endpoint)
     with tempfile.TemporaryDirectory(prefix="st_scale_checkpoint_") as copy:
         weights = checkpoint.local_weights(location, Path(copy))

@@ -163,9 +163,6 @@ class SubnetRow:
     images_per_s: float | None = None  # at the throughput batch, same device
 
 
-COSTS = ("macs", "params", "latency_ms")  # what a Pareto front or a budget can be taken over
-
-
 @dataclass
 class SubnetReport:
     rows: list[SubnetRow]
@@ -191,7 +188,7 @@ class SubnetReport:
         return all(r.latency_ms is not None for r in self.rows)
 
     def pareto_front(self, cost: str = "macs") -> list[SubnetRow]:
-        """The sub-networks no other one beats on both accuracy and `cost` (one of COSTS): each more
+        """The sub-networks no other one beats on both accuracy and `cost` (macs, params or latency_ms): each more
         accurate than every cheaper one (the cheapest of equally accurate ones), cheapest first."""
         front: list[SubnetRow] = []
         for row in sorted(self.rows, key=lambda r: (getattr(r, cost), -r.top1)):

@@ -101,15 +101,15 @@ def write_formats(standalone: nn.Module, example: torch.Tensor, formats, out: Pa
     """The network in each format under `out`; TorchScript is loaded back and checked against it."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}
+    # traced on two images (a batch of one would be specialised to that size), any batch size after
+    pair, any_batch = torch.cat([example] * 2), ({0: torch.export.Dim("batch", min=1)},)
     if "state_dict" in formats:
         path = out / f"{stem}.state_dict.pt"
         torch.save(standalone.state_dict(), path)
         files["state_dict"] = str(path)
     if "pt2" in formats:  # torch.export: any batch size
         path = out / f"{stem}.pt2"
-        batch = torch.export.Dim("batch", min=1)
-        # traced on two images: a batch of one would be specialised to that size
-        program = torch.export.export(standalone, (torch.cat([example] * 2),), dynamic_shapes=({0: batch},))
+        program = torch.export.export(standalone, (pair,), dynamic_shapes=any_batch)
         torch.export.save(program, str(path))
         loaded = torch.export.load(str(path)).module()
         with torch.no_grad():
@@ -118,10 +118,7 @@ def write_formats(standalone: nn.Module, example: torch.Tensor, formats, out: Pa
         files["pt2"] = str(path)
     if "onnx" in formats:
         path = out / f"{stem}.onnx"
-        batch = torch.export.Dim("batch", min=1)
-        torch.onnx.export(
-            standalone, (torch.cat([example] * 2),), str(path), dynamic_shapes=({0: batch},), dynamo=True, verbose=False
-        )
+        torch.onnx.export(standalone, (pair,), str(path), dynamic_shapes=any_batch, dynamo=True, verbose=False)
         files["onnx"] = str(path)
     if "torchscript" in formats:  # deprecated by torch in favour of pt2; still what many servers load
         path = out / f"{stem}.torchscript.pt"
@@ -136,14 +133,15 @@ def write_formats(standalone: nn.Module, example: torch.Tensor, formats, out: Pa
     return files
 
 
-def pick_subnet(trained, max_macs: int | None, max_params: int | None, max_latency_ms: float | None) -> tuple[int, ...]:
+def pick_subnet(
+    trained, calibration, max_macs: int | None, max_params: int | None, max_latency_ms: float | None
+) -> tuple[int, ...]:
     """The most accurate of the run's evaluated sub-networks (its `eval.max_subnets`, seeded as
-    `st-scale eval` samples them) within the budgets, on their own BN statistics; a latency budget
-    times them here first."""
+    `st-scale eval` samples them) within the budgets, on the BN statistics `calibration` gives them;
+    a latency budget times them here first."""
     from .eval_pass import subnet_reports
 
     cfg = trained.cfg
-    calibration = trained.calibration if cfg.eval.recalibrate else None
     subnets = trained.space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed)
     timed = max_latency_ms is not None
     report = subnet_reports(
@@ -182,12 +180,13 @@ def check_onnx(path: str, standalone: nn.Module, val: list[Batch]) -> tuple[floa
         logits = session.run(None, {name: images.cpu().numpy()})[0]
         with torch.no_grad():
             expected = standalone(images).cpu().numpy()
+        difference = float(np.abs(logits - expected).max())
         if not np.allclose(logits, expected, rtol=ONNX_TOLERANCE, atol=ONNX_TOLERANCE):
             raise RuntimeError(
-                f"{path}: onnxruntime's logits differ from torch's by up to {np.abs(logits - expected).max():.3g} "
+                f"{path}: onnxruntime's logits differ from torch's by up to {difference:.3g} "
                 f"(tolerance {ONNX_TOLERANCE})"
             )
-        worst = max(worst, float(np.abs(logits - expected).max()))
+        worst = max(worst, difference)
         counts.add(torch.from_numpy(logits), labels.cpu())
     return counts.result().top1, worst
 
@@ -228,9 +227,9 @@ def export_checkpoint(
     depths = parse_depths(depths_text) if depths_text is not None else None
     trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=True, command="export")
     cfg = trained.cfg
-    if depths is None:
-        depths = pick_subnet(trained, max_macs, max_params, max_latency_ms)
     calibration = trained.calibration if cfg.eval.recalibrate else None  # as the run evaluated its sub-networks
+    if depths is None:
+        depths = pick_subnet(trained, calibration, max_macs, max_params, max_latency_ms)
     standalone = standalone_subnet(trained.model, cfg.model.num_classes, depths, calibration)
     top1 = check_same_outputs(trained.model, depths, standalone, trained.val, calibration)
     name = f"{cfg.model.name}[{'-'.join(map(str, depths))}]"

@@ -17,7 +17,7 @@ from .data.integrity import DatasetFileError, verify_beton
 from .engine import resolve_ds_config
 from .errors import ConfigError, RunFailedError
 from .interrupts import sigterm_as_ctrl_c, stopped
-from .storage import Location, check_object_store, is_object_store, ray_storage, resolve, resolve_endpoint
+from .storage import Location, check_object_store, is_object_store, ray_storage, resolve
 from .tracking import check_tracking_uri, resolve_tracking_uri
 from .worker_inputs import FaultInjection, WorkerInputs
 
@@ -205,8 +205,7 @@ def _resolve_storage(cfg: Config) -> None:
     reach it: a folder made absolute, or an object store with its endpoint (the recipe's, else
     $AWS_ENDPOINT_URL) that answers and lets these credentials write."""
     if is_object_store(cfg.run.storage_path):
-        cfg.run.storage_endpoint = resolve_endpoint(cfg.run.storage_endpoint)
-        check_object_store(cfg.run.storage_path, cfg.run.storage_endpoint)
+        cfg.run.storage_endpoint = check_object_store(cfg.run.storage_path, cfg.run.storage_endpoint)
     else:
         cfg.run.storage_path = str(check_writable(cfg.run.storage_path, "run.storage_path", folder=True))
 

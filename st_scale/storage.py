@@ -202,11 +202,15 @@ def ray_storage(location: Location) -> dict[str, Any]:
     return {"storage_path": location.path}
 
 
-def check_object_store(uri: str, endpoint: str | None, *, field: str = "run.storage_path", write: bool = True) -> None:
+def check_object_store(
+    uri: str, endpoint: str | None, *, field: str = "run.storage_path", write: bool = True
+) -> str | None:
     """Reach the store before any work starts: the bucket exists and, with `write`, these credentials
-    can write under the prefix (a probe object is written and deleted)."""
+    can write under the prefix (a probe object is written and deleted). Returns the endpoint used
+    (`resolve_endpoint`'s), for the caller to record."""
     from pyarrow.fs import FileType
 
+    endpoint = resolve_endpoint(endpoint)
     where = endpoint or "AWS S3"
     location = resolve(uri, endpoint, probe=True)
     bucket = location.path.split("/")[0]
@@ -228,6 +232,7 @@ def check_object_store(uri: str, endpoint: str | None, *, field: str = "run.stor
             f"the endpoint (run.storage_endpoint, --storage-endpoint or AWS_ENDPOINT_URL) and the credentials "
             f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or the node's role)"
         ) from None
+    return endpoint
 
 
 # Errors an object store recovers from (pyarrow's AWS error names): worth waiting for, unlike a
