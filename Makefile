@@ -107,6 +107,8 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/bench_subnet_eval.py
 	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_speed.py
+	$(PY) benchmarks/bench_speed.py --model resnet50 --batch-size 64 --image-size 64
 
 study: install fashion-mnist
 	$(BIN)/st-scale convert fashion-mnist --out ~/.cache/st_scale/fashion10k --train-subset 10000

@@ -1,12 +1,17 @@
-"""GPU check: bf16 DeepSpeed on NCCL, the FFCV GPU pipeline, and images/s of CT vs ST on ResNet-50.
+"""GPU check: bf16 DeepSpeed on NCCL, the FFCV GPU pipeline, and images/s of CT vs ST on ResNet-50
+for each speed switch.
 
     python benchmarks/bench_gpu.py --out results/ [--batch-size 256 --steps 30 --images 4096]
 
 One process, world size 1 (NCCL). Writes a small ImageNet-like JPEG ImageFolder, converts it with
 `st-scale convert`'s code, then measures: (1) FFCV loading + on-GPU normalisation alone, (2) training
-steps of CT, ST with prefix sharing and ST without, on a fixed on-GPU batch (model-bound), (3) ST fed
-by the FFCV loader (end to end). On a machine without CUDA it runs the same code on the CPU with gloo
-(for checking the script, not for numbers).
+steps on a fixed on-GPU batch (model-bound) for every combination of precision (`zero1_bf16`: the
+model cast to bf16; `zero1_autocast_bf16`: fp32 weights, bf16 compute), layout and compilation (eager
+NCHW, eager channels_last, compiled blocks in channels_last) and objective (CT, ST with prefix sharing,
+ST with its sub-network passes on half the batch), with images/s and model FLOPs utilisation against
+the card's dense bf16 peak, (3) CT and ST fed by the FFCV loader in the fastest setting (end to end).
+On a machine without CUDA it runs the same code on the CPU with gloo and fp32 (for checking the
+script, not for numbers); `--quick` runs a few variants only.
 """
 
 from __future__ import annotations
@@ -82,18 +87,23 @@ def loader_throughput(cfg, device, epochs: int) -> float:
 
 
 def train_throughput(cfg, device, steps: int, warmup: int, loader=None) -> dict:
-    from st_scale.data.loaders import BatchPreparer
+    from st_scale.data.loaders import BatchPreparer, memory_format
     from st_scale.engine import build_engine, resolve_ds_config, set_lr
-    from st_scale.train_loop import build_model_and_objective
+    from st_scale.models.utilisation import mfu, peak_bf16_flops, training_flops_per_image
+    from st_scale.train_loop import build_model_and_objective, speed_up
 
     torch.manual_seed(0)
     model, _, objective = build_model_and_objective(cfg)
+    flops_per_image = training_flops_per_image(model, cfg.data.image_size)
+    speed_up(model, cfg)
     engine = build_engine(model, objective, cfg, resolve_ds_config(cfg))
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    layout = memory_format(cfg.model)
     batch = cfg.data.batch_size
     fixed_x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size, device=device).to(dtype)
+    fixed_x = fixed_x.contiguous(memory_format=layout)
     fixed_y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
-    preparer = BatchPreparer(cfg.data, device, dtype, 0, 0)
+    preparer = BatchPreparer(cfg.data, device, dtype, 0, 0, memory_format=layout)
 
     def batches():
         if loader is None:
@@ -108,7 +118,11 @@ def train_throughput(cfg, device, steps: int, warmup: int, loader=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     source = batches()
+    warmup_started = time.perf_counter()
+    warmup_s = 0.0
     for step in range(warmup + steps):
+        if step == warmup:
+            warmup_s = time.perf_counter() - warmup_started
         x, y = next(source)
         sync(device)
         start = time.perf_counter()
@@ -119,9 +133,13 @@ def train_throughput(cfg, device, steps: int, warmup: int, loader=None) -> dict:
         sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
+    images_per_s = batch * len(times) / sum(times)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     result = {
-        "images_per_s": batch * len(times) / sum(times),
+        "images_per_s": images_per_s,
+        "mfu": mfu(images_per_s, flops_per_image, peak) if peak else None,
         "median_step_s": statistics.median(times),
+        "warmup_s": round(warmup_s, 1),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "bf16": engine.bfloat16_enabled(),
         "zero_stage": engine.zero_optimization_stage(),
@@ -143,6 +161,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--quick", action="store_true", help="a few variants only (checking the script)")
     args = parser.parse_args()
 
     from st_scale.config import load_config
@@ -180,11 +199,13 @@ def main() -> None:
         "scaling.num_workers=1",
         "run.name=bench",
     ]
-    if cuda:
-        common += ["scaling.gpus_per_worker=1", "deepspeed.config=zero1_bf16.json"]
-    else:
-        common += ["deepspeed.config=cpu_fp32.json", "scaling.gpus_per_worker=0"]
-    cfg = load_config("imagenet_resnet50_st", common)
+    common += ["scaling.gpus_per_worker=1"] if cuda else ["scaling.gpus_per_worker=0"]
+    precisions = (
+        {"bf16_cast": "deepspeed.config=zero1_bf16.json", "autocast": "deepspeed.config=zero1_autocast_bf16.json"}
+        if cuda
+        else {"fp32": "deepspeed.config=cpu_fp32.json"}
+    )
+    cfg = load_config("imagenet_resnet50_st", common + [next(iter(precisions.values()))])
     loader = None
     try:  # FFCV is measured when it imports; the model-bound numbers do not depend on it
         from st_scale.data.loaders import train_loader
@@ -210,25 +231,43 @@ def main() -> None:
         report["ffcv_error"] = f"{type(error).__name__}: {error}"
         print("FFCV part failed:", report["ffcv_error"], flush=True)
 
-    variants = {
-        "ct": ["method.name=ct"],
-        "st_shared": ["method.name=st", "method.share_prefix=true"],
-        "st_unshared": ["method.name=st", "method.share_prefix=false"],
+    layouts = {
+        "eager_nchw": ["model.channels_last=false", "model.compile=false"],
+        "eager_channels_last": ["model.channels_last=true", "model.compile=false"],
+        "compiled_channels_last": ["model.channels_last=true", "model.compile=true"],
     }
+    objectives = {
+        "ct": ["method.name=ct"],
+        "st": ["method.name=st", "method.share_prefix=true"],
+        "st_half_batch": ["method.name=st", "method.subnet_batch_fraction=0.5"],
+    }
+    if args.quick:
+        layouts = {k: layouts[k] for k in ("eager_nchw", "eager_channels_last")}
     report["train"] = {}
-    for name, extra in variants.items():
-        report["train"][name] = train_throughput(
-            load_config("imagenet_resnet50_st", common + extra), device, args.steps, args.warmup
-        )
-        print(name, report["train"][name], flush=True)
-    if loader is not None:
-        report["train"]["st_shared_ffcv_fed"] = train_throughput(
-            load_config("imagenet_resnet50_st", common + variants["st_shared"]), device, args.steps, args.warmup, loader
-        )
-        print("st_shared fed by ffcv", report["train"]["st_shared_ffcv_fed"], flush=True)
-    ct = report["train"]["ct"]["images_per_s"]
-    report["st_time_ratio_shared"] = round(ct / report["train"]["st_shared"]["images_per_s"], 3)
-    report["st_time_ratio_unshared"] = round(ct / report["train"]["st_unshared"]["images_per_s"], 3)
+    for precision, ds in precisions.items():
+        for layout, layout_set in layouts.items():
+            for objective, objective_set in objectives.items():
+                name = f"{precision}/{layout}/{objective}"
+                cfg_v = load_config("imagenet_resnet50_st", common + [ds] + layout_set + objective_set)
+                report["train"][name] = train_throughput(cfg_v, device, args.steps, args.warmup)
+                print(name, report["train"][name], flush=True)
+    best = max((n for n in report["train"] if n.endswith("/ct")), key=lambda n: report["train"][n]["images_per_s"])
+    report["fastest_ct"] = best
+    setting = best.removesuffix("/ct")
+    for n in report["train"]:
+        if n.startswith(setting + "/") and not n.endswith("/ct"):
+            ct = report["train"][best]["images_per_s"]
+            report[f"st_time_ratio/{n}"] = round(ct / report["train"][n]["images_per_s"], 3)
+    if loader is not None:  # end to end in the fastest setting
+        precision, layout = setting.split("/")
+        for objective in ("ct", "st"):
+            cfg_v = load_config(
+                "imagenet_resnet50_st", common + [precisions[precision]] + layouts[layout] + objectives[objective]
+            )
+            report["train"][f"{setting}/{objective}/ffcv_fed"] = train_throughput(
+                cfg_v, device, args.steps, args.warmup, loader
+            )
+            print(f"{setting}/{objective} fed by ffcv", report["train"][f"{setting}/{objective}/ffcv_fed"], flush=True)
     (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     torch.distributed.destroy_process_group()

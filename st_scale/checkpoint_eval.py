@@ -55,7 +55,7 @@ def open_checkpoint(
     `storage_endpoint`, else $AWS_ENDPOINT_URL; its weights are copied here first), with the data of
     the run that wrote it. `command` names the caller in errors."""
     from .data.integrity import DatasetFileError, read_metadata, verify_beton
-    from .data.loaders import BatchPreparer, calibration_batches, eval_loader
+    from .data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format
     from .train_loop import build_model_and_objective
 
     check_storage_fields(str(directory), storage_endpoint, field="checkpoint", endpoint_field="--storage-endpoint")
@@ -79,7 +79,7 @@ def open_checkpoint(
     model.eval()
     device = torch.device("cpu")
     threads = torch.get_num_threads()
-    preparer = BatchPreparer(cfg.data, device, torch.float32, cfg.run.seed, 0)
+    preparer = BatchPreparer(cfg.data, device, torch.float32, cfg.run.seed, 0, memory_format=memory_format(cfg.model))
     calibration = None
     if recalibrate:
         calibration = calibration_batches(

@@ -31,6 +31,16 @@ class ModelSection(Section):
         description="build only the first d blocks of each stage: a sub-network's architecture as a model of "
         "its own (e.g. [1, 1, 1] of cifar_resnet20 is ResNet-8), to train it alone",
     )
+    channels_last: bool = Field(
+        False,
+        description="batches in channels_last (NHWC) memory from the loader on, in training, BN re-estimation and "
+        "evaluation, so every convolution runs NHWC: the layout tensor-core convolutions run fastest on",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each block on its own (regional compilation): the number of compiled graphs "
+        "is bounded by the distinct block shapes, whatever sub-networks are drawn; compiling takes a minute or more",
+    )
 
     @field_validator("name")
     @classmethod
@@ -106,6 +116,11 @@ class OptimizerSection(Section):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = Field(False, description="apply weight decay to BN/bias parameters too")
+    implementation: Literal["fused", "foreach", "for_loop"] = Field(
+        "fused",
+        description="torch's SGD kernels: fused (one kernel updates every parameter), foreach (one op per "
+        "step over all tensors) or for_loop (one op per tensor, the slowest); the same update in each",
+    )
 
 
 class DeepSpeedSection(Section):

@@ -65,6 +65,11 @@ def resolve_ds_config(cfg: Config) -> dict:
     if cfg.deepspeed.overrides or path.parent != DS_CONFIG_DIR:  # the packaged files are tested as they are
         _check_against_deepspeed(ds, path.name)
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if bf16 and ds.get("torch_autocast", {}).get("enabled", False):
+        raise ConfigError(
+            f"deepspeed.config: {path.name} enables both bf16 (the whole model cast to bf16) and torch_autocast "
+            f"(fp32 weights, bf16 compute): choose one, e.g. zero1_autocast_bf16.json or zero1_bf16.json"
+        )
     if bf16 and not cfg.scaling.use_gpu:
         raise ConfigError(
             f"deepspeed.config: {path.name} enables bf16, which st-scale runs on GPUs only; "
@@ -144,6 +149,11 @@ def parameter_groups(module: nn.Module, opt: OptimizerSection) -> list[dict]:
     return groups
 
 
+def sgd_kernels(implementation: str) -> dict[str, bool]:
+    """torch.optim.SGD's switches for one implementation (torch picks for_loop on CPU by default)."""
+    return {"fused": implementation == "fused", "foreach": implementation == "foreach"}
+
+
 def _skip_cpu_shm_build() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shared-memory collective (40-75 s) that training
     never uses: replace its builder before initialize. Note: `import deepspeed.comm.torch` would
@@ -164,6 +174,7 @@ def build_engine(model: ElasticNet, objective: Objective, cfg: Config, ds_config
         lr=cfg.optimizer.lr,
         momentum=cfg.optimizer.momentum,
         nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0,
+        **sgd_kernels(cfg.optimizer.implementation),
     )
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine

@@ -93,6 +93,12 @@ def preserved_bn(model: nn.Module) -> Iterator[None]:
                 bn.momentum = momentum
 
 
+def _eager():
+    """Run compiled blocks eagerly: BN's cumulative average (momentum None) divides by the batch
+    count it keeps in a tensor, which a compiled graph cannot specialise on."""
+    return torch.compiler.set_stance("force_eager")
+
+
 @torch.no_grad()
 def recalibrate_bn(model: ElasticNet, plan: Plan, calibration: Iterable[Batch]) -> None:
     """Re-estimate BN statistics of the network `plan` IN PLACE (cumulative average over the
@@ -104,7 +110,7 @@ def recalibrate_bn(model: ElasticNet, plan: Plan, calibration: Iterable[Batch]) 
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average, not an exponential one
     try:
-        with preserved_mode(model):
+        with preserved_mode(model), _eager():
             model.train()
             for images, _ in calibration:
                 model.run(images, plan)
@@ -315,8 +321,9 @@ def evaluate_subnets(
                 bn.momentum = None  # each tree node's statistics: a cumulative average
             walk.bank, walk.update_bank = {}, True
             model.train()
-            for images, _ in calibration:
-                walk.run(images, lambda depths, x: None)
+            with _eager():
+                for images, _ in calibration:
+                    walk.run(images, lambda depths, x: None)
             walk.update_bank = False
         model.eval()
         for images, labels in val:

@@ -16,7 +16,7 @@ class RecurringWorkerError(RuntimeError):
 
 
 def _recurring_kinds() -> tuple[type[BaseException], ...]:
-    from .train_loop import NonFiniteLossError
+    from .step_window import NonFiniteLossError
 
     return (ConfigError, DatasetFileError, NonFiniteLossError)
 

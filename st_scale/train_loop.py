@@ -3,7 +3,6 @@ data, resume, tracker), then epochs of training, evaluation, MLflow logging (ran
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -36,14 +35,13 @@ from .evaluation import Batch, preserved_bn, recalibrate_bn
 from .memory import SavedTensorBytes
 from .methods import build_objective
 from .models import ElasticNet, create_model
+from .models.regional_compile import compile_blocks
+from .models.utilisation import peak_bf16_flops, training_flops_per_image
 from .sampling import SubnetSampler, SubnetSpace
 from .schedule import lr_at
+from .step_window import StepWindow
 from .storage import checkpoint_upload, with_retries
 from .worker_inputs import FaultInjection, WorkerInputs
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 def build_space(cfg: Config, model: ElasticNet) -> SubnetSpace:
@@ -109,6 +107,7 @@ class WorkerContext:
     data: WorkerData
     subnets: list
     images_per_step: int  # micro-batch x workers: what one loader step consumes across the group
+    mfu_scale: float | None = None  # the group's images/s times this is MFU (GPUs of a known peak only)
     run_id: str | None = None
     tracker: Any = None  # RunTracker on rank 0, None elsewhere
     progress: ProgressPoster = field(default_factory=lambda: ProgressPoster(None))  # rank 0 posts to the console
@@ -125,6 +124,8 @@ def train_worker(loop_config: dict) -> None:
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     device = _setup_process(cfg, train_ctx.get_local_rank())
     model, space, objective = build_model_and_objective(cfg, rank)
+    mfu_scale = _mfu_scale(model, cfg, device, world)  # on the plain CPU model, before compiling and moving it
+    speed_up(model, cfg)
     # The group's size may differ from the recipe's maximum (an elastic run): the global batch does not.
     ds_config = inputs.ds_config | batch_sizes(
         cfg.data.batch_size, world, int(inputs.ds_config["gradient_accumulation_steps"])
@@ -143,6 +144,7 @@ def train_worker(loop_config: dict) -> None:
         data=data,
         subnets=space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed),
         images_per_step=engine.train_micro_batch_size_per_gpu() * world,
+        mfu_scale=mfu_scale,
         run_id=resumed.run_id,
     )
     if rank == 0:
@@ -167,6 +169,23 @@ def train_worker(loop_config: dict) -> None:
     barrier()
 
 
+def speed_up(model: ElasticNet, cfg: Config) -> None:
+    """The recipe's compilation, before DeepSpeed takes the module. channels_last is the batches'
+    layout only (`memory_format`): a convolution given an NHWC input runs NHWC and gives NHWC, so the
+    whole network does. The weights stay contiguous: DeepSpeed broadcasts them as flat bytes and
+    ZeRO keeps them as views of its flat buffers, neither of which takes another layout."""
+    if cfg.model.compile:
+        compile_blocks(model)
+
+
+def _mfu_scale(model: ElasticNet, cfg: Config, device: torch.device, world: int) -> float | None:
+    """Training FLOPs per image over the group's bf16 peak, where the card's peak is known."""
+    if device.type != "cuda":
+        return None
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device))
+    return training_flops_per_image(model, cfg.data.image_size) / (peak * world) if peak else None
+
+
 def _setup_process(cfg: Config, local_rank: int) -> torch.device:
     if cfg.scaling.use_gpu:
         device = torch.device("cuda", local_rank)
@@ -181,10 +200,10 @@ def _setup_process(cfg: Config, local_rank: int) -> torch.device:
 
 def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int, device: torch.device) -> WorkerData:
     from .data.integrity import read_metadata
-    from .data.loaders import BatchPreparer, calibration_batches, eval_loader, train_loader
+    from .data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format, train_loader
 
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-    preparer = BatchPreparer(cfg.data, device, dtype, cfg.run.seed, rank)
+    preparer = BatchPreparer(cfg.data, device, dtype, cfg.run.seed, rank, memory_format=memory_format(cfg.model))
     threads = cfg.data.num_workers or max(1, int(cfg.scaling.cpus_per_worker))
     micro_batch = engine.train_micro_batch_size_per_gpu()
     # Sharded by torch's DistributedSampler at every world size, one included: rank r reads every
@@ -403,7 +422,7 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
     """One epoch of training steps; returns the global step after it and the epoch's figures: mean
     loss, images per second, and the step's peak memory in MiB (GPU: the allocator's peak; CPU:
     activations saved for backward plus weights, gradients and momentum, measured on the epoch's
-    first step)."""
+    first step). Losses are read back to the host once per logging window, not every step."""
     cfg, engine, data = ctx.cfg, ctx.engine, ctx.data
     steps_per_epoch = len(data.train)
     total_steps = cfg.optimizer.epochs * steps_per_epoch
@@ -413,9 +432,10 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
         torch.cuda.reset_peak_memory_stats(ctx.device)
     measure_saved = ctx.device.type != "cuda"  # on GPU the allocator's peak is read after the epoch instead
     memory_bytes = None
-    sums: dict[str, float] = {}
-    window_steps, window_start = 0, time.perf_counter()
+    log_every = cfg.tracking.log_every_steps
+    window, window_start = StepWindow(first_step=step), time.perf_counter()
     epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+    mean_loss = None  # the epoch's mean loss so far, as of the last window read
     for images, labels in _with_fault(data.train, ctx.inputs.fault, ctx.rank, step):
         lr = lr_at(step, total_steps, steps_per_epoch, cfg.optimizer)
         set_lr(engine, lr)
@@ -427,31 +447,26 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
             memory_bytes, measure_saved = saved.total + _state_bytes(engine), False
         else:
             loss, parts, _ = engine(x, y, step)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            raise NonFiniteLossError(
-                f"loss became {loss_value} at global step {step} (epoch {epoch + 1}; {shown}); training stopped, the "
-                f"last good checkpoint is kept. Lower optimizer.lr or method.kl_weight and resume with the same "
-                f"run.name"
-            )
+        window.add(loss, parts)
         engine.backward(loss)
         engine.step()
         step += 1
-        window_steps += 1
-        epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
-        sums["loss"] = sums.get("loss", 0.0) + loss_value
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        ctx.progress.step(step, total_steps, epoch_loss / epoch_steps)
-        if ctx.tracker and step % cfg.tracking.log_every_steps == 0:
+        if step % log_every == 0:  # every rank: each checks its own losses
+            read = window.read(epoch)
             elapsed = time.perf_counter() - window_start
-            logged = {f"train/{k}": v / window_steps for k, v in sums.items()}
-            logged.update(
-                {"train/lr": lr, "train/images_per_s": window_steps * ctx.images_per_step / max(elapsed, 1e-9)}
-            )
-            ctx.tracker.log_metrics(logged, step)
-            sums, window_steps, window_start = {}, 0, time.perf_counter()
+            epoch_loss, epoch_steps = epoch_loss + read.loss_sum, epoch_steps + read.steps
+            mean_loss = epoch_loss / epoch_steps
+            if ctx.tracker:
+                images_per_s = read.steps * ctx.images_per_step / max(elapsed, 1e-9)
+                logged = {f"train/{k}": v for k, v in read.means.items()}
+                logged.update({"train/lr": lr, "train/images_per_s": images_per_s})
+                if ctx.mfu_scale:
+                    logged["train/mfu"] = images_per_s * ctx.mfu_scale
+                ctx.tracker.log_metrics(logged, step)
+            window_start = time.perf_counter()
+        ctx.progress.step(step, total_steps, mean_loss)
+    read = window.read(epoch)
+    epoch_loss, epoch_steps = epoch_loss + read.loss_sum, epoch_steps + read.steps
     if ctx.device.type == "cuda":
         memory_bytes = torch.cuda.max_memory_allocated(ctx.device)
     seconds = time.perf_counter() - epoch_start

@@ -116,6 +116,9 @@ def test_deepspeed_config_errors_name_the_problem(tmp_path):
         resolve_ds_config(load_config("demo_st", [f"deepspeed.config={with_optimizer}"]))
     with pytest.raises(ConfigError, match="enables bf16, which st-scale runs on GPUs only"):
         resolve_ds_config(load_config("demo_st", ["deepspeed.config=zero1_bf16.json"]))
+    both = ["deepspeed.config=zero1_autocast_bf16.json", "deepspeed.overrides={bf16.enabled: true}"]
+    with pytest.raises(ConfigError, match="enables both bf16 .* and torch_autocast .*: choose one"):
+        resolve_ds_config(load_config("demo_st", both))
     accumulation = _ds_file(tmp_path, {"gradient_accumulation_steps": 3})
     with pytest.raises(
         ConfigError,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import DataSection
+from ..config import DataSection, ModelSection
 from ..sampling import STREAM_AUGMENT, STREAM_CALIBRATION, step_rng
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -145,17 +145,36 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
-class BatchPreparer:
-    """uint8 NCHW -> normalised float (or bf16) on the device, with seeded CIFAR-size augmentation."""
+def memory_format(model: ModelSection) -> torch.memory_format:
+    """The batches' layout a recipe asks for (`model.channels_last`)."""
+    return torch.channels_last if model.channels_last else torch.contiguous_format
 
-    def __init__(self, data: DataSection, device: torch.device, dtype: torch.dtype, seed: int, rank: int):
+
+class BatchPreparer:
+    """uint8 NCHW -> normalised float (or bf16) on the device, with seeded CIFAR-size augmentation;
+    batches come out in `memory_format` (FFCV decodes channels_last: keeping it costs no copy)."""
+
+    def __init__(
+        self,
+        data: DataSection,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+        rank: int,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
         self.data, self.device, self.dtype, self.seed, self.rank = data, device, dtype, seed, rank
+        self.memory_format = memory_format
         self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255
 
+    def _finish(self, normalised: torch.Tensor) -> torch.Tensor:
+        """The training dtype and the recipe's layout: what every batch leaves the preparer as."""
+        return normalised.to(self.dtype).contiguous(memory_format=self.memory_format)
+
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float()
-        return ((images - self.mean) / self.std).to(self.dtype).contiguous()
+        return self._finish((images - self.mean) / self.std)
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         return self._normalise(images)
@@ -193,7 +212,7 @@ class BatchPreparer:
             alpha = torch.as_tensor(rng.normal(0, lighting, (n, 3)), dtype=torch.float32, device=self.device)
             shift = (alpha * PCA_EIGVAL.to(self.device)) @ PCA_EIGVEC.to(self.device).T  # n x 3
             x = x + shift[:, :, None, None]
-        return ((x * 255 - self.mean) / self.std).to(self.dtype).contiguous()
+        return self._finish((x * 255 - self.mean) / self.std)
 
     def _augment(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float()
@@ -211,7 +230,7 @@ class BatchPreparer:
         if self.data.flip:
             flip = torch.from_numpy(rng.random(n) < 0.5).to(self.device)[:, None, None, None]
             images = torch.where(flip, images.flip(-1), images)
-        return ((images - self.mean) / self.std).to(self.dtype).contiguous()
+        return self._finish((images - self.mean) / self.std)
 
     def eval_batches(self, loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in loader:

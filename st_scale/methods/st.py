@@ -28,6 +28,13 @@ class Options(Section):
     small_inputs: bool = Field(False, description="ST++: each sub-net sees a smaller resize of the batch")
     small_input_min_fraction: float = Field(0.43, gt=0, le=1)
     share_prefix: bool = Field(True, description="sub-nets reuse the main pass up to their first dropped block")
+    subnet_batch_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the sub-net passes see only the batch's first fraction of images (batches are shuffled): "
+        "a cheaper ST; the KL is averaged over those images",
+    )
 
     @field_validator("subnet_reduction")
     @classmethod
@@ -60,6 +67,7 @@ class StimulativeTraining(Objective):
         small_inputs: bool = False,
         small_input_min_fraction: float = 0.43,
         share_prefix: bool = True,
+        subnet_batch_fraction: float = 1.0,
         rank: int = 0,
     ):
         super().__init__()
@@ -79,7 +87,9 @@ class StimulativeTraining(Objective):
         self.num_subnets, self.subnet_reduction = num_subnets, subnet_reduction
         self.logit_norm, self.logit_norm_amplitude = logit_norm, logit_norm_amplitude
         self.small_inputs, self.small_input_min_fraction = small_inputs, small_input_min_fraction
+        _require(0 < subnet_batch_fraction <= 1, f"subnet_batch_fraction={subnet_batch_fraction}: must be in (0, 1]")
         self.share_prefix, self.rank = share_prefix, rank
+        self.subnet_batch_fraction = subnet_batch_fraction
 
     def _normalise(self, logits: torch.Tensor) -> torch.Tensor:
         """ST++ "KL-": a parameter-free layer norm over classes aligns only the logits' direction."""
@@ -104,6 +114,10 @@ class StimulativeTraining(Objective):
             return images
         return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
+    def subnet_batch(self, batch: int) -> int:
+        """How many of the batch's images the sub-net passes see: at least one."""
+        return max(1, round(self.subnet_batch_fraction * batch))
+
     @staticmethod
     def divergence(depths: Depths, full: Depths) -> int | None:
         """The first stage where a sub-net drops blocks; None for the full network."""
@@ -123,7 +137,10 @@ class StimulativeTraining(Objective):
         main_logits = model.run(images, model.plan_for_depths(None), on_block=record if wanted else None)
         main = self._normalise(main_logits)
         ce = F.cross_entropy(main, labels)
-        teacher = main.detach()
+        # A fraction of the batch: the leading images. Shared prefixes are the main pass's activations
+        # of those images (BatchNorm there normalised them with the whole batch's statistics).
+        n = self.subnet_batch(images.shape[0])
+        teacher, images = main.detach()[:n], images[:n]
 
         kls = []
         for k, depths in enumerate(subnets):
@@ -134,9 +151,9 @@ class StimulativeTraining(Objective):
             elif not shared:
                 sub_logits = model.run(images, plan)
             elif stage is None:
-                sub_logits = main_logits  # the full network drawn: the main pass is its pass
+                sub_logits = main_logits[:n]  # the full network drawn: the main pass is its pass
             else:
-                sub_logits = model.run_from_stage_output(taps[(stage, depths[stage] - 1)], stage, plan)
+                sub_logits = model.run_from_stage_output(taps[(stage, depths[stage] - 1)][:n], stage, plan)
             kls.append(distillation_kl(self._normalise(sub_logits), teacher, self.temperature))
         kl = torch.stack(kls).sum() if self.subnet_reduction == "sum" else torch.stack(kls).mean()
         loss = ce + self.kl_weight * kl
