@@ -58,6 +58,48 @@ def test_digits_splits_keep_every_image_with_its_label():
     assert got == expected
 
 
+def _bilinear_by_hand(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resizing with half-pixel centres (align_corners=False), written out in numpy."""
+
+    def axis(n_in):
+        src = np.maximum((np.arange(size) + 0.5) * n_in / size - 0.5, 0)
+        low = np.minimum(np.floor(src).astype(int), n_in - 1)
+        return low, np.minimum(low + 1, n_in - 1), src - low
+
+    r0, r1, wr = axis(image.shape[0])
+    c0, c1, wc = axis(image.shape[1])
+    top = image[r0][:, c0] * (1 - wc) + image[r0][:, c1] * wc
+    bottom = image[r1][:, c0] * (1 - wc) + image[r1][:, c1] * wc
+    return top * (1 - wr[:, None]) + bottom * wr[:, None]
+
+
+def test_digits_upscaled_to_32_px_are_the_bilinear_resize_of_each_source_image():
+    """Every (image, label) pair of the 32 px splits is sklearn's image resized bilinearly (half-pixel
+    centres), as RGB, with its own label; the split is the seeded one (seed 0 by default)."""
+    from sklearn.datasets import load_digits
+
+    from st_scale.data.digits import load_digits_splits
+
+    source = load_digits()
+    expected = sorted(
+        (np.round(np.clip(_bilinear_by_hand(image / 16, 32), 0, 1) * 255).astype(np.uint8).tobytes(), int(label))
+        for image, label in zip(source.images, source.target)
+    )
+    train, val = load_digits_splits()
+    assert train.images.shape[1:] == (32, 32, 3) and train.images.dtype == np.uint8
+    assert all((split.images[..., :1] == split.images).all() for split in (train, val))  # grey as RGB
+    got = sorted(
+        (image[..., 0].tobytes(), int(label))
+        for split in (train, val)
+        for image, label in zip(split.images, split.labels)
+    )
+    assert got == expected
+    assert np.array_equal(load_digits_splits(seed=0)[1].labels, val.labels)
+    assert not np.array_equal(load_digits_splits(seed=1)[1].labels, val.labels)
+    with pytest.raises(ValueError, match="image_size=7: digits are 8x8, choose 8 or more"):
+        load_digits_splits(image_size=7)
+
+
 def test_digits_files_hold_the_splits_pairs_in_order(digits_dir):
     from st_scale.data.digits import load_digits_splits
 
@@ -66,6 +108,8 @@ def test_digits_files_hold_the_splits_pairs_in_order(digits_dir):
         images, labels = _read_back(digits_dir / f"{name}.beton")
         assert np.array_equal(images, split.images.transpose(0, 3, 1, 2))
         assert np.array_equal(labels, split.labels)
+        meta = json.loads((digits_dir / f"{name}.beton.json").read_text())
+        assert (meta["source"], meta["num_classes"], meta["image_size"]) == ("sklearn.load_digits", 10, 32)
 
 
 def _copy(digits_dir, tmp_path):
@@ -400,6 +444,33 @@ def test_a_small_file_changed_in_place_with_its_mtime_kept_is_caught(tmp_path):
     _overwrite_keeping_mtime(path, 54_321)
     with pytest.raises(DatasetFileError, match="does not match its checksum"):
         verify_beton(path)
+
+
+def test_a_large_file_changed_with_a_new_mtime_is_checked_in_full(tmp_path, monkeypatch):
+    """A stamp is for the file as it was (size, mtime, digest): a change anywhere, even outside the
+    sampled blocks, that moves the mtime sends the file to the full check."""
+    from st_scale.data import integrity
+
+    monkeypatch.setattr(integrity, "FULL_CHECK_BYTES", 0)
+    monkeypatch.setattr(integrity, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(integrity, "SAMPLED_BLOCKS", 8)
+    path = _file_with_sidecars(tmp_path / "large.beton", 80_000)
+    verify_beton(path)
+    offsets = sorted(int(o) for o in json.loads((tmp_path / "large.beton.verified").read_text())["blocks"])
+    _overwrite_keeping_mtime(path, offsets[1] + 2000)  # outside every sampled block
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(DatasetFileError, match="does not match its checksum"):
+        verify_beton(path)
+
+
+def test_a_file_smaller_than_a_block_is_stamped_with_one_block(tmp_path, monkeypatch):
+    from st_scale.data import integrity
+
+    monkeypatch.setattr(integrity, "FULL_CHECK_BYTES", 0)
+    monkeypatch.setattr(integrity, "BLOCK_BYTES", 1000)
+    path = _file_with_sidecars(tmp_path / "tiny.beton", 700)
+    verify_beton(path)
+    assert list(json.loads((tmp_path / "tiny.beton.verified").read_text())["blocks"]) == ["0"]
 
 
 def test_a_large_file_is_rechecked_by_sampled_blocks_and_in_full_when_its_stamp_is_old(tmp_path, monkeypatch):

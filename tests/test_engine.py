@@ -18,14 +18,14 @@ from st_scale.engine import build_engine, parameter_groups, resolve_ds_config, s
 from st_scale.errors import ConfigError
 from st_scale.models import create_model
 from st_scale.schedule import lr_at
-from st_scale.train_loop import build_model_and_objective
+from st_scale.train_loop import build_model_and_objective, speed_up
 
 # One gloo process group for the whole session: DeepSpeed caches its groups, so a group torn down
 # and made again (a module fixture run twice when tests are selected out of order) breaks it.
 pytestmark = pytest.mark.usefixtures("gloo_process_group")
 
 
-def _engine(ds_config="cpu_fp32.json", method="st", workers=1):
+def _engine(ds_config="cpu_fp32.json", method="st", workers=1, implementation="fused", extra=()):
     cfg = load_config(
         "demo_st",
         [
@@ -34,11 +34,14 @@ def _engine(ds_config="cpu_fp32.json", method="st", workers=1):
             f"method.name={method}",
             "data.batch_size=16",
             "optimizer.lr=0.05",
+            f"optimizer.implementation={implementation}",
             "run.name=engine",
+            *extra,
         ],
     )
     torch.manual_seed(0)
     model, _, objective = build_model_and_objective(cfg)
+    speed_up(model, cfg)  # as a worker does
     return cfg, model, build_engine(model, objective, cfg, resolve_ds_config(cfg))
 
 
@@ -59,12 +62,26 @@ def _sgd_by_hand(params, grads, buffers, lr, opt, decays):
         params[i] = p - lr * step
 
 
-@pytest.mark.parametrize("ds_config", ["cpu_fp32.json", "cpu_zero1_fp32.json"])
-def test_engine_steps_equal_sgd_written_out(ds_config):
+@pytest.mark.parametrize(
+    "ds_config, implementation",
+    [
+        ("cpu_fp32.json", "fused"),
+        ("cpu_zero1_fp32.json", "fused"),
+        ("cpu_fp32.json", "foreach"),
+        ("cpu_zero1_fp32.json", "for_loop"),
+    ],
+)
+def test_engine_steps_equal_sgd_written_out(ds_config, implementation):
     """Three DeepSpeed steps of the CT objective move every weight exactly as SGD with Nesterov
-    momentum does, weight decay on conv and linear weights only, at the learning rate set."""
-    cfg, model, engine = _engine(ds_config, method="ct")
+    momentum does, weight decay on conv and linear weights only, at the learning rate set, whichever
+    of torch's SGD kernels runs it."""
+    cfg, model, engine = _engine(ds_config, method="ct", implementation=implementation)
     assert engine.zero_optimization_stage() == (1 if "zero1" in ds_config else 0)
+    sgd = engine.optimizer.optimizer if engine.zero_optimization_stage() else engine.optimizer
+    assert (bool(sgd.defaults["fused"]), bool(sgd.defaults["foreach"])) == (
+        implementation == "fused",
+        implementation == "foreach",
+    )
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach().clone() for p in model.parameters()]
     decays = [p.ndim > 1 for p in params]
@@ -86,6 +103,61 @@ def test_engine_steps_equal_sgd_written_out(ds_config):
         engine.step()
     for name, p, expected in zip(names, model.parameters(), params):
         assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-6), name
+
+
+def test_autocast_computes_in_bf16_and_keeps_weights_and_batchnorm_statistics_in_fp32():
+    """zero1_autocast_bf16.json: convolutions and the classifier run in bf16, parameters, BN running
+    statistics and the optimizer's weights stay fp32; the loss is fp32 training's within bf16 precision."""
+    cfg, model, engine = _engine("zero1_autocast_bf16.json", method="ct")
+    reference = create_model(model.name, 10).train()
+    reference.load_state_dict(model.state_dict())
+    seen = []
+    model.net.conv1.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    g = torch.Generator().manual_seed(2)
+    images, labels = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+    loss, _, logits = engine(images, labels, 0)
+    expected = torch.nn.functional.cross_entropy(reference(images), labels)
+    assert seen == [torch.bfloat16] and logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-2) and loss.item() != expected.item()
+    engine.backward(loss)
+    engine.step()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float32}
+    for name, buffer in model.named_buffers():  # one training forward: the same batch statistics
+        if name.endswith("running_mean"):
+            expected_mean = dict(reference.named_buffers())[name]
+            assert torch.allclose(buffer, expected_mean, rtol=5e-2, atol=5e-3), name
+    moved = [not torch.equal(p, r) for p, r in zip(model.parameters(), reference.parameters())]
+    assert all(moved)
+
+
+@pytest.mark.parametrize("ds_config", ["cpu_fp32.json", "cpu_zero1_fp32.json"])
+def test_a_channels_last_run_trains_through_deepspeed_like_an_nchw_run(ds_config):
+    """model.channels_last: the batches are NHWC from the preparer on and the convolutions run NHWC
+    inside the DeepSpeed engine (whose weights stay contiguous); the steps equal the NCHW run's."""
+    from st_scale.data.loaders import BatchPreparer, memory_format
+
+    raw = torch.randint(0, 256, (16, 16, 16, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    raw = raw.permute(0, 3, 1, 2)  # NCHW-shaped, NHWC in memory, as FFCV decodes
+    labels = torch.arange(16) % 10
+    losses = {}
+    for layout in ("false", "true"):
+        cfg, model, engine = _engine(ds_config, method="st", extra=[f"model.channels_last={layout}"])
+        layout_format = memory_format(cfg.model)
+        preparer = BatchPreparer(cfg.data, torch.device("cpu"), torch.float32, 0, 0, memory_format=layout_format)
+        seen: list[bool] = []
+
+        def record(module, inputs, output, seen=seen):
+            seen.append(output.is_contiguous(memory_format=torch.channels_last))
+
+        model.net.layer2[1].conv1.register_forward_hook(record)
+        losses[layout] = [_step(engine, step, preparer.train(raw, step), labels) for step in range(2)]
+        assert all(seen) == (layout == "true") and seen
+        assert all(p.is_contiguous() for p in model.parameters())
+    # The first step's loss to float precision; after an update the two layouts' different summation
+    # orders have moved the weights apart by rounding (measured up to 6e-5 of the loss).
+    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-5)
+    assert losses["true"][1] == pytest.approx(losses["false"][1], rel=1e-3)
 
 
 def test_auxiliary_heads_are_optimised_too():
@@ -187,6 +259,33 @@ def test_a_checkpoint_gives_back_its_run_info_and_weights(tmp_path):
     (folder / "COMMITTED.rank0").unlink()
     with pytest.raises(ConfigError, match=r"no commit marker from ranks \[0\] of the 2 that wrote it"):
         read_run(folder)
+
+
+def test_a_zero3_checkpoint_of_another_world_size_is_refused_naming_both(tmp_path):
+    """ZeRO-3 shards the parameters themselves: `load` refuses before touching the engine, naming the
+    number of workers that wrote the checkpoint and how to resume it."""
+    from types import SimpleNamespace
+
+    from st_scale.checkpoint import _commit_marker
+
+    for rank in range(2):
+        _commit_marker(tmp_path, rank).write_text(json.dumps({"world_size": 2}))
+    engine = SimpleNamespace(zero_optimization_stage=lambda: 3)
+    with pytest.raises(ConfigError, match="written by 2 workers under ZeRO-3.* for 1; .*scaling.num_workers=2"):
+        load_checkpoint(engine, tmp_path, rank=0, world_size=1)
+
+
+def test_weights_saved_in_bf16_are_read_back_as_fp32(tmp_path):
+    from st_scale.checkpoint import _MODEL_STATES, ENGINE_TAG, model_weights
+
+    (tmp_path / ENGINE_TAG).mkdir()
+    state = {"model.net.fc.weight": torch.randn(3, 4).bfloat16(), "model.net.bn1.num_batches_tracked": torch.tensor(7)}
+    torch.save({"module": state | {"objective.head.weight": torch.zeros(2)}}, tmp_path / ENGINE_TAG / _MODEL_STATES)
+    weights = model_weights(tmp_path)
+    assert set(weights) == {"net.fc.weight", "net.bn1.num_batches_tracked"}
+    assert weights["net.fc.weight"].dtype == torch.float32
+    assert torch.equal(weights["net.fc.weight"], state["model.net.fc.weight"].float())
+    assert weights["net.bn1.num_batches_tracked"].dtype == torch.int64
 
 
 def test_an_incomplete_checkpoint_is_refused(tmp_path):

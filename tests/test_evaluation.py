@@ -256,6 +256,14 @@ def test_destruction_tests_cover_every_droppable_block():
     assert {r.detail for r in by_test["delete_one"]} == {f"stage{s}.block{i}" for s in range(3) for i in (1, 2)}
     assert len(by_test["delete_k"]) == 3 * 2
     assert {r.detail for r in by_test["swap_adjacent"]} == {f"stage{s}.block1<->2" for s in range(3)}
+    intact = by_test["intact"][0]
+    assert (intact.damage, intact.detail) == (0, "")
+    assert {r.damage for r in by_test["delete_one"]} == {1}
+    assert [r.damage for r in by_test["delete_k"]] == [1, 1, 2, 2, 3, 3]
+    again = destruction_tests(model, val, val, max_deleted=3, trials=2)
+    assert [r.detail for r in again] == [r.detail for r in rows]  # seeded: the same random deletions
+    other = destruction_tests(model, val, val, max_deleted=3, trials=2, seed=1)
+    assert [r.detail for r in other if r.test == "delete_k"] != [r.detail for r in by_test["delete_k"]]
     summary = summarise_destruction(rows)
     assert summary["intact/0"] == evaluate_main(model, val, val).top1
     # Deleting block 2 of stage 0 is the sub-network (2, 3, 3).
@@ -316,3 +324,14 @@ def test_destruction_is_reported_with_and_without_reestimation():
     assert summary["eval/destruction/intact/0"] == evaluate_main(model, val, calibration).top1
     lines = destruction_csv(rows).splitlines()
     assert lines[0] == "test,damage,detail,statistics,top1" and len(lines) == len(rows) + 1
+
+
+def test_bn_reestimation_and_the_tree_walk_record_no_autograd_graph():
+    """Both run under no_grad: a calibration pass that kept the graph would hold every activation."""
+    model = create_model("cifar_resnet20", 10)
+    seen = []
+    model.net.layer3[2].register_forward_hook(lambda module, inputs, output: seen.append(output.requires_grad))
+    batches = random_batches(2, 8, 16)
+    recalibrate_bn(model, model.plan_for_depths(None), batches)
+    evaluate_subnets(model, [(3, 3, 3)], batches, batches)
+    assert seen and not any(seen)

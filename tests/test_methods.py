@@ -15,7 +15,7 @@ from st_scale.methods import (
     distillation_kl,
 )
 from st_scale.models import create_model
-from st_scale.sampling import SubnetSampler, SubnetSpace, step_rng
+from st_scale.sampling import STREAM_STOCHASTIC_DEPTH, SubnetSampler, SubnetSpace, step_rng
 
 
 def _setup(name="cifar_resnet20", size=16, batch=8):
@@ -205,6 +205,8 @@ def test_st_learns_a_batch():
         ({"temperature": -2.0}, "temperature=-2.0: must be > 0"),
         ({"num_subnets": 0}, r"num_subnets=0: must be >= 1"),
         ({"subnet_reduction": "max"}, "subnet_reduction='max': choose one of"),
+        ({"subnet_batch_fraction": 0.0}, r"subnet_batch_fraction=0.0: must be in \(0, 1\]"),
+        ({"subnet_batch_fraction": 1.5}, r"subnet_batch_fraction=1.5: must be in \(0, 1\]"),
     ],
 )
 def test_bad_st_options_are_named(options, message):
@@ -349,6 +351,47 @@ def test_st_loss_and_gradients_equal_the_formula(options):
         _assert_same_grads(grads, _reference_grads(loss, reference_model, objective), _names(model, objective))
 
 
+def _continue_by_hand(net, x, depths, stage):
+    """The CIFAR ResNet `net` from stage `stage`'s output on: stages after it, their first d blocks."""
+    for later in range(stage + 1, len(depths)):
+        layer = getattr(net, f"layer{later + 1}")
+        for index in range(depths[later]):
+            x = _block_by_hand(layer[index], x)
+    return net.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared", "unshared"])
+def test_st_on_a_fraction_of_the_batch_equals_the_formula(share_prefix):
+    """subnet_batch_fraction f: the KL is averaged over the batch's first round(f x batch) images only.
+    Shared, a sub-network continues from the main pass's activations of those images where it
+    diverges (normalised with the whole batch); unshared, it runs on those images from the stem."""
+    model, images, labels = _setup(size=8, batch=10)
+    objective = _st(model, seed=6, kl_weight=0.9, num_subnets=3, subnet_batch_fraction=0.4, share_prefix=share_prefix)
+    assert objective.subnet_batch(10) == 4 and objective.subnet_batch(2) == 1
+    reference_model = _plain_copy(model)
+    stages = set()
+    for step in (0, 3):
+        subnets = objective.sampler.sample_many(step, 3)
+        out, grads = _loss_and_grads(objective, model, images, labels, step)
+        features = {}
+        main = _forward_by_hand(reference_model.net, images, [range(n) for n in model.full_depths], features=features)
+        kls = []
+        for depths in subnets:
+            stage = StimulativeTraining.divergence(depths, model.full_depths)
+            stages.add(stage)
+            if not share_prefix:
+                sub = _depths_by_hand(reference_model.net, images[:4], depths)
+            elif stage is None:
+                sub = main[:4]
+            else:
+                sub = _continue_by_hand(reference_model.net, features[(stage, depths[stage] - 1)][:4], depths, stage)
+            kls.append(_kl_by_hand(sub, main.detach()[:4], 1.0))
+        loss = _ce_by_hand(main, labels) + 0.9 * sum(kls)
+        assert torch.allclose(out.loss, loss, rtol=1e-5, atol=1e-6)
+        _assert_same_grads(grads, _reference_grads(loss, reference_model, objective), _names(model, objective))
+    assert len(stages - {None}) >= 2  # continuations from more than one stage were checked
+
+
 def test_st_kl_term_reaches_exactly_the_subnetworks_parameters():
     """The main net's logits are the KL's detached target: the KL's gradient reaches the blocks the
     sub-network runs and no other; blocks the sub-network drops learn from the CE alone."""
@@ -432,11 +475,57 @@ def test_auxiliary_objectives_equal_the_formula(method, alpha, temperature):
     features = {}
     main = _forward_by_hand(reference_model.net, images, [range(d) for d in n], features=features)
     heads = [head(features[p]) for head, p in zip(reference_objective.heads, positions, strict=True)]
-    loss = _ce_by_hand(main, labels) + (1 - alpha) * sum(_ce_by_hand(h, labels) for h in heads)
+    aux_ce = sum(_ce_by_hand(h, labels) for h in heads)
+    loss = _ce_by_hand(main, labels) + (1 - alpha) * aux_ce
+    expected_parts = {"ce": _ce_by_hand(main, labels), "aux_ce": aux_ce}
     if alpha:
-        loss = loss + alpha * sum(_kl_by_hand(h, main.detach(), temperature) for h in heads)
+        aux_kl = sum(_kl_by_hand(h, main.detach(), temperature) for h in heads)
+        loss = loss + alpha * aux_kl
+        expected_parts["aux_kl"] = aux_kl
     assert torch.allclose(out.loss, loss, rtol=1e-5, atol=1e-6)
+    assert out.parts.keys() == expected_parts.keys()
+    for name, value in expected_parts.items():
+        assert torch.allclose(out.parts[name], value, rtol=1e-5, atol=1e-6), name
     _assert_same_grads(grads, _reference_grads(loss, reference_model, reference_objective), _names(model, objective))
+
+
+def test_stochastic_depth_draws_its_own_seeded_stream():
+    """Block i of stage s is kept when its uniform draw from the (seed, step, stochastic-depth) stream
+    is below its survival probability; the seed defaults to 0, as the run's does."""
+    model = create_model("cifar_resnet20", 10)
+    objective = StochasticDepth(model, final_survival=0.5, seed=4)
+    for step in (0, 7):
+        rng = step_rng(4, step, stream=STREAM_STOCHASTIC_DEPTH)
+        expected = []
+        for stage, size in enumerate(model.stage_sizes):
+            draws = rng.random(size)
+            expected.append((0,) + tuple(i for i in range(1, size) if draws[i] < objective.survival[(stage, i)]))
+        assert objective.sample_plan(model, step) == tuple(expected)
+    default, seeded = StochasticDepth(model), StochasticDepth(model, seed=0)
+    assert [default.sample_plan(model, s) for s in range(20)] == [seeded.sample_plan(model, s) for s in range(20)]
+    built = build_objective("stochastic_depth", model)  # the run's seed, 0 unless given
+    assert [built.sample_plan(model, s) for s in range(20)] == [seeded.sample_plan(model, s) for s in range(20)]
+
+
+@pytest.mark.parametrize("survival", [0.0, -0.5, 1.5])
+def test_a_final_survival_outside_0_1_is_refused(survival):
+    model = create_model("cifar_resnet20", 10)
+    with pytest.raises(ValueError, match=rf"final_survival={survival}: must be in \(0, 1\]"):
+        StochasticDepth(model, final_survival=survival)
+
+
+def test_a_final_survival_of_one_keeps_every_block():
+    model = create_model("cifar_resnet20", 10)
+    objective = StochasticDepth(model, final_survival=1.0)
+    assert all(objective.sample_plan(model, s) == model.plan_for_depths(None) for s in range(10))
+
+
+def test_st_is_built_for_its_rank():
+    model = create_model("cifar_resnet20", 10)
+    sampler = SubnetSampler(SubnetSpace.full(model.stage_sizes), seed=0, per_rank=True)
+    objective = build_objective("st", model, sampler, rank=3)
+    assert objective.rank == 3
+    assert objective.sampler.sample_many(5, 2, rank=3) != objective.sampler.sample_many(5, 2, rank=0)
 
 
 def test_ct_gradients_equal_the_cross_entropy_of_the_full_network():

@@ -135,6 +135,35 @@ def test_fixed_seed_subset_for_huge_spaces():
     assert SubnetSpace.full((2, 2)).sample_subset(100, seed=0) == list(SubnetSpace.full((2, 2)))
 
 
+def test_subsets_are_distinct_members_of_any_size_from_one_to_the_whole_space():
+    space = SubnetSpace.full((9, 9, 9))
+    nearly_all = space.sample_subset(700, seed=3)  # drawn with replacement, duplicates would be certain
+    assert len(set(nearly_all)) == 700 and nearly_all == sorted(nearly_all)
+    one = space.sample_subset(1, seed=3)
+    assert len(one) == 1 and one[0] in space
+    with pytest.raises(ValueError, match="sample size 0: must be >= 1"):
+        space.sample_subset(0, seed=3)
+
+
+def test_membership_needs_one_depth_per_stage_within_bounds():
+    space = SubnetSpace.full((3, 3, 3))
+    assert (1, 2, 3) in space and [3, 3, 3] in space
+    for outside in ((1, 1), (1, 1, 1, 1), [2, 2], (0, 1, 1), (1, 1, 4), 5, "abc"):
+        assert outside not in space, outside
+
+
+def test_restricted_spaces_drop_up_to_all_but_the_first_block():
+    assert set(SubnetSpace.restricted((3, 4), (2, 3))) == set(SubnetSpace.full((3, 4)))
+    with pytest.raises(ValueError, match=r"max_dropped \[0\] needs one entry per stage \(2\)"):
+        SubnetSpace.restricted((3, 4), (0,))
+
+
+def test_sample_many_draws_for_rank_0_unless_told():
+    sampler = SubnetSampler(SubnetSpace.full((9, 9, 9)), seed=2, per_rank=True)
+    assert all(sampler.sample_many(s, 3) == sampler.sample_many(s, 3, rank=0) for s in range(20))
+    assert any(sampler.sample_many(s, 3) != sampler.sample_many(s, 3, rank=1) for s in range(20))
+
+
 def test_step_rng_rejects_negative_fields():
     with pytest.raises(ValueError, match="step=-1: must be >= 0"):
         step_rng(0, -1)
