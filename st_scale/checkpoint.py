@@ -5,6 +5,7 @@
       checkpoint/              DeepSpeed's engine state: model, optimizer (sharded under ZeRO) and
                                st-scale's client state (epoch, step, MLflow run id, last metrics)
       rng.rank<r>.pt           each rank's torch / numpy / python (and CUDA) RNG state
+      ema.pt                   the weights' moving average, fp32 (rank 0; runs with optimizer.ema_decay)
       COMMITTED.rank<r>        written last by each rank, naming the number of ranks that wrote the
                                folder: a folder without every one of their markers is incomplete
 
@@ -32,6 +33,7 @@ from .storage import Location, resolve
 
 ENGINE_TAG = "checkpoint"  # DeepSpeed's tag: the sub-folder of the engine state
 RUN_FILE = "st_scale_config.json"
+EMA_FILE = "ema.pt"
 # DeepSpeed's file of the (unsharded) module weights inside the tag folder, under ZeRO 0-2.
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -80,14 +82,23 @@ class RunInfo:
 
 
 def save(
-    engine, directory: Path, rank: int, world_size: int, client_state: dict, run_info: RunInfo | None = None
+    engine,
+    directory: Path,
+    rank: int,
+    world_size: int,
+    client_state: dict,
+    run_info: RunInfo | None = None,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Every rank of the `world_size` that write the checkpoint calls this. Rank 0 writes the run info
-    first; each rank then writes its engine shard, its RNG state and, last, its commit marker."""
+    (and the weights' average) first; each rank then writes its engine shard, its RNG state and, last,
+    its commit marker."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if run_info is not None:
         (directory / RUN_FILE).write_text(json.dumps(run_info.__dict__, indent=1))
+    if ema_state is not None:
+        torch.save(ema_state, directory / EMA_FILE)
     engine.save_checkpoint(str(directory), tag=ENGINE_TAG, client_state=client_state)
     torch.save(rng_state(), _rng_file(directory, rank))
     _commit_marker(directory, rank).write_text(
@@ -168,6 +179,12 @@ def load(engine, directory: Path, rank: int, world_size: int) -> dict:
     if rank < written_by:
         set_rng_state(torch.load(_rng_file(directory, rank), weights_only=False))
     return client_state
+
+
+def read_ema(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The weights' moving average a checkpoint holds (None: the run kept none)."""
+    path = Path(directory) / EMA_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 def _zero_shards(directory: Path, written_by: int) -> list[dict]:
@@ -263,14 +280,16 @@ def read_run(directory: Path | Location) -> RunInfo:
 
 
 def local_weights(directory: Path | Location, into: Path) -> Path:
-    """A local folder with what `read_run` and `module_state` read (run info, commit markers, module
-    weights): the checkpoint folder itself when it is local; from an object store, a copy of those
-    files in `into` (the optimizer shards are not needed to evaluate or export the weights)."""
+    """A local folder with what `read_run`, `module_state` and `read_ema` read (run info, commit
+    markers, module weights, the weights' average): the checkpoint folder itself when it is local;
+    from an object store, a copy of those files in `into` (the optimizer shards are not needed to
+    evaluate or export the weights)."""
     directory = resolve(directory)
     read_run(directory)  # a complete st-scale checkpoint, before anything is copied
     if not directory.remote:
         return Path(directory.path)
-    wanted = [RUN_FILE, *(m.name for m in directory.children(f"{_MARKER_PREFIX}*")), f"{ENGINE_TAG}/{_MODEL_STATES}"]
+    markers = [m.name for m in directory.children(f"{_MARKER_PREFIX}*")]
+    wanted = [RUN_FILE, *markers, f"{ENGINE_TAG}/{_MODEL_STATES}", EMA_FILE]
     return directory.download([name for name in wanted if (directory / name).is_file()], into)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from . import checkpoint
 from .config import Config
+from .ema import weights_applied
 from .errors import ConfigError
 from .evaluation import Batch
 from .models import ElasticNet
@@ -32,6 +33,7 @@ class TrainedCheckpoint:
     space: SubnetSpace
     val: list[Batch]
     calibration: list[Batch] | None
+    ema: dict[str, torch.Tensor] | None = None  # the weights' moving average, if the run kept one
 
     def tracker(self):
         """The training run's own MLflow run, reopened."""
@@ -76,6 +78,7 @@ def open_checkpoint(
                 ) from None
         model, space, _ = build_model_and_objective(cfg)
         checkpoint.load_weights(weights, model)
+        ema = checkpoint.read_ema(weights)
     model.eval()
     device = torch.device("cpu")
     threads = torch.get_num_threads()
@@ -96,7 +99,7 @@ def open_checkpoint(
             eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=threads, device=device)
         )
     ]
-    return TrainedCheckpoint(location, info, cfg, model, space, val, calibration)
+    return TrainedCheckpoint(location, info, cfg, model, space, val, calibration, ema)
 
 
 def evaluate_checkpoint(
@@ -137,6 +140,9 @@ def evaluate_checkpoint(
         **main_metrics(model, lambda: val, calibration, device, prefix="eval", shared_stats=cfg.eval.shared_stats),
         **subnet_metrics("eval", reports),
     }
+    if trained.ema is not None and calibration is not None:  # the average needs BN statistics of its own
+        with weights_applied(model, trained.ema):
+            metrics.update(main_metrics(model, lambda: val, calibration, device, prefix="eval/ema", shared_stats=False))
     tracker = trained.tracker()
     title = f"{cfg.method.name} {cfg.model.name}"
     log_subnet_reports(
@@ -154,8 +160,9 @@ def evaluate_checkpoint(
     tracker.log_metrics(metrics, step=info.step)
     tracker.finish("FINISHED")
     s = reports[""].stats
+    average = f" (EMA {metrics['eval/ema/main_top1']:.2f})" if "eval/ema/main_top1" in metrics else ""
     print(
-        f"{title}, epoch {info.epoch}: main top-1 {metrics['eval/main_top1']:.2f}, "
+        f"{title}, epoch {info.epoch}: main top-1 {metrics['eval/main_top1']:.2f}{average}, "
         f"{int(s['num_subnets'])} sub-nets {s['mean_top1']:.2f} ± {s['std_top1']:.2f} (min {s['min_top1']:.2f}); "
         f"logged to MLflow run {info.mlflow_run_id}"
     )

@@ -48,6 +48,24 @@ class ModelSection(Section):
         return one_of("model", name, MODEL_NAMES)
 
 
+class ProgressiveResizing(Section):
+    """ffcv-imagenet's resolution schedule: low-resolution crops early (cheap steps), rising linearly to
+    data.image_size. Epochs count from 1, as logged."""
+
+    min_size: int = Field(ge=8, description="training resolution up to start_epoch")
+    start_epoch: int = Field(ge=0, description="the last epoch at min_size")
+    end_epoch: int = Field(ge=1, description="the first epoch at data.image_size")
+    multiple: int = Field(32, ge=1, description="sizes between the two are rounded to a multiple of this")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProgressiveResizing:
+        if self.end_epoch <= self.start_epoch:
+            raise ValueError(
+                f"data.progressive_resizing.end_epoch={self.end_epoch} must come after start_epoch={self.start_epoch}"
+            )
+        return self
+
+
 class DataSection(Section):
     train: str = Field(description="training .beton file")
     val: str = Field(description="validation .beton file")
@@ -73,6 +91,11 @@ class DataSection(Section):
     calibration_images: int = Field(
         512, ge=1, description="training images for BN re-estimation (a seeded random sample)"
     )
+    progressive_resizing: ProgressiveResizing | None = Field(
+        None,
+        description="imagenet: train at a resolution rising from min_size to image_size over the epochs "
+        "(BN re-estimation and evaluation stay at their own sizes)",
+    )
     calibration_protocol: Literal["eval", "train"] = Field(
         "eval",
         description="BN re-estimation images: eval = un-augmented, evaluation transform; train = the training "
@@ -83,13 +106,30 @@ class DataSection(Section):
     def _pipeline_fields(self) -> DataSection:
         if self.pipeline == "cifar":
             defaults = type(self).model_fields
-            for name in ("color_jitter", "pca_lighting", "val_image_size", "val_crop_ratio"):
+            for name in ("color_jitter", "pca_lighting", "val_image_size", "val_crop_ratio", "progressive_resizing"):
                 if getattr(self, name) != defaults[name].default:
                     raise ValueError(
                         f"data.{name}={getattr(self, name)} applies to the imagenet pipeline only; "
                         f"remove it or set data.pipeline=imagenet"
                     )
+        ramp = self.progressive_resizing
+        if ramp is not None and ramp.min_size >= self.image_size:
+            raise ValueError(
+                f"data.progressive_resizing.min_size={ramp.min_size} must be below data.image_size={self.image_size}, "
+                f"the resolution the ramp ends at"
+            )
         return self
+
+    def train_image_size(self, epoch: int) -> int:
+        """The training resolution of 0-based `epoch` (ffcv-imagenet's schedule, in epochs counted from 1)."""
+        ramp = self.progressive_resizing
+        if ramp is None or epoch + 1 >= ramp.end_epoch:
+            return self.image_size
+        if epoch + 1 <= ramp.start_epoch:
+            return ramp.min_size
+        fraction = (epoch + 1 - ramp.start_epoch) / (ramp.end_epoch - ramp.start_epoch)
+        size = ramp.min_size + fraction * (self.image_size - ramp.min_size)
+        return min(max(int(round(size / ramp.multiple)) * ramp.multiple, ramp.min_size), self.image_size)
 
 
 class SamplingSection(Section):
@@ -116,6 +156,13 @@ class OptimizerSection(Section):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = Field(False, description="apply weight decay to BN/bias parameters too")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the weights (ema <- d * ema + (1 - d) * w after each "
+        "optimizer step), evaluated every epoch like the main net on its own re-estimated BN statistics (val/ema/*)",
+    )
     implementation: Literal["fused", "foreach", "for_loop"] = Field(
         "fused",
         description="torch's SGD kernels: fused (one kernel updates every parameter), foreach (one op per "
@@ -261,6 +308,17 @@ class Config(Section):
                 + (f" ({', '.join(map(str, misfits))} workers)" if self.scaling.elastic else "")
                 + "; the global batch is kept whatever the number of workers (a resumed or elastic run included): "
                 "choose worker counts that divide it, or a global batch size that is a multiple of each"
+            )
+        if self.optimizer.ema_decay and not self.eval.recalibrate:
+            raise ValueError(
+                f"optimizer.ema_decay={self.optimizer.ema_decay} needs eval.recalibrate=true: the averaged weights "
+                f"have no BN statistics of their own until they are re-estimated for them"
+            )
+        ramp = self.data.progressive_resizing
+        if ramp is not None and ramp.end_epoch > self.optimizer.epochs:
+            raise ValueError(
+                f"data.progressive_resizing.end_epoch={ramp.end_epoch} is after the last epoch (optimizer.epochs="
+                f"{self.optimizer.epochs}): training would never reach data.image_size; end the ramp by then"
             )
         return self
 

@@ -64,14 +64,16 @@ def format_duration(seconds: float) -> str:
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int, seconds_left: float | None) -> str:
-    """One epoch as a person reads it: loss, main top-1, sub-network mean ± std (epochs that evaluated
-    them), throughput, the epoch's time and the time left."""
+    """One epoch as a person reads it: loss, main top-1 (and the weights' average's), sub-network
+    mean ± std (epochs that evaluated them), throughput, the epoch's time and the time left."""
     epoch = int(metrics["epoch"])
     parts = [f"epoch {epoch:>{len(str(epochs))}}/{epochs}"]
     if "train/epoch_loss" in metrics:
         parts.append(f"loss {metrics['train/epoch_loss']:.4f}")
     if "val/main_top1" in metrics:
         parts.append(f"main top-1 {metrics['val/main_top1']:.2f}%")
+    if "val/ema/main_top1" in metrics:
+        parts.append(f"EMA {metrics['val/ema/main_top1']:.2f}%")
     if "val/subnets_mean_top1" in metrics:
         parts.append(
             f"sub-nets {metrics['val/subnets_mean_top1']:.2f} ± {metrics['val/subnets_std_top1']:.2f}% "

@@ -18,6 +18,7 @@ from . import checkpoint
 from .config import Config
 from .console import ProgressPoster, quiet_logs
 from .distributed import barrier
+from .ema import WeightEma
 from .engine import batch_sizes, build_engine, set_lr
 from .eval_pass import (
     calibration_suffix,
@@ -91,6 +92,7 @@ class ResumeState:
     step: int = 0
     run_id: str | None = None
     metrics: dict = field(default_factory=dict)
+    ema_state: dict | None = None  # the weights' moving average, if the checkpoint holds one
 
 
 @dataclass
@@ -107,7 +109,9 @@ class WorkerContext:
     data: WorkerData
     subnets: list
     images_per_step: int  # micro-batch x workers: what one loader step consumes across the group
-    mfu_scale: float | None = None  # the group's images/s times this is MFU (GPUs of a known peak only)
+    # {training resolution: the factor that turns the group's images/s into MFU} (GPUs of a known peak only)
+    mfu_scales: dict[int, float] = field(default_factory=dict)
+    ema: WeightEma | None = None  # optimizer.ema_decay: the weights' moving average
     run_id: str | None = None
     tracker: Any = None  # RunTracker on rank 0, None elsewhere
     progress: ProgressPoster = field(default_factory=lambda: ProgressPoster(None))  # rank 0 posts to the console
@@ -124,7 +128,7 @@ def train_worker(loop_config: dict) -> None:
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     device = _setup_process(cfg, train_ctx.get_local_rank())
     model, space, objective = build_model_and_objective(cfg, rank)
-    mfu_scale = _mfu_scale(model, cfg, device, world)  # on the plain CPU model, before compiling and moving it
+    mfu_scales = _mfu_scales(model, cfg, device, world)  # on the plain CPU model, before compiling and moving it
     speed_up(model, cfg)
     # The group's size may differ from the recipe's maximum (an elastic run): the global batch does not.
     ds_config = inputs.ds_config | batch_sizes(
@@ -133,6 +137,11 @@ def train_worker(loop_config: dict) -> None:
     engine = build_engine(model, objective, cfg, ds_config)
     data = _setup_data(cfg, inputs, engine, rank, world, device)
     resumed = _resume(engine, cfg, rank, world)
+    ema = None
+    if cfg.optimizer.ema_decay:  # from the trained weights, or the average the checkpoint kept
+        ema = WeightEma(model, cfg.optimizer.ema_decay)
+        if resumed.ema_state is not None:
+            ema.load_state_dict(resumed.ema_state)
     ctx = WorkerContext(
         cfg=cfg,
         inputs=inputs,
@@ -144,7 +153,8 @@ def train_worker(loop_config: dict) -> None:
         data=data,
         subnets=space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed),
         images_per_step=engine.train_micro_batch_size_per_gpu() * world,
-        mfu_scale=mfu_scale,
+        mfu_scales=mfu_scales,
+        ema=ema,
         run_id=resumed.run_id,
     )
     if rank == 0:
@@ -178,12 +188,14 @@ def speed_up(model: ElasticNet, cfg: Config) -> None:
         compile_blocks(model)
 
 
-def _mfu_scale(model: ElasticNet, cfg: Config, device: torch.device, world: int) -> float | None:
-    """Training FLOPs per image over the group's bf16 peak, where the card's peak is known."""
-    if device.type != "cuda":
-        return None
-    peak = peak_bf16_flops(torch.cuda.get_device_name(device))
-    return training_flops_per_image(model, cfg.data.image_size) / (peak * world) if peak else None
+def _mfu_scales(model: ElasticNet, cfg: Config, device: torch.device, world: int) -> dict[int, float]:
+    """Training FLOPs per image over the group's bf16 peak, for each resolution the run trains at,
+    where the card's peak is known."""
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if not peak:
+        return {}
+    sizes = {cfg.data.train_image_size(epoch) for epoch in range(cfg.optimizer.epochs)}
+    return {size: training_flops_per_image(model, size) / (peak * world) for size in sorted(sizes)}
 
 
 def _setup_process(cfg: Config, local_rank: int) -> torch.device:
@@ -246,7 +258,8 @@ def _resume(engine, cfg: Config, rank: int, world: int) -> ResumeState:
                 lambda: found.to_directory(directory), "reading the checkpoint to resume from", cfg.run.storage_retry_s
             )
         state = checkpoint.load(engine, Path(local), rank, world)
-    return ResumeState(state["epoch"], state["step"], state["mlflow_run_id"], state["metrics"])
+        ema_state = checkpoint.read_ema(Path(local))
+    return ResumeState(state["epoch"], state["step"], state["mlflow_run_id"], state["metrics"], ema_state)
 
 
 def _open_tracker(cfg: Config, inputs: WorkerInputs, run_id: str | None):
@@ -320,6 +333,17 @@ def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
         prefix="val",
         shared_stats=cfg.eval.shared_stats,
     )
+    if ctx.ema is not None:  # the averaged weights, on BN statistics re-estimated for them
+        with ctx.ema.applied(model):
+            averaged = main_metrics(
+                model,
+                lambda: data.preparer.eval_batches(data.val_shard),
+                data.calibration,
+                ctx.device,
+                prefix="val/ema",
+                shared_stats=False,
+            )
+        metrics.update(averaged)
     every = cfg.eval.subnets_every
     if final or (every and (epoch + 1) % every == 0):
         reports = subnet_reports(
@@ -386,7 +410,8 @@ def _checkpoint(ctx: WorkerContext, epoch: int, step: int, metrics: dict) -> Non
             experiment_id=ctx.inputs.experiment_id,
         )
     with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
-        checkpoint.save(ctx.engine, Path(directory), ctx.rank, ctx.world, client_state, run_info)
+        ema_state = ctx.ema.state_dict() if ctx.ema is not None and ctx.rank == 0 else None
+        checkpoint.save(ctx.engine, Path(directory), ctx.rank, ctx.world, client_state, run_info, ema_state)
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(directory),
@@ -426,7 +451,8 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
     cfg, engine, data = ctx.cfg, ctx.engine, ctx.data
     steps_per_epoch = len(data.train)
     total_steps = cfg.optimizer.epochs * steps_per_epoch
-    data.train.next_epoch = epoch  # FFCV's shuffle order is a function of (seed, epoch): resume continues it
+    image_size = data.train.set_epoch(epoch)
+    mfu_scale = ctx.mfu_scales.get(image_size)
     engine.module.train()
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -449,7 +475,10 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
             loss, parts, _ = engine(x, y, step)
         window.add(loss, parts)
         engine.backward(loss)
+        updates = engine.global_steps
         engine.step()
+        if ctx.ema is not None and engine.global_steps != updates:  # the weights moved (not mid-accumulation)
+            ctx.ema.update(ctx.model)
         step += 1
         if step % log_every == 0:  # every rank: each checks its own losses
             read = window.read(epoch)
@@ -460,8 +489,8 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
                 images_per_s = read.steps * ctx.images_per_step / max(elapsed, 1e-9)
                 logged = {f"train/{k}": v for k, v in read.means.items()}
                 logged.update({"train/lr": lr, "train/images_per_s": images_per_s})
-                if ctx.mfu_scale:
-                    logged["train/mfu"] = images_per_s * ctx.mfu_scale
+                if mfu_scale:
+                    logged["train/mfu"] = images_per_s * mfu_scale
                 ctx.tracker.log_metrics(logged, step)
             window_start = time.perf_counter()
         ctx.progress.step(step, total_steps, mean_loss)
@@ -474,6 +503,7 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
         "train/peak_memory_mib": (memory_bytes or 0) / 2**20,
         "train/epoch_loss": epoch_loss / max(epoch_steps, 1),  # this rank's; ranks differ only by their shards
         "train/epoch_images_per_s": epoch_steps * ctx.images_per_step / max(seconds, 1e-9),
+        "train/image_size": image_size,
     }
 
 

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from st_scale.config import load_config, recipe_names
@@ -63,6 +64,8 @@ def test_overrides_parse_yaml_values():
         ),
         (["sampling.space=restricted"], "space 'restricted' needs max_dropped"),
         (["bogus.key=1"], "bogus: unknown key"),
+        (["optimizer.ema_decay=0.99", "eval.recalibrate=false"], "optimizer.ema_decay=0.99 needs eval.recalibrate"),
+        (["optimizer.ema_decay=1"], "optimizer.ema_decay: Input should be less than 1"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
@@ -157,3 +160,59 @@ def test_an_elastic_group_keeps_the_global_batch_on_every_number_of_workers():
     assert batch_sizes(48, 2, 3)["train_micro_batch_size_per_gpu"] == 8
     with pytest.raises(ConfigError, match="data.batch_size=48 is not divisible by scaling.num_workers=5"):
         batch_sizes(48, 5, 1)
+
+
+def _ffcv_imagenet_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
+    """ffcv-imagenet's get_resolution (0-based epochs), as its training script defines it."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])
+    return int(np.round(interp[0] / 32)) * 32
+
+
+def test_progressive_resizing_follows_ffcv_imagenets_schedule():
+    """ffcv-imagenet's 88-epoch rn50 recipe: 160 px to (0-based) epoch 65, 192 from epoch 76 on."""
+    cfg = load_config(
+        "imagenet_resnet50_st",
+        [
+            "optimizer.epochs=88",
+            "data.image_size=192",
+            "data.progressive_resizing={min_size: 160, start_epoch: 66, end_epoch: 77}",
+        ],
+    )
+    sizes = [cfg.data.train_image_size(e) for e in range(88)]
+    assert sizes == [_ffcv_imagenet_resolution(e, 160, 192, 76, 65) for e in range(88)]
+    assert sizes[65] == 160 and sizes[76] == 192 and len(set(sizes)) == 2
+    wide = load_config(
+        "imagenet_resnet50_st",
+        ["optimizer.epochs=40", "data.progressive_resizing={min_size: 128, start_epoch: 10, end_epoch: 30}"],
+    )
+    sizes = [wide.data.train_image_size(e) for e in range(40)]
+    assert sizes == [_ffcv_imagenet_resolution(e, 128, 224, 29, 9) for e in range(40)]
+    assert sorted(set(sizes)) == [128, 160, 192, 224] and sizes == sorted(sizes)
+    assert load_config("imagenet_resnet50_st").data.train_image_size(5) == 224  # off: the recipe's size
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.progressive_resizing={min_size: 16, start_epoch: 1, end_epoch: 2}"], "applies to the imagenet"),
+        (
+            ["data.pipeline=imagenet", "data.progressive_resizing={min_size: 32, start_epoch: 1, end_epoch: 2}"],
+            "min_size=32 must be below data.image_size=32",
+        ),
+        (
+            ["data.pipeline=imagenet", "data.progressive_resizing={min_size: 16, start_epoch: 2, end_epoch: 2}"],
+            "end_epoch=2 must come after start_epoch=2",
+        ),
+        (
+            ["data.pipeline=imagenet", "data.progressive_resizing={min_size: 16, start_epoch: 1, end_epoch: 99}"],
+            r"end_epoch=99 is after the last epoch \(optimizer.epochs=",
+        ),
+    ],
+)
+def test_bad_progressive_resizing_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo_st", overrides)

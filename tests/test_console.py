@@ -36,6 +36,8 @@ def test_epoch_line_without_subnetworks_and_at_the_end():
     assert epoch_line(main_only, epochs=12, seconds_left=0) == (
         "epoch 12/12  loss 0.8123  main top-1 91.24%  1,234 img/s  12 s"
     )
+    with_average = main_only | {"val/ema/main_top1": 91.875}
+    assert "main top-1 91.24%  EMA 91.88%  1,234 img/s" in epoch_line(with_average, epochs=12, seconds_left=0)
 
 
 def test_durations():

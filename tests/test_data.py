@@ -315,13 +315,43 @@ def test_imagenet_size_pipeline_decodes_crops(tmp_path):
     assert val_images.shape == (4, 3, 28, 28)
 
 
+def test_progressive_resizing_crops_each_epoch_at_its_resolution(tmp_path):
+    """The real FFCV loader, one object over the epochs: its crops follow the schedule, and the
+    evaluation crops keep their own size."""
+    _image_folder(tmp_path / "src")
+    convert("imagefolder", str(tmp_path / "src"), tmp_path / "out", quiet=True)
+    cfg = load_config(
+        "imagenet_resnet50_st",
+        [
+            f"data.train={tmp_path}/out/train.beton",
+            f"data.val={tmp_path}/out/val.beton",
+            "data.image_size=32",
+            "data.val_image_size=24",
+            "data.val_batch_size=4",
+            "optimizer.epochs=5",
+            "data.progressive_resizing={min_size: 16, start_epoch: 2, end_epoch: 4, multiple: 8}",
+        ],
+    )
+    device = torch.device("cpu")
+    train = train_loader(cfg.data, batch_size=4, seed=0, num_workers=1, device=device, distributed=False)
+    seen = []
+    for epoch in range(5):
+        size = train.set_epoch(epoch)
+        shapes = {tuple(images.shape) for images, _ in train}
+        assert shapes == {(4, 3, size, size)}, epoch
+        seen.append(size)
+    assert seen == [16, 16, 24, 32, 32]
+    val_images, _ = next(iter(eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=1, device=device)))
+    assert val_images.shape == (4, 3, 24, 24)
+
+
 def test_train_order_and_augmentation_are_functions_of_seed_and_epoch(digits_dir):
     cfg = load_config("demo_st", [f"data.train={digits_dir / 'train.beton'}", f"data.val={digits_dir / 'val.beton'}"])
     device = torch.device("cpu")
 
     def first_batches(epoch, seed=0):
         loader = train_loader(cfg.data, batch_size=32, seed=seed, num_workers=1, device=device, distributed=False)
-        loader.next_epoch = epoch
+        loader.set_epoch(epoch)
         preparer = BatchPreparer(cfg.data, device, torch.float32, seed=seed, rank=0)
         out = []
         for step, (x, y) in enumerate(loader):
@@ -335,7 +365,7 @@ def test_train_order_and_augmentation_are_functions_of_seed_and_epoch(digits_dir
     assert not torch.equal(a[0][1], c[0][1])  # another epoch, another order
     # The pad-crop moved pixels: the augmented batch differs from the plain normalised one.
     loader = train_loader(cfg.data, batch_size=32, seed=0, num_workers=1, device=device, distributed=False)
-    loader.next_epoch = 1
+    loader.set_epoch(1)
     raw, _ = next(iter(loader))
     plain = BatchPreparer(cfg.data, device, torch.float32, seed=0, rank=0).eval(raw)
     assert a[0][0].shape == plain.shape and not torch.equal(a[0][0], plain)

@@ -599,3 +599,37 @@ def test_bad_self_distillation_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         AuxiliarySupervision(model, per="stage", name="self_distillation", **options)
     AuxiliarySupervision(model, per="stage", name="self_distillation", distill_alpha=1.0)  # the bounds themselves hold
+
+
+def _smoothed_ce_by_hand(logits, labels, smoothing):
+    """(1 - e) * -log p(label) + e * mean over classes of -log p(class)."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return ((1 - smoothing) * -log_p[torch.arange(len(labels)), labels] - smoothing * log_p.mean(-1)).mean()
+
+
+@pytest.mark.parametrize("method", ["ct", "st", "stochastic_depth", "layer_supervision", "self_distillation"])
+def test_label_smoothing_smooths_every_cross_entropy_and_no_kl(method):
+    """Each CE term against the labels is the smoothed one; the distillation KLs do not change."""
+    model, images, labels = _setup(size=8, batch=6)
+    objective = build_objective(method, model, SubnetSampler(SubnetSpace.full(model.stage_sizes)), seed=1)
+    smoothed = build_objective(
+        method, model, SubnetSampler(SubnetSpace.full(model.stage_sizes)), seed=1, label_smoothing=0.2
+    )
+    if method in ("layer_supervision", "self_distillation"):
+        smoothed.heads.load_state_dict(objective.heads.state_dict())
+    model.eval()  # the same forward in both (stochastic depth's draw follows the seed and step)
+    plain, out = objective(model, images, labels, 4), smoothed(model, images, labels, 4)
+    assert torch.allclose(out.parts["ce"], _smoothed_ce_by_hand(out.logits.float(), labels, 0.2), rtol=1e-5)
+    assert not torch.allclose(out.parts["ce"], plain.parts["ce"], rtol=1e-3)
+    for name in ("kl", "aux_kl"):
+        if name in plain.parts:
+            assert torch.allclose(out.parts[name], plain.parts[name], rtol=1e-5), name
+    if method == "layer_supervision":
+        assert not torch.allclose(out.parts["aux_ce"], plain.parts["aux_ce"], rtol=1e-3)  # the heads' CEs too
+    if method in ("ct", "stochastic_depth"):
+        assert torch.allclose(out.loss, out.parts["ce"])
+
+
+def test_label_smoothing_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_objective("ct", create_model("cifar_resnet20", 10), label_smoothing=1.0)

@@ -57,6 +57,7 @@ def make_config(digits_dir, root: Path, name: str, *extra: str):
             "optimizer.epochs=2",
             "data.calibration_images=256",
             "eval.subnets_every=1",
+            "optimizer.ema_decay=0.9",
             *extra,
         ],
     )
@@ -114,6 +115,8 @@ def test_a_run_is_tracked_in_mlflow(reference, workspace):
         "val/subnets_min_top1",
         "val/subnets_max_top1",
         "val/subnets_mean_top1_shared_stats",
+        "val/ema/main_top1",
+        "val/ema/main_top5",
     ):
         assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [22, 44], key
     assert run.data.metrics["val/main_top1"] == pytest.approx(summary.main_top1)
@@ -144,7 +147,7 @@ def test_checkpoints_are_complete_and_pruned(reference, workspace):
     assert len(checkpoints) == 2  # num_to_keep
     last = Path(summary.checkpoint)
     assert last == checkpoints[-1]
-    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", RUN_FILE} <= {
+    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", "ema.pt", RUN_FILE} <= {
         p.name for p in last.iterdir()
     }
     assert json.loads((last / RUN_FILE).read_text())["epoch"] == 2
@@ -159,6 +162,9 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(reference, work
     second = train(make_config(digits_dir, workspace, "resumed"))
     assert second.epochs == 2 and second.mlflow_run_id == first.mlflow_run_id
     assert_same_weights(final_weights(second.checkpoint), final_weights(uninterrupted.checkpoint))
+    assert_same_weights(
+        checkpoint.read_ema(Path(second.checkpoint)), checkpoint.read_ema(Path(uninterrupted.checkpoint))
+    )
     (run,) = runs_named(workspace, "resumed")
     assert run.info.status == "FINISHED"
     assert [m.step for m in client(workspace).get_metric_history(run.info.run_id, "train/loss")] == [10, 20, 30, 40]
@@ -339,6 +345,9 @@ def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys
     assert "logged to MLflow run" in capsys.readouterr().out
     run = client(workspace).get_run(summary.mlflow_run_id)
     assert run.data.metrics["eval/num_subnets"] == 8  # named as the per-epoch val/num_subnets
+    # The weights' average, evaluated here from its file, scores what the run measured with it in place.
+    assert run.data.metrics["eval/ema/main_top1"] == pytest.approx(run.data.metrics["val/ema/main_top1"])
+    assert run.data.metrics["eval/main_top1"] == pytest.approx(run.data.metrics["val/main_top1"])
     assert "eval/destruction/delete_one/1" in run.data.metrics
     assert {a.path for a in client(workspace).list_artifacts(summary.mlflow_run_id, "eval")} >= {
         "eval/subnets.csv",

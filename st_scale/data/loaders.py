@@ -51,13 +51,38 @@ def _label_pipeline(device: torch.device):
     return ops
 
 
+class TrainLoader:
+    """The training loader, whose random-resized crops take the epoch's resolution
+    (`data.progressive_resizing`): FFCV sizes its buffers when an epoch's iteration starts."""
+
+    def __init__(self, loader, data: DataSection, decoder):
+        self.loader, self.data, self._decoder = loader, data, decoder
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def set_epoch(self, epoch: int) -> int:
+        """The coming epoch: its shuffle order (FFCV's is a function of the seed and the epoch, so a
+        resumed run continues it) and its crops' resolution, which this returns."""
+        self.loader.next_epoch = epoch
+        size = self.data.train_image_size(epoch)
+        if self.data.pipeline != "cifar":  # CIFAR-size images are decoded at their stored size
+            self._decoder.output_size = (size, size)
+        return size
+
+
 def train_loader(
     data: DataSection, *, batch_size: int, seed: int, num_workers: int, device: torch.device, distributed: bool
-):
+) -> TrainLoader:
     """Shuffled; with `distributed`, sharded across ranks by DistributedSampler (the process group must exist)."""
     from ffcv.loader import Loader, OrderOption
 
-    return Loader(
+    image_ops = _image_pipeline(data, True, device)
+    decoder = image_ops[0]  # FFCV takes it out of the list
+    loader = Loader(
         data.train,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -65,8 +90,9 @@ def train_loader(
         distributed=distributed,
         seed=seed,
         drop_last=True,
-        pipelines={"image": _image_pipeline(data, True, device), "label": _label_pipeline(device)},
+        pipelines={"image": image_ops, "label": _label_pipeline(device)},
     )
+    return TrainLoader(loader, data, decoder)
 
 
 def eval_loader(

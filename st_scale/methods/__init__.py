@@ -61,7 +61,9 @@ def build_objective(
         method = METHODS[method].options(name=method, **options)
     elif options:
         raise ValueError(f"options {sorted(options)} given twice: they belong in the options model")
-    return METHODS[method.name].build(method, BuildContext(model, sampler, seed, rank))
+    objective = METHODS[method.name].build(method, BuildContext(model, sampler, seed, rank))
+    objective.label_smoothing = method.label_smoothing
+    return objective
 
 
 __all__ = [

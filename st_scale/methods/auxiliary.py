@@ -6,24 +6,22 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from ..models import ElasticNet, preserved_mode
-from ..schema import Section
-from .base import BuildContext, LossOutput, Objective, _require, distillation_kl
+from .base import BuildContext, CommonOptions, LossOutput, Objective, _require, distillation_kl
 
 
-class LayerSupervisionOptions(Section):
+class LayerSupervisionOptions(CommonOptions):
     name: Literal["layer_supervision"] = "layer_supervision"
 
 
-class StageSupervisionOptions(Section):
+class StageSupervisionOptions(CommonOptions):
     name: Literal["stage_supervision"] = "stage_supervision"
 
 
-class SelfDistillationOptions(Section):
+class SelfDistillationOptions(CommonOptions):
     name: Literal["self_distillation"] = "self_distillation"
     distill_alpha: float = Field(0.1, ge=0, le=1, description="weight of the KL to the main net in each head's loss")
     distill_temperature: float = Field(3.0, gt=0)
@@ -78,12 +76,12 @@ class AuxiliarySupervision(Objective):
             model.plan_for_depths(None),
             on_block=lambda s, p, x: features.__setitem__((s, p), x) if (s, p) in wanted else None,
         )
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = self.cross_entropy(logits, labels)
         teacher = logits.detach()
         aux_ce, aux_kl = [], []
         for position, head in zip(self.positions, self.heads):
             out = head(features[position])
-            aux_ce.append(F.cross_entropy(out.float(), labels))
+            aux_ce.append(self.cross_entropy(out, labels))
             if self.distill_alpha > 0:
                 aux_kl.append(distillation_kl(out, teacher, self.temperature))
         a = self.distill_alpha

@@ -8,10 +8,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..models import ElasticNet
 from ..sampling import SubnetSampler
+from ..schema import Section
+
+
+class CommonOptions(Section):
+    """What every method's options hold besides its own."""
+
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="every cross-entropy term against the labels aims at (1 - e) on the label and e spread "
+        "evenly over all classes (Szegedy et al. 2016; timm's --smoothing); distillation KLs are unchanged",
+    )
 
 
 @dataclass
@@ -49,6 +63,11 @@ def _require(condition: bool, message: str) -> None:
 
 class Objective(nn.Module, abc.ABC):
     name = "objective"
+    label_smoothing = 0.0  # the method's `label_smoothing` option, set by `build_objective`
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against the labels, smoothed by `label_smoothing`, in fp32."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
     @abc.abstractmethod
     def forward(self, model: ElasticNet, images: torch.Tensor, labels: torch.Tensor, step: int) -> LossOutput:

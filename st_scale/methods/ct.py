@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch.nn.functional as F
-
-from ..schema import Section
-from .base import BuildContext, LossOutput, Objective
+from .base import BuildContext, CommonOptions, LossOutput, Objective
 
 
-class Options(Section):
+class Options(CommonOptions):
     name: Literal["ct"] = "ct"
 
 
@@ -21,7 +18,7 @@ class CommonTraining(Objective):
 
     def forward(self, model, images, labels, step):
         logits = model(images)
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = self.cross_entropy(logits, labels)
         return LossOutput(ce, {"ce": ce.detach()}, logits)
 
 

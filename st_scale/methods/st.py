@@ -11,13 +11,13 @@ from pydantic import Field, field_validator
 
 from ..models import Depths, Plan
 from ..sampling import STREAM_INPUT_SIZE, SubnetSampler, step_rng
-from ..schema import Section, one_of
-from .base import BuildContext, LossOutput, Objective, _require, distillation_kl
+from ..schema import one_of
+from .base import BuildContext, CommonOptions, LossOutput, Objective, _require, distillation_kl
 
 SUBNET_REDUCTIONS = ("sum", "mean")
 
 
-class Options(Section):
+class Options(CommonOptions):
     name: Literal["st"] = "st"
     kl_weight: float = Field(1.0, ge=0, description="lambda: weight of the KL from the main net to each sub-net")
     temperature: float = Field(1.0, gt=0)
@@ -136,7 +136,7 @@ class StimulativeTraining(Objective):
 
         main_logits = model.run(images, model.plan_for_depths(None), on_block=record if wanted else None)
         main = self._normalise(main_logits)
-        ce = F.cross_entropy(main, labels)
+        ce = self.cross_entropy(main, labels)
         # A fraction of the batch: the leading images. Shared prefixes are the main pass's activations
         # of those images (BatchNorm there normalised them with the whole batch's statistics).
         n = self.subnet_batch(images.shape[0])
@@ -164,4 +164,6 @@ class StimulativeTraining(Objective):
 
 def build(options: Options, ctx: BuildContext) -> StimulativeTraining:
     _require(ctx.sampler is not None, "method 'st' needs a sub-network sampler")
-    return StimulativeTraining(ctx.sampler, rank=ctx.rank, **options.model_dump(exclude={"name"}))
+    return StimulativeTraining(
+        ctx.sampler, rank=ctx.rank, **options.model_dump(exclude={"name", *CommonOptions.model_fields})
+    )

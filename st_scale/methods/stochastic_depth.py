@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from ..models import ElasticNet, Plan
 from ..sampling import STREAM_STOCHASTIC_DEPTH, step_rng
-from ..schema import Section
-from .base import BuildContext, LossOutput, Objective, _require
+from .base import BuildContext, CommonOptions, LossOutput, Objective, _require
 
 
-class Options(Section):
+class Options(CommonOptions):
     name: Literal["stochastic_depth"] = "stochastic_depth"
     final_survival: float = Field(0.5, gt=0, le=1, description="survival probability of the last block")
 
@@ -52,7 +50,7 @@ class StochasticDepth(Objective):
         plan = self.sample_plan(model, step)
         with model.unscaled_branches():
             logits = model.run(images, plan)
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = self.cross_entropy(logits, labels)
         kept = float(sum(len(blocks) for blocks in plan))
         return LossOutput(ce, {"ce": ce.detach(), "kept_blocks": torch.tensor(kept)}, logits)
 
