@@ -387,7 +387,8 @@ def destruction_tests(
     seed: int = 0,
 ) -> list[DestructionRow]:
     """Unraveled-view tests: delete each droppable block in turn; delete k random droppable blocks
-    (k = 1..max_deleted, `trials` seeded draws each); swap each pair of adjacent droppable blocks.
+    (k = 1..max_deleted, `trials` seeded draws each); swap each pair of adjacent droppable blocks
+    (not in DenseNets, whose layers each widen their input; a deleted dense layer leaves zeros).
     With `calibration`, each damaged network gets its BN statistics re-estimated (which repairs part
     of the damage); without, it runs on the shared running statistics, as Veit et al. measure."""
     full = model.plan_for_depths(None)
@@ -414,7 +415,7 @@ def destruction_tests(
             removed = {droppable[p] for p in picks}
             detail = ",".join(f"stage{s}.block{i}" for s, i in sorted(removed))
             rows.append(row("delete_k", k, detail, without(removed)))
-    for s, blocks in enumerate(full):
+    for s, blocks in enumerate(full if model.blocks_reorderable else ()):  # dense layers keep their order
         for i in range(1, len(blocks) - 1):
             swapped = list(full)
             order = list(blocks)

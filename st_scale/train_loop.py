@@ -508,12 +508,23 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
 
 
 def _log_final_model(ctx: WorkerContext) -> None:
-    """The trained weights as a plain state dict, with the main net's BN statistics re-estimated on
-    the calibration set (as the main-net figures were measured); the model itself is untouched."""
-    model = ctx.model
+    """The trained main network with its BN statistics re-estimated on the calibration set (as the
+    main-net figures were measured), as a plain state dict file and, for ResNets (what `st-scale
+    export` builds), as a model (`mlflow.pytorch.log_model`; its URI in the tag
+    `st_scale.final_model_uri`). The trained model itself is untouched."""
+    model, calibration = ctx.model, ctx.data.calibration
     with preserved_bn(model), tempfile.TemporaryDirectory() as directory:
-        if ctx.data.calibration is not None:
-            recalibrate_bn(model, model.plan_for_depths(None), ctx.data.calibration)
+        if calibration is not None:
+            recalibrate_bn(model, model.plan_for_depths(None), calibration)
         path = Path(directory) / f"{model.name}.pt"
         torch.save({k: v.float() if v.is_floating_point() else v for k, v in model.net.state_dict().items()}, path)
         ctx.tracker.log_file(path, "model")
+    # A stochastic-depth net scales its branches at test time, which the plain network does not.
+    if model.name.startswith(("cifar_resnet", "resnet")) and not model.has_branch_scales:
+        from .export import log_network, standalone_subnet
+
+        network = standalone_subnet(model, ctx.cfg.model.num_classes, model.full_depths, calibration)
+        size = ctx.cfg.data.val_image_size or ctx.cfg.data.image_size
+        example = calibration[0][0][:1] if calibration else torch.zeros(1, 3, size, size)
+        uri = log_network(network, example, "final-model")
+        ctx.tracker.set_tags({"st_scale.final_model_uri": uri})

@@ -24,6 +24,7 @@ CASES = [
     ("mobilenet_v3_small", 32, None),
     ("resnet18", 32, None),
     ("cifar_resnet56", 16, 40),
+    ("cifar_densenet40", 16, 24),
 ]
 
 
@@ -269,6 +270,21 @@ def test_destruction_tests_cover_every_droppable_block():
     # Deleting block 2 of stage 0 is the sub-network (2, 3, 3).
     deleted = next(r for r in by_test["delete_one"] if r.detail == "stage0.block2")
     assert deleted.top1 == evaluate_plan(model, model.plan_for_depths((2, 3, 3)), val, val).top1
+
+
+def test_destruction_tests_of_a_densenet_delete_layers_and_keep_their_order():
+    model = create_model("cifar_densenet40", 10)
+    perturb_bn(model, 16)
+    val = random_batches(1, 8, 16)
+    rows = destruction_tests(model, val, val, max_deleted=2, trials=1)
+    tests = {r.test for r in rows}
+    assert tests == {"intact", "delete_one", "delete_k"}  # dense layers widen their input: no swaps
+    assert {r.detail for r in rows if r.test == "delete_one"} == {
+        f"stage{s}.block{i}" for s in range(3) for i in range(1, 6)
+    }
+    # Deleting the last layer of a block is the sub-network without it (the transition reads fewer channels).
+    deleted = next(r for r in rows if r.detail == "stage1.block5")
+    assert deleted.top1 == evaluate_plan(model, model.plan_for_depths((6, 5, 6)), val, val).top1
 
 
 def _state(model):

@@ -79,9 +79,17 @@ def _reference_two_backward(model, objective, images, labels, step):
     return total, _grads(model)
 
 
-@pytest.mark.parametrize("num_subnets, reduction", [(1, "sum"), (3, "sum"), (2, "mean")])
-def test_prefix_sharing_gives_the_same_loss_and_gradients(num_subnets, reduction):
-    model, images, labels = _setup()
+@pytest.mark.parametrize(
+    "name, num_subnets, reduction",
+    [
+        ("cifar_resnet20", 1, "sum"),
+        ("cifar_resnet20", 3, "sum"),
+        ("cifar_resnet20", 2, "mean"),
+        ("cifar_densenet40", 2, "sum"),
+    ],
+)
+def test_prefix_sharing_gives_the_same_loss_and_gradients(name, num_subnets, reduction):
+    model, images, labels = _setup(name)
     stages_seen = set()
     for step in range(12):
         results = []

@@ -20,6 +20,12 @@ STAGE_SIZES = {
     "resnet50": (3, 4, 6, 3),
     "resnet101": (3, 4, 23, 3),
     "resnet152": (3, 8, 36, 3),
+    "cifar_densenet40": (6, 6, 6),
+    "cifar_densenet100": (16, 16, 16),
+    "densenet121": (6, 12, 24, 16),
+    "densenet169": (6, 12, 32, 32),
+    "densenet201": (6, 12, 48, 32),
+    "densenet264": (6, 12, 64, 48),
     "mobilenet_v3_small": (2, 3, 2, 3),
     "mobilenet_v3_large": (2, 2, 3, 4, 2, 3),
 }
@@ -143,3 +149,17 @@ def test_complexity_matches_known_macs():
         assert counter.subnet_macs(model.full_depths) / 1e9 == pytest.approx(gmacs, rel=0.01)
     small = MacCounter(create_model("resnet50", 1000), 224)
     assert small.subnet_macs((1, 1, 1, 1)) < small.subnet_macs((3, 4, 6, 3))
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_densenet40"])
+def test_complexity_of_a_bf16_model_is_counted_in_its_dtype(name):
+    """A model cast to bf16 (DeepSpeed's bf16 configs) is counted as its fp32 self: the blank probe
+    image takes the model's dtype (and device)."""
+    from st_scale.models.complexity import MacCounter
+
+    model = create_model(name, 10)
+    fp32 = MacCounter(model, 16)
+    bf16 = MacCounter(copy.deepcopy(model).to(torch.bfloat16), 16)
+    for depths in (model.full_depths, (1,) * model.num_stages):
+        assert bf16.subnet_macs(depths) == fp32.subnet_macs(depths) > 0
+        assert bf16.subnet_params(depths) == fp32.subnet_params(depths) > 0

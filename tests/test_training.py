@@ -131,6 +131,16 @@ def test_a_run_is_tracked_in_mlflow(reference, workspace):
         "plots/subnets_epoch002.png",
         "model/cifar_resnet20.pt",
     } <= artifacts
+    # The final model, loaded back from MLflow, scores the run's last main-net figure on the whole validation set.
+    import mlflow.pytorch
+
+    from st_scale.checkpoint_eval import open_checkpoint
+
+    final = mlflow.pytorch.load_model(run.data.tags["st_scale.final_model_uri"])
+    val = open_checkpoint(summary.checkpoint, storage_endpoint=None, recalibrate=False, command="eval").val
+    with torch.no_grad():
+        correct = sum(int((final(x).argmax(1) == y).sum()) for x, y in val)
+    assert 100 * correct / sum(len(y) for _, y in val) == pytest.approx(summary.main_top1, abs=1e-9)
     csv = c.download_artifacts(run.info.run_id, "subnets/subnets_epoch002.csv")
     assert len(Path(csv).read_text().strip().splitlines()) == 28
     inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
@@ -320,6 +330,28 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace,
     (checkpoint,) = [p for p in (Path(workspace) / "ray" / "diverges").glob("checkpoint_*") if p.is_dir()]
     assert {"COMMITTED.rank0", "COMMITTED.rank1"} <= {p.name for p in checkpoint.iterdir()}
     assert json.loads((checkpoint / RUN_FILE).read_text())["epoch"] == 1
+
+
+def test_a_densenet_trains_with_st_and_evaluates_its_subnetworks(workspace, digits_dir):
+    """DenseNet-BC-40 through the whole worker path: ST with prefix sharing over dense blocks, the
+    sub-network tree walk with BN re-estimated on sliced transitions, the table's costs."""
+    import csv
+
+    from st_scale.models import create_model
+    from st_scale.models.complexity import MacCounter
+
+    cfg = make_config(
+        digits_dir, workspace, "densenet", "model.name=cifar_densenet40", "optimizer.epochs=1", "eval.max_subnets=12"
+    )
+    summary = train(cfg)
+    assert summary.num_subnets == 12 and 0 <= summary.subnets_min_top1 <= summary.subnets_mean_top1 <= 100
+    assert summary.main_top1 > 30  # ten classes; one epoch
+    table = client(workspace).download_artifacts(summary.mlflow_run_id, "subnets/subnets_epoch001.csv")
+    rows = list(csv.DictReader(Path(table).read_text().splitlines()))
+    counter = MacCounter(create_model("cifar_densenet40", 10), 32)
+    for row in rows:
+        depths = tuple(int(d) for d in row["depths"].split("-"))
+        assert int(row["macs"]) == counter.subnet_macs(depths) and int(row["params"]) == counter.subnet_params(depths)
 
 
 def test_more_workers_than_the_cluster_has_fails_before_any_worker(workspace, digits_dir):

@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from .densenet import (
+    CIFAR_DENSENET_DEPTHS,
+    TORCHVISION_DENSENETS,
+    cifar_densenet,
+    torchvision_densenet,
+)
 from .elastic import Depths, ElasticNet, Plan, Segment, batchnorm_layers, preserved_mode
 from .mobilenet import mobilenet_v3
 from .resnet import CIFAR_DEPTHS, TORCHVISION_DEPTHS, CifarResNet, cifar_resnet, torchvision_resnet, truncated_resnet
@@ -12,6 +18,8 @@ from .resnet import CIFAR_DEPTHS, TORCHVISION_DEPTHS, CifarResNet, cifar_resnet,
 _FACTORIES: dict[str, Callable[[int], ElasticNet]] = {
     **{f"cifar_resnet{d}": partial(cifar_resnet, d) for d in CIFAR_DEPTHS},
     **{f"resnet{d}": partial(torchvision_resnet, d) for d in TORCHVISION_DEPTHS},
+    **{f"cifar_densenet{d}": partial(cifar_densenet, d) for d in CIFAR_DENSENET_DEPTHS},
+    **{f"densenet{d}": partial(torchvision_densenet, d) for d in (*TORCHVISION_DENSENETS, 264)},
     "mobilenet_v3_small": partial(mobilenet_v3, "small"),
     "mobilenet_v3_large": partial(mobilenet_v3, "large"),
 }

@@ -1,7 +1,9 @@
 """Multiply-accumulate counts of sub-networks, from one traced forward of the full network.
 
 Blocks with an identity shortcut keep their input's shape, so a block costs the same in every
-sub-network that runs it: a sub-net's MACs are the sum of its blocks' MACs.
+sub-network that runs it: a sub-net's MACs are the sum of its blocks' MACs. A dense block's layers
+widen it, and the transition after it reads the channels the kept layers produced: its cost depends
+on the sub-network, so a DenseNet's sub-networks are each measured with one traced forward.
 """
 
 from __future__ import annotations
@@ -22,12 +24,19 @@ def _leaf_macs(module: nn.Module, inputs, output: torch.Tensor) -> int:
     return 0
 
 
+def _probe(model: ElasticNet, image_size: int) -> torch.Tensor:
+    """One blank image on the model's device, in its dtype (a bf16 model on a GPU takes bf16 there)."""
+    weight = next(model.parameters())
+    return torch.zeros(1, 3, image_size, image_size, device=weight.device, dtype=weight.dtype)
+
+
 class MacCounter:
     """Per-block MACs of a model at one input size, and per-block parameters; `subnet_macs(depths)`
     and `subnet_params(depths)` sum them over the blocks a sub-network runs."""
 
     def __init__(self, model: ElasticNet, image_size: int):
-        self.model = model
+        self.model, self.image_size = model, image_size
+        self._traced_cache: dict[Depths, tuple[int, int]] = {}
         self.block_macs: dict[tuple[int, int], int] = {}
         self.block_params: dict[tuple[int, int], int] = {}
         handles = []
@@ -42,7 +51,7 @@ class MacCounter:
         try:
             with preserved_mode(model), torch.no_grad():
                 model.eval()
-                model(torch.zeros(1, 3, image_size, image_size))
+                model(_probe(model, image_size))
         finally:
             for handle in handles:
                 handle.remove()
@@ -61,10 +70,46 @@ class MacCounter:
         return total
 
     def subnet_macs(self, depths: Depths) -> int:
+        if not self.model.blocks_reorderable:
+            return self._traced(depths)[0]
         return self._sum(self.block_macs, depths)
 
     def subnet_params(self, depths: Depths) -> int:
+        if not self.model.blocks_reorderable:
+            return self._traced(depths)[1]
         return self._sum(self.block_params, depths)
+
+    def _traced(self, depths: Depths) -> tuple[int, int]:
+        """(MACs, parameters) of one sub-network whose fixed segments read a depth-dependent width:
+        the MACs of its matrix products and convolutions as torch's FLOP counter sees them (2 FLOPs
+        each), and the parameters its modules read (`parameters_read(width)` of sliced ones)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        depths = self.model.check_depths(depths)
+        if depths in self._traced_cache:
+            return self._traced_cache[depths]
+        params, handles = 0, []
+
+        def read(module, inputs):
+            nonlocal params
+            params += module.parameters_read(inputs[0].shape[1])
+
+        for seg_index, segment in enumerate(self.model.segments):
+            count = len(segment.blocks) if segment.stage is None else depths[segment.stage]
+            for block_index, block in enumerate(segment.blocks[:count]):
+                if hasattr(block, "parameters_read"):
+                    handles.append(block.register_forward_pre_hook(read))
+                else:
+                    params += self.block_params[(seg_index, block_index)]
+        try:
+            with preserved_mode(self.model), torch.no_grad(), FlopCounterMode(display=False) as flops:
+                self.model.eval()
+                self.model(_probe(self.model, self.image_size), depths)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._traced_cache[depths] = (flops.get_total_flops() // 2, params)
+        return self._traced_cache[depths]
 
 
 @torch.no_grad()

@@ -60,6 +60,11 @@ class ElasticNet(nn.Module):
         self.stage_sizes: Depths = tuple(len(self._segments[i].blocks) for i in self._stage_segments)
         self._branch_scales_on = True
         self._branch_hooks: list = []
+        # Blocks that keep their input's shape (residual blocks) may run in another order; blocks that
+        # widen it (dense layers) may not, and a deleted one leaves its `skipped(x)` in its place.
+        self.blocks_reorderable = not any(
+            hasattr(block, "skipped") for i in self._stage_segments for block in self._segments[i].blocks
+        )
 
     # ----------------------------------------------------------------------------- structure
     @property
@@ -115,6 +120,11 @@ class ElasticNet(nn.Module):
                 raise ValueError(f"block plan stage {stage} must start with block 0 (it changes shape): {blocks}")
             if any(not 0 <= b < n for b in blocks):
                 raise ValueError(f"block plan stage {stage} has indices outside 0..{n - 1}: {blocks}")
+            if not self.blocks_reorderable and list(blocks) != sorted(set(blocks)):
+                raise ValueError(
+                    f"block plan stage {stage} runs {blocks}: {self.name}'s blocks widen their input, so they run in "
+                    f"their own order, each once"
+                )
         return plan
 
     # ----------------------------------------------------------------------------- forward
@@ -140,7 +150,12 @@ class ElasticNet(nn.Module):
                     x = block(x)
                 continue
             blocks = segment.blocks
+            last = -1
             for position, index in enumerate(plan[segment.stage]):
+                if not self.blocks_reorderable:  # deleted dense layers in between leave zeros
+                    for deleted in range(last + 1, index):
+                        x = blocks[deleted].skipped(x)
+                    last = index
                 x = blocks[index](x)
                 if on_block is not None:
                     on_block(segment.stage, position, x)
@@ -164,6 +179,10 @@ class ElasticNet(nn.Module):
             if scale is None or scale == 1.0:
                 continue
             self._branch_hooks.append(self._branch_end(block).register_forward_hook(_BranchScale(self, float(scale))))
+
+    @property
+    def has_branch_scales(self) -> bool:
+        return bool(self._branch_hooks)
 
     @contextlib.contextmanager
     def unscaled_branches(self) -> Iterator[None]:
