@@ -308,8 +308,7 @@ def test_a_run_keeps_its_checkpoints_in_an_object_store_through_an_outage(refere
 
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace, digits_dir):
-    # The first epoch also runs the worker path in channels_last (batches, calibration, evaluation).
-    train(make_config(digits_dir, workspace, "diverges", "run.stop_after_epochs=1", "model.channels_last=true"))
+    train(make_config(digits_dir, workspace, "diverges", "run.stop_after_epochs=1"))
     # It would diverge again on every retry: even under unlimited retries the run fails at once.
     start = time.monotonic()
     with pytest.raises(RunFailedError, match=r"loss became (nan|inf) at global step \d+ \(epoch 2; ce=.*kl=") as failed:
@@ -321,7 +320,6 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace,
                 "optimizer.lr=1e30",
                 "method.kl_weight=1e30",
                 "run.max_failures=-1",
-                "model.channels_last=true",
             )
         )
     assert "it would recur on every retry" in str(failed.value) and time.monotonic() - start < 300
