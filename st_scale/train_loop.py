@@ -320,30 +320,23 @@ def _close_run(ctx: WorkerContext, stop_at: int) -> None:
 
 
 def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
-    """Main net every epoch (on BN statistics re-estimated for it, as the reference does); all
-    sub-networks every `eval.subnets_every` epochs and at the end. The model is left as it was."""
+    """Main net every epoch (on BN statistics re-estimated for it, as the reference does), and the
+    weights' average with `optimizer.ema_decay`; all sub-networks every `eval.subnets_every` epochs and
+    at the end. The model is left as it was."""
     cfg, model, data = ctx.cfg, ctx.model, ctx.data
     final = epoch + 1 == cfg.optimizer.epochs
     model.eval()
-    metrics = main_metrics(
-        model,
-        lambda: data.preparer.eval_batches(data.val_shard),
-        data.calibration,
-        ctx.device,
-        prefix="val",
-        shared_stats=cfg.eval.shared_stats,
-    )
+
+    def main_net(prefix: str, shared_stats: bool) -> dict[str, float]:
+        def val_shard():
+            return data.preparer.eval_batches(data.val_shard)
+
+        return main_metrics(model, val_shard, data.calibration, ctx.device, prefix=prefix, shared_stats=shared_stats)
+
+    metrics = main_net("val", cfg.eval.shared_stats)
     if ctx.ema is not None:  # the averaged weights, on BN statistics re-estimated for them
         with ctx.ema.applied(model):
-            averaged = main_metrics(
-                model,
-                lambda: data.preparer.eval_batches(data.val_shard),
-                data.calibration,
-                ctx.device,
-                prefix="val/ema",
-                shared_stats=False,
-            )
-        metrics.update(averaged)
+            metrics.update(main_net("val/ema", shared_stats=False))
     every = cfg.eval.subnets_every
     if final or (every and (epoch + 1) % every == 0):
         reports = subnet_reports(

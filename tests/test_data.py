@@ -294,19 +294,16 @@ def test_imagefolder_conversion_keeps_every_image_with_its_class(tmp_path):
         assert np.bincount(labels, minlength=3).tolist() == list(per_class)
 
 
-def test_imagenet_size_pipeline_decodes_crops(tmp_path):
+def _imagenet_size_config(tmp_path, *overrides: str):
+    """The ImageNet recipe over a small converted ImageFolder, with `overrides`."""
     _image_folder(tmp_path / "src")
     convert("imagefolder", str(tmp_path / "src"), tmp_path / "out", quiet=True)
-    cfg = load_config(
-        "imagenet_resnet50_st",
-        [
-            f"data.train={tmp_path}/out/train.beton",
-            f"data.val={tmp_path}/out/val.beton",
-            "data.image_size=24",
-            "data.val_image_size=28",
-            "data.val_batch_size=4",
-        ],
-    )
+    files = [f"data.train={tmp_path}/out/train.beton", f"data.val={tmp_path}/out/val.beton", "data.val_batch_size=4"]
+    return load_config("imagenet_resnet50_st", [*files, *overrides])
+
+
+def test_imagenet_size_pipeline_decodes_crops(tmp_path):
+    cfg = _imagenet_size_config(tmp_path, "data.image_size=24", "data.val_image_size=28")
     device = torch.device("cpu")
     train = train_loader(cfg.data, batch_size=4, seed=0, num_workers=1, device=device, distributed=False)
     images, labels = next(iter(train))
@@ -318,19 +315,12 @@ def test_imagenet_size_pipeline_decodes_crops(tmp_path):
 def test_progressive_resizing_crops_each_epoch_at_its_resolution(tmp_path):
     """The real FFCV loader, one object over the epochs: its crops follow the schedule, and the
     evaluation crops keep their own size."""
-    _image_folder(tmp_path / "src")
-    convert("imagefolder", str(tmp_path / "src"), tmp_path / "out", quiet=True)
-    cfg = load_config(
-        "imagenet_resnet50_st",
-        [
-            f"data.train={tmp_path}/out/train.beton",
-            f"data.val={tmp_path}/out/val.beton",
-            "data.image_size=32",
-            "data.val_image_size=24",
-            "data.val_batch_size=4",
-            "optimizer.epochs=5",
-            "data.progressive_resizing={min_size: 16, start_epoch: 2, end_epoch: 4, multiple: 8}",
-        ],
+    cfg = _imagenet_size_config(
+        tmp_path,
+        "data.image_size=32",
+        "data.val_image_size=24",
+        "optimizer.epochs=5",
+        "data.progressive_resizing={min_size: 16, start_epoch: 2, end_epoch: 4, multiple: 8}",
     )
     device = torch.device("cpu")
     train = train_loader(cfg.data, batch_size=4, seed=0, num_workers=1, device=device, distributed=False)
