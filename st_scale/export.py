@@ -251,11 +251,15 @@ def export_checkpoint(
 
 def log_network(standalone: nn.Module, example: torch.Tensor, name: str, register: str | None = None) -> str:
     """`mlflow.pytorch.log_model` of a plain network into the active MLflow run, with an input example
-    and signature (and in the model registry as `register`); returns the model's URI."""
+    and signature (and in the model registry as `register`); returns the model's URI. MLflow saves it
+    with torch.export, traced on the example: an example of one image would fix the batch size at 1,
+    so it holds two."""
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
     example = example.detach().float().cpu().contiguous()
+    if example.shape[0] < 2:
+        example = torch.cat([example, example])
     with torch.no_grad():
         signature = infer_signature(example.numpy(), standalone(example).numpy())
     info = mlflow.pytorch.log_model(

@@ -518,6 +518,6 @@ def _log_final_model(ctx: WorkerContext) -> None:
 
         network = standalone_subnet(model, ctx.cfg.model.num_classes, model.full_depths, calibration)
         size = ctx.cfg.data.val_image_size or ctx.cfg.data.image_size
-        example = calibration[0][0][:1] if calibration else torch.zeros(1, 3, size, size)
+        example = calibration[0][0][:2] if calibration else torch.zeros(2, 3, size, size)
         uri = log_network(network, example, "final-model")
         ctx.tracker.set_tags({"st_scale.final_model_uri": uri})

@@ -136,9 +136,10 @@ def test_a_run_is_tracked_in_mlflow(reference, workspace):
 
     from st_scale.checkpoint_eval import open_checkpoint
 
-    final = mlflow.pytorch.load_model(run.data.tags["st_scale.final_model_uri"])
+    model_id = run.data.tags["st_scale.final_model_uri"].removeprefix("models:/")
+    final = mlflow.pytorch.load_model(c.get_logged_model(model_id).artifact_location)  # this run's store
     val = open_checkpoint(summary.checkpoint, storage_endpoint=None, recalibrate=False, command="eval").val
-    with torch.no_grad():
+    with torch.no_grad():  # whole batches: the logged network takes any batch size
         correct = sum(int((final(x).argmax(1) == y).sum()) for x, y in val)
     assert 100 * correct / sum(len(y) for _, y in val) == pytest.approx(summary.main_top1, abs=1e-9)
     csv = c.download_artifacts(run.info.run_id, "subnets/subnets_epoch002.csv")
