@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .methods import METHODS, MethodOptions
-from .models import MODEL_NAMES
+from .models import FIXED_IMAGE_SIZES, MODEL_NAMES
 from .schema import Section, one_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -314,6 +314,7 @@ class Config(Section):
                 f"optimizer.ema_decay={self.optimizer.ema_decay} needs eval.recalibrate=true: the averaged weights "
                 f"have no BN statistics of their own until they are re-estimated for them"
             )
+        self._check_fixed_image_size()
         ramp = self.data.progressive_resizing
         if ramp is not None and ramp.end_epoch > self.optimizer.epochs:
             raise ValueError(
@@ -321,6 +322,22 @@ class Config(Section):
                 f"{self.optimizer.epochs}): training would never reach data.image_size; end the ramp by then"
             )
         return self
+
+    def _check_fixed_image_size(self) -> None:
+        """A ViT's position embedding has one entry per patch: it takes the one size it was built for."""
+        size = FIXED_IMAGE_SIZES.get(self.model.name)
+        if size is None:
+            return
+        for field, value in (("image_size", self.data.image_size), ("val_image_size", self.data.val_image_size)):
+            if value not in (None, size):
+                raise ValueError(
+                    f"data.{field}={value}: {self.model.name} takes {size} px images only (its position embedding "
+                    f"has one entry per patch); set data.{field} to {size} or choose a Swin, which takes any size"
+                )
+        if self.data.progressive_resizing is not None:
+            raise ValueError(
+                f"data.progressive_resizing is set: {self.model.name} takes {size} px images only; remove it"
+            )
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as dotted keys (MLflow params)."""

@@ -103,8 +103,11 @@ def _eager():
 def recalibrate_bn(model: ElasticNet, plan: Plan, calibration: Iterable[Batch]) -> None:
     """Re-estimate BN statistics of the network `plan` IN PLACE (cumulative average over the
     calibration batches, train-mode forward); momenta and mode are restored. Inside evaluation, call
-    it under `preserved_bn` so the model's own statistics come back."""
+    it under `preserved_bn` so the model's own statistics come back. A network without BatchNorm (a
+    transformer's LayerNorm keeps no statistics) has nothing to re-estimate: no batch is run."""
     layers = batchnorm_layers(model)
+    if not layers:
+        return
     momenta = [bn.momentum for bn in layers]
     for bn in layers:
         bn.reset_running_stats()
@@ -316,7 +319,7 @@ def evaluate_subnets(
     walk = _TreeWalk(model, subnets)
     counts = {d: _Counts() for d in subnets}
     with preserved_bn(model):
-        if calibration is not None:
+        if calibration is not None and batchnorm_layers(model):  # LayerNorm nets have nothing to re-estimate
             for bn in batchnorm_layers(model):
                 bn.momentum = None  # each tree node's statistics: a cumulative average
             walk.bank, walk.update_bank = {}, True

@@ -1,7 +1,9 @@
 """`st-scale export`: one sub-network of a trained checkpoint as a model of its own.
 
 The sub-network `d` (stage s keeps its first d_s blocks) becomes the plain network of that
-architecture (torchvision's ResNet layout: `layerN` holding d_N blocks), its weights those blocks'
+architecture (a torchvision ResNet whose `layerN` holds d_N blocks; a DenseNet whose dense blocks hold
+d_N layers, its transitions reading the channels they produce; a ViT or Swin of those blocks), its
+weights those blocks' (a DenseNet transition's, the leading input slices)
 and (under the run's `eval.recalibrate`, the default) its BatchNorm statistics re-estimated for it on
 the run's calibration set, exactly as the all-sub-network evaluation measures it. Before anything is written
 it is checked on the whole validation set: its logits must equal the elastic model's for that
@@ -75,10 +77,26 @@ def standalone_subnet(model: ElasticNet, num_classes: int, depths, calibration: 
     with preserved_bn(model):
         if calibration is not None:
             recalibrate_bn(model, model.plan_for_depths(depths), calibration)
-        trained = model.net.state_dict()
-        own = shell.net.state_dict()
-        shell.net.load_state_dict({key: trained[key].clone() for key in own})  # its blocks are the first d_s
+        _copy_kept_blocks(model, shell, depths)
     return shell.net.eval()
+
+
+def _copy_kept_blocks(model: ElasticNet, shell: ElasticNet, depths) -> None:
+    """The trained weights into `shell`, the plain network of sub-network `depths`, block by block: its
+    stage s holds the first d_s blocks of the model's, its fixed segments the model's (a sliced one
+    holding the leading slices of each tensor). Every tensor of the shell is filled."""
+    filled = 0
+    for segment, own in zip(model.segments, shell.segments, strict=True):
+        for block, shell_block in zip(segment.blocks, own.blocks):  # the shorter: the kept blocks
+            trained = block.state_dict()
+            sliced = {
+                k: trained[k][tuple(slice(0, n) for n in v.shape)].clone() for k, v in shell_block.state_dict().items()
+            }
+            shell_block.load_state_dict(sliced)
+            filled += len(sliced)
+    expected = len(shell.net.state_dict())
+    if filled != expected:  # a tensor outside every block (or in two) would keep its random initialisation
+        raise RuntimeError(f"{shell.name}: {filled} tensors copied block by block, the network has {expected}")
 
 
 @torch.no_grad()

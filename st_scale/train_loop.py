@@ -35,7 +35,7 @@ from .eval_pass import (
 from .evaluation import Batch, preserved_bn, recalibrate_bn
 from .memory import SavedTensorBytes
 from .methods import build_objective
-from .models import ElasticNet, create_model
+from .models import ElasticNet, create_model, has_standalone_subnets
 from .models.regional_compile import compile_blocks
 from .models.utilisation import peak_bf16_flops, training_flops_per_image
 from .sampling import SubnetSampler, SubnetSpace
@@ -502,8 +502,8 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
 
 def _log_final_model(ctx: WorkerContext) -> None:
     """The trained main network with its BN statistics re-estimated on the calibration set (as the
-    main-net figures were measured), as a plain state dict file and, for ResNets (what `st-scale
-    export` builds), as a model (`mlflow.pytorch.log_model`; its URI in the tag
+    main-net figures were measured), as a plain state dict file and, for the families `st-scale
+    export` builds (not MobileNetV3), as a model (`mlflow.pytorch.log_model`; its URI in the tag
     `st_scale.final_model_uri`). The trained model itself is untouched."""
     model, calibration = ctx.model, ctx.data.calibration
     with preserved_bn(model), tempfile.TemporaryDirectory() as directory:
@@ -513,7 +513,7 @@ def _log_final_model(ctx: WorkerContext) -> None:
         torch.save({k: v.float() if v.is_floating_point() else v for k, v in model.net.state_dict().items()}, path)
         ctx.tracker.log_file(path, "model")
     # A stochastic-depth net scales its branches at test time, which the plain network does not.
-    if model.name.startswith(("cifar_resnet", "resnet")) and not model.has_branch_scales:
+    if has_standalone_subnets(model.name) and not model.has_branch_scales:
         from .export import log_network, standalone_subnet
 
         network = standalone_subnet(model, ctx.cfg.model.num_classes, model.full_depths, calibration)

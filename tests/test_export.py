@@ -73,5 +73,56 @@ def test_a_sub_network_the_model_does_not_have_is_named():
     for bad in ("", "G", "-1M", "two", "0"):
         with pytest.raises(ConfigError, match="--budget-macs .*: give a positive count"):
             parse_count(bad, "--budget-macs")
-    with pytest.raises(ConfigError, match="--subnet: .*supported for ResNets"):
+    with pytest.raises(ConfigError, match="--subnet: .*supported for ResNets, DenseNets, ViTs and Swins, not mobile"):
         standalone_subnet(create_model("mobilenet_v3_small", 10), 10, (1, 1, 1, 1), None)
+
+
+def _plain_densenet(depths):
+    return create_model("cifar_densenet40", 10, stage_depths=depths).net
+
+
+def _plain_vit(depths):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(32, 4, sum(depths), 3, 96, 192, num_classes=10)
+
+
+def _plain_swin(depths):
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([2, 2], 32, list(depths), [1, 2, 4, 8], [4, 4], stochastic_depth_prob=0.0, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "name, depths, plain_model",
+    [
+        ("cifar_densenet40", (2, 6, 3), _plain_densenet),
+        ("cifar_vit", (1, 2, 3), _plain_vit),
+        ("cifar_swin", (1, 2, 3, 1), _plain_swin),
+    ],
+)
+def test_a_densenet_or_transformer_subnetwork_round_trips_through_every_format(name, depths, plain_model, tmp_path):
+    """The exported file loads into the plain architecture of those depths (a torchvision ViT or Swin
+    of that many blocks, a DenseNet with narrower transitions), and every format computes the
+    sub-network's logits; ONNX through onnxruntime within tolerance."""
+    torch.manual_seed(0)
+    model = create_model(name, 10)
+    with torch.no_grad():  # every weight random (torchvision zero-initialises the ViT's head)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    perturb_bn(model, 32)
+    calibration, val = random_batches(2, 8, 32, seed=1), random_batches(2, 8, 32, seed=2)
+    standalone = standalone_subnet(model, 10, depths, calibration)
+    top1 = check_same_outputs(model, depths, standalone, val, calibration)
+    assert top1 == evaluate_plan(model, model.plan_for_depths(depths), val, calibration).top1
+    files = write_formats(standalone, val[0][0][:1], ["state_dict", "pt2", "torchscript", "onnx"], tmp_path, "net")
+    plain = plain_model(depths).eval()
+    plain.load_state_dict(torch.load(files["state_dict"]))
+    onnx_top1, worst = check_onnx(files["onnx"], standalone, val)
+    assert worst < 1e-4 and abs(onnx_top1 - top1) <= 100 / 16
+    with torch.no_grad():
+        images = val[1][0]
+        expected = standalone(images)  # the sub-network's logits: checked batch by batch above
+        assert torch.equal(plain(images), expected)
+        assert torch.equal(torch.jit.load(files["torchscript"])(images), expected)
+        assert torch.equal(torch.export.load(files["pt2"]).module()(images), expected)

@@ -20,6 +20,9 @@ from st_scale.sampling import STREAM_STOCHASTIC_DEPTH, SubnetSampler, SubnetSpac
 
 def _setup(name="cifar_resnet20", size=16, batch=8):
     model = create_model(name, 10).train()
+    if name == "cifar_vit":  # torchvision starts its head at zero: every logit would be 0
+        torch.nn.init.normal_(model.net.heads.head.weight, std=0.1)
+        size = 32  # the only size a ViT takes
     images = torch.randn(batch, 3, size, size)
     labels = torch.randint(0, 10, (batch,))
     return model, images, labels
@@ -86,6 +89,8 @@ def _reference_two_backward(model, objective, images, labels, step):
         ("cifar_resnet20", 3, "sum"),
         ("cifar_resnet20", 2, "mean"),
         ("cifar_densenet40", 2, "sum"),
+        ("cifar_vit", 2, "sum"),
+        ("cifar_swin", 2, "mean"),
     ],
 )
 def test_prefix_sharing_gives_the_same_loss_and_gradients(name, num_subnets, reduction):
@@ -105,8 +110,9 @@ def test_prefix_sharing_gives_the_same_loss_and_gradients(name, num_subnets, red
         for loss, grads in results:
             assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
             assert grads.keys() == ref_grads.keys()
-            for name in grads:
-                assert torch.allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6), name
+            for name in grads:  # rounding grows with the gradient's scale (a ViT's class token sums 65 tokens)
+                scale = max(1.0, float(ref_grads[name].abs().max()))
+                assert torch.allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6 * scale), name
         for depths in objective.sampler.sample_many(step, num_subnets):
             stages_seen.add(StimulativeTraining.divergence(depths, model.full_depths))
     assert {0, 1} <= stages_seen  # sub-nets diverging in different stages were exercised

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from st_scale.models import MODEL_NAMES, create_model
+from st_scale.models import FIXED_IMAGE_SIZES, MODEL_NAMES, create_model
 
 STAGE_SIZES = {
     "cifar_resnet20": (3, 3, 3),
@@ -28,6 +28,10 @@ STAGE_SIZES = {
     "densenet264": (6, 12, 64, 48),
     "mobilenet_v3_small": (2, 3, 2, 3),
     "mobilenet_v3_large": (2, 2, 3, 4, 2, 3),
+    "cifar_vit": (3, 3, 3),
+    "vit_b_16": (3, 3, 3, 3),
+    "cifar_swin": (2, 2, 6, 2),
+    "swin_t": (2, 2, 6, 2),
 }
 
 
@@ -43,7 +47,8 @@ def test_full_depth_forward_equals_the_plain_model(name, training):
     model.train(training)
     if name.startswith("mobilenet"):
         model.net.classifier[-2].p = 0.0  # dropout would make two train-mode passes differ
-    x = torch.randn(2, 3, 32, 32)
+    size = FIXED_IMAGE_SIZES.get(name, 32)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.equal(model(x), model.net(x))
         assert torch.equal(model(x, model.full_depths), model.net(x))

@@ -10,10 +10,12 @@ from .densenet import (
     TORCHVISION_DENSENETS,
     cifar_densenet,
     torchvision_densenet,
+    truncated_densenet,
 )
 from .elastic import Depths, ElasticNet, Plan, Segment, batchnorm_layers, preserved_mode
 from .mobilenet import mobilenet_v3
 from .resnet import CIFAR_DEPTHS, TORCHVISION_DEPTHS, CifarResNet, cifar_resnet, torchvision_resnet, truncated_resnet
+from .transformer import FIXED_IMAGE_SIZES, swin, truncated_swin, truncated_vit, vit
 
 _FACTORIES: dict[str, Callable[[int], ElasticNet]] = {
     **{f"cifar_resnet{d}": partial(cifar_resnet, d) for d in CIFAR_DEPTHS},
@@ -22,8 +24,23 @@ _FACTORIES: dict[str, Callable[[int], ElasticNet]] = {
     **{f"densenet{d}": partial(torchvision_densenet, d) for d in (*TORCHVISION_DENSENETS, 264)},
     "mobilenet_v3_small": partial(mobilenet_v3, "small"),
     "mobilenet_v3_large": partial(mobilenet_v3, "large"),
+    **{name: partial(vit, name) for name in ("cifar_vit", "vit_b_16")},
+    **{name: partial(swin, name) for name in ("cifar_swin", "swin_t")},
 }
 MODEL_NAMES = tuple(_FACTORIES)
+# Each family's sub-network as a plain model of its own: (name prefixes, truncation).
+_TRUNCATIONS = (
+    (("cifar_resnet", "resnet"), truncated_resnet),
+    (("cifar_densenet", "densenet"), truncated_densenet),
+    (("cifar_vit", "vit_"), truncated_vit),
+    (("cifar_swin", "swin_"), truncated_swin),
+)
+STANDALONE_FAMILIES = "ResNets, DenseNets, ViTs and Swins"
+
+
+def has_standalone_subnets(name: str) -> bool:
+    """Whether `create_model(name, stage_depths=...)` builds that family's sub-networks."""
+    return any(name.startswith(prefixes) for prefixes, _ in _TRUNCATIONS)
 
 
 def create_model(name: str, num_classes: int, *, stage_depths=None) -> ElasticNet:
@@ -38,13 +55,16 @@ def create_model(name: str, num_classes: int, *, stage_depths=None) -> ElasticNe
     if stage_depths is None:
         return model
     depths = model.check_depths(stage_depths)
-    if not name.startswith(("cifar_resnet", "resnet")):
-        raise ValueError(f"model.stage_depths={list(stage_depths)}: supported for ResNets, not {name}")
-    return truncated_resnet(model, depths)
+    for prefixes, truncated in _TRUNCATIONS:
+        if name.startswith(prefixes):
+            return truncated(model, depths)
+    raise ValueError(f"model.stage_depths={list(stage_depths)}: supported for {STANDALONE_FAMILIES}, not {name}")
 
 
 __all__ = [
+    "FIXED_IMAGE_SIZES",
     "MODEL_NAMES",
+    "STANDALONE_FAMILIES",
     "CifarResNet",
     "Depths",
     "ElasticNet",
@@ -52,5 +72,6 @@ __all__ = [
     "Segment",
     "batchnorm_layers",
     "create_model",
+    "has_standalone_subnets",
     "preserved_mode",
 ]

@@ -3,13 +3,15 @@
 Blocks with an identity shortcut keep their input's shape, so a block costs the same in every
 sub-network that runs it: a sub-net's MACs are the sum of its blocks' MACs. A dense block's layers
 widen it, and the transition after it reads the channels the kept layers produced: its cost depends
-on the sub-network, so a DenseNet's sub-networks are each measured with one traced forward.
+on the sub-network, so a DenseNet's sub-networks are each measured with one traced forward, and so
+are a transformer's: its attention multiplies activations with activations (no module to hook).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from .elastic import Depths, ElasticNet, preserved_mode
 
@@ -37,6 +39,8 @@ class MacCounter:
     def __init__(self, model: ElasticNet, image_size: int):
         self.model, self.image_size = model, image_size
         self._traced_cache: dict[Depths, tuple[int, int]] = {}
+        attention = (nn.MultiheadAttention, ShiftedWindowAttention)
+        self._each_traced = not model.blocks_reorderable or any(isinstance(m, attention) for m in model.modules())
         self.block_macs: dict[tuple[int, int], int] = {}
         self.block_params: dict[tuple[int, int], int] = {}
         handles = []
@@ -70,19 +74,19 @@ class MacCounter:
         return total
 
     def subnet_macs(self, depths: Depths) -> int:
-        if not self.model.blocks_reorderable:
+        if self._each_traced:
             return self._traced(depths)[0]
         return self._sum(self.block_macs, depths)
 
     def subnet_params(self, depths: Depths) -> int:
-        if not self.model.blocks_reorderable:
+        if self._each_traced:
             return self._traced(depths)[1]
         return self._sum(self.block_params, depths)
 
     def _traced(self, depths: Depths) -> tuple[int, int]:
-        """(MACs, parameters) of one sub-network whose fixed segments read a depth-dependent width:
-        the MACs of its matrix products and convolutions as torch's FLOP counter sees them (2 FLOPs
-        each), and the parameters its modules read (`parameters_read(width)` of sliced ones)."""
+        """(MACs, parameters) of one sub-network, from a forward of it: the MACs of its matrix products,
+        convolutions and attention as torch's FLOP counter sees them (2 FLOPs each), and
+        the parameters its modules read (`parameters_read(width)` of sliced ones)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         depths = self.model.check_depths(depths)
@@ -102,7 +106,11 @@ class MacCounter:
                 else:
                     params += self.block_params[(seg_index, block_index)]
         try:
-            with preserved_mode(self.model), torch.no_grad(), FlopCounterMode(display=False) as flops:
+            # With gradients on: without, nn.MultiheadAttention takes a fused kernel the counter does not see.
+            # Nor does it know the CPU's fused attention: counted as the GPU's (two matrix products).
+            cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _CpuAttentionFlops()}
+            counter = FlopCounterMode(display=False, custom_mapping=cpu_attention)
+            with preserved_mode(self.model), torch.enable_grad(), counter as flops:
                 self.model.eval()
                 self.model(_probe(self.model, self.image_size), depths)
         finally:
@@ -110,6 +118,17 @@ class MacCounter:
                 handle.remove()
         self._traced_cache[depths] = (flops.get_total_flops() // 2, params)
         return self._traced_cache[depths]
+
+
+class _CpuAttentionFlops:
+    """torch's formula for fused attention, given the raw arguments it reads shapes from."""
+
+    _get_raw = True
+
+    def __call__(self, *args, **kwargs) -> int:
+        from torch.utils.flop_counter import sdpa_flop
+
+        return sdpa_flop(*args, **kwargs)
 
 
 @torch.no_grad()

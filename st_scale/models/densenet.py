@@ -167,3 +167,26 @@ def torchvision_densenet(depth: int, num_classes: int) -> ElasticNet:
     else:
         net = get_model(name, weights=None, num_classes=num_classes)
     return elastic_densenet(name, net)
+
+
+def truncated_densenet(model: ElasticNet, depths) -> ElasticNet:
+    """The DenseNet `model` with the first depths[s] layers of each dense block, each transition (and
+    norm5, classifier) reading the channels those layers produce and keeping the full network's
+    output widths: a sub-network's architecture as a plain DenseNet, named e.g. densenet264[6-12-24-16]."""
+    features = model.net.features
+    for stage, depth in enumerate(depths):
+        block = getattr(features, f"denseblock{stage + 1}")
+        for key in list(block.keys())[depth:]:
+            del block[key]
+        last = block[list(block.keys())[-1]]
+        width = last.norm1.num_features + last.conv2.out_channels
+        transition = getattr(features, f"transition{stage + 1}", None)
+        if transition is not None and transition.norm.num_features != width:
+            narrower = _Transition(width, transition.conv.out_channels)
+            nn.init.kaiming_normal_(narrower.conv.weight)
+            setattr(features, f"transition{stage + 1}", narrower)
+        elif transition is None and features.norm5.num_features != width:
+            features.norm5 = nn.BatchNorm2d(width)
+            model.net.classifier = nn.Linear(width, model.net.classifier.out_features)
+            nn.init.constant_(model.net.classifier.bias, 0)
+    return elastic_densenet(f"{model.name}[{'-'.join(map(str, depths))}]", model.net)

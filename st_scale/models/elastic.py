@@ -178,7 +178,10 @@ class ElasticNet(nn.Module):
             scale = scales.get((stage, index))
             if scale is None or scale == 1.0:
                 continue
-            self._branch_hooks.append(self._branch_end(block).register_forward_hook(_BranchScale(self, float(scale))))
+            end = self._branch_end(block)
+            # A block whose branch ends at its own output (a pre-norm transformer block) scales y - x.
+            hook = _ResidualScale(self, float(scale)) if end is block else _BranchScale(self, float(scale))
+            self._branch_hooks.append(end.register_forward_hook(hook))
 
     @property
     def has_branch_scales(self) -> bool:
@@ -202,6 +205,14 @@ class _BranchScale:
 
     def __call__(self, module, inputs, output):
         return output * self.scale if self.model._branch_scales_on else output
+
+
+class _ResidualScale(_BranchScale):
+    """y = x + f(x) becomes x + scale * f(x)."""
+
+    def __call__(self, module, inputs, output):
+        x = inputs[0]
+        return x + (output - x) * self.scale if self.model._branch_scales_on else output
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
