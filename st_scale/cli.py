@@ -47,6 +47,14 @@ def counted(minimum: int = 1, maximum: int | None = None):
     return parse
 
 
+def recipe_pair(text: str) -> tuple[str, str]:
+    """An argparse type for two recipe names, CT's and ST's."""
+    names = tuple(part.strip() for part in text.split(","))
+    if len(names) != 2 or not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give two recipes, e.g. demo_swin_ct,demo_swin_st")
+    return names
+
+
 def _add_ray_address(p) -> None:
     p.add_argument(
         "--address",
@@ -150,6 +158,14 @@ def _add_demo(sub) -> None:
         "accuracy side by side.",
     )
     p.add_argument("--epochs", type=counted(), default=None, help="epochs per run (recipe default: 12)")
+    p.add_argument(
+        "--recipes",
+        type=recipe_pair,
+        default="demo_ct,demo_st",
+        metavar="CT,ST",
+        help="the two digits recipes to compare (default: demo_ct,demo_st, CIFAR ResNet-20; also "
+        "demo_vit_ct,demo_vit_st and demo_swin_ct,demo_swin_st for transformers)",
+    )
     _add_set(p, "override a field of both demo recipes")
     p.add_argument("--data-dir", default="~/.cache/st_scale/digits32", help="where the digits .beton files go")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
@@ -393,6 +409,7 @@ def cmd_demo(args) -> int:
 
     _check_summary_path(args)
     run_demo(
+        recipes=args.recipes,
         epochs=args.epochs,
         overrides=args.overrides,
         data_dir=args.data_dir,

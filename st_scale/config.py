@@ -147,15 +147,25 @@ class SamplingSection(Section):
 
 
 class OptimizerSection(Section):
+    name: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd (momentum, Nesterov) or adamw (Adam with decoupled weight decay: what ViTs and Swins "
+        "train with)"
+    )  # fmt: skip
     epochs: int = Field(ge=1)
     lr: float = Field(0.1, gt=0, description="peak learning rate for the global batch size")
     lr_min: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's")
+    nesterov: bool = Field(True, description="sgd's")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw's decay rates of its two moment estimates")
+    eps: float = Field(1e-8, gt=0, description="adamw's")
     weight_decay: float = Field(5e-4, ge=0)
-    decay_norm_and_bias: bool = Field(False, description="apply weight decay to BN/bias parameters too")
+    decay_norm_and_bias: bool = Field(
+        False,
+        description="apply weight decay to norm, bias and transformer embedding parameters (class token, position "
+        "embedding, relative position bias) too",
+    )
     ema_decay: float | None = Field(
         None,
         gt=0,
@@ -165,9 +175,24 @@ class OptimizerSection(Section):
     )
     implementation: Literal["fused", "foreach", "for_loop"] = Field(
         "fused",
-        description="torch's SGD kernels: fused (one kernel updates every parameter), foreach (one op per "
+        description="torch's optimizer kernels: fused (one kernel updates every parameter), foreach (one op per "
         "step over all tensors) or for_loop (one op per tensor, the slowest); the same update in each",
     )
+
+    @model_validator(mode="after")
+    def _own_options(self) -> OptimizerSection:
+        # Told by value, not by model_fields_set: a config dumped and validated again sets every field.
+        other = {"sgd": ("betas", "eps"), "adamw": ("momentum", "nesterov")}[self.name]
+        stray = [f for f in other if getattr(self, f) != type(self).model_fields[f].default]
+        if stray:
+            raise ValueError(
+                f"optimizer.{stray[0]} is set but optimizer.name={self.name} does not use it "
+                f"({'momentum and nesterov are sgd' if self.name == 'adamw' else 'betas and eps are adamw'}'s); "
+                f"remove it or choose the other optimizer"
+            )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas={list(self.betas)}: each must lie in [0, 1)")
+        return self
 
 
 class DeepSpeedSection(Section):

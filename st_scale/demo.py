@@ -11,6 +11,8 @@ from .data.integrity import DatasetFileError, verify_beton
 from .launch import train, write_summary_json
 from .report import print_summaries
 
+DEMO_RECIPES = ("demo_ct", "demo_st")
+
 
 def ensure_digits(data_dir: Path, image_size: int = 32) -> None:
     """Convert the bundled digits set unless a verified copy is already there."""
@@ -25,6 +27,7 @@ def ensure_digits(data_dir: Path, image_size: int = 32) -> None:
 
 def run_demo(
     *,
+    recipes: tuple[str, str] = DEMO_RECIPES,
     epochs: int | None = None,
     overrides: list[str] = (),
     data_dir: str = "~/.cache/st_scale/digits32",
@@ -39,7 +42,7 @@ def run_demo(
     if epochs is not None:
         common.append(f"optimizer.epochs={epochs}")
     summaries, cfg = [], None
-    for recipe in ("demo_ct", "demo_st"):
+    for recipe in recipes:
         cfg = load_config(recipe, [*common, f"run.name={recipe.replace('_', '-')}-{stamp}"])
         print(
             f"\n=== {recipe}: {cfg.method.name.upper()} {cfg.model.name}, {cfg.optimizer.epochs} epochs, "

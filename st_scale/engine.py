@@ -136,22 +136,36 @@ class TrainModule(nn.Module):
         return out.loss, out.parts, out.logits
 
 
+# Transformer embeddings decay to nothing under weight decay: torchvision's and timm's recipes exempt them.
+EMBEDDING_PARAMETERS = ("class_token", "pos_embedding", "relative_position_bias_table")
+
+
 def parameter_groups(module: nn.Module, opt: OptimizerSection) -> list[dict]:
     """No weight decay on normalisation weights and biases (every 1-d parameter: this catches the
-    shortcut BNs that name-based filters miss)."""
+    shortcut BNs that name-based filters miss) nor on transformer embeddings."""
     decay, no_decay = [], []
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 or opt.decay_norm_and_bias else no_decay).append(p)
+            exempt = p.ndim <= 1 or name.rsplit(".", 1)[-1] in EMBEDDING_PARAMETERS
+            (no_decay if exempt and not opt.decay_norm_and_bias else decay).append(p)
     groups = [{"params": decay, "weight_decay": opt.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
-def sgd_kernels(implementation: str) -> dict[str, bool]:
-    """torch.optim.SGD's switches for one implementation (torch picks for_loop on CPU by default)."""
+def optimizer_kernels(implementation: str) -> dict[str, bool]:
+    """torch.optim.SGD's and AdamW's switches for one implementation (torch picks for_loop on CPU by default)."""
     return {"fused": implementation == "fused", "foreach": implementation == "foreach"}
+
+
+def build_optimizer(module: nn.Module, opt: OptimizerSection) -> torch.optim.Optimizer:
+    groups, kernels = parameter_groups(module, opt), optimizer_kernels(opt.implementation)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, **kernels)
+    return torch.optim.SGD(
+        groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0, **kernels
+    )
 
 
 def _skip_cpu_shm_build() -> None:
@@ -169,13 +183,7 @@ def build_engine(model: ElasticNet, objective: Objective, cfg: Config, ds_config
     if not cfg.scaling.use_gpu:
         _skip_cpu_shm_build()
     module = TrainModule(model, objective)
-    optimizer = torch.optim.SGD(
-        parameter_groups(module, cfg.optimizer),
-        lr=cfg.optimizer.lr,
-        momentum=cfg.optimizer.momentum,
-        nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0,
-        **sgd_kernels(cfg.optimizer.implementation),
-    )
+    optimizer = build_optimizer(module, cfg.optimizer)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine
 

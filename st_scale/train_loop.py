@@ -430,10 +430,10 @@ def _with_fault(batches: Iterable, fault: FaultInjection | None, rank: int, firs
     return stream()
 
 
-def _state_bytes(engine) -> int:
-    """Weights, gradients and optimizer state (SGD momentum) of the trained module."""
+def _state_bytes(engine, optimizer: str) -> int:
+    """Weights, gradients and optimizer state (SGD's momentum; AdamW's two moments) of the trained module."""
     params = sum(p.numel() * p.element_size() for p in engine.module.parameters())
-    return 3 * params
+    return (3 if optimizer == "sgd" else 4) * params
 
 
 def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[str, float]]:
@@ -463,7 +463,7 @@ def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[s
         if measure_saved:  # the epoch's first step only
             with SavedTensorBytes() as saved:
                 loss, parts, _ = engine(x, y, step)
-            memory_bytes, measure_saved = saved.total + _state_bytes(engine), False
+            memory_bytes, measure_saved = saved.total + _state_bytes(engine, cfg.optimizer.name), False
         else:
             loss, parts, _ = engine(x, y, step)
         window.add(loss, parts)

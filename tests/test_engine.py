@@ -74,7 +74,9 @@ def _sgd_by_hand(params, grads, buffers, lr, opt, decays):
 def test_engine_steps_equal_sgd_written_out(ds_config, implementation):
     """Three DeepSpeed steps of the CT objective move every weight exactly as SGD with Nesterov
     momentum does, weight decay on conv and linear weights only, at the learning rate set, whichever
-    of torch's SGD kernels runs it."""
+    of torch's SGD kernels runs it. Each step starts the hand-written one from the engine's weights: a
+    freshly initialised ResNet's gradients change by a percent under a 1e-8 change of its weights, so two
+    copies stepped apart would drift with the CPU's rounding."""
     cfg, model, engine = _engine(ds_config, method="ct", implementation=implementation)
     assert engine.zero_optimization_stage() == (1 if "zero1" in ds_config else 0)
     sgd = engine.optimizer.optimizer if engine.zero_optimization_stage() else engine.optimizer
@@ -83,16 +85,14 @@ def test_engine_steps_equal_sgd_written_out(ds_config, implementation):
         implementation == "foreach",
     )
     names = [n for n, _ in model.named_parameters()]
-    params = [p.detach().clone() for p in model.parameters()]
-    decays = [p.ndim > 1 for p in params]
-    buffers = [None] * len(params)
+    decays = [p.ndim > 1 for p in model.parameters()]
+    buffers = [None] * len(decays)
     reference = create_model(model.name, 10).train()
-    reference.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
     for step, lr in enumerate((0.05, 0.02, 0.08)):
         images, labels = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
-        for p, value in zip(reference.parameters(), params):
-            p.data.copy_(value)
+        reference.load_state_dict(model.state_dict())
+        params = [p.detach().clone() for p in model.parameters()]
         grads = torch.autograd.grad(
             torch.nn.functional.cross_entropy(reference(images), labels), list(reference.parameters())
         )
@@ -101,8 +101,57 @@ def test_engine_steps_equal_sgd_written_out(ds_config, implementation):
         loss, _, _ = engine(images, labels, step)
         engine.backward(loss)
         engine.step()
-    for name, p, expected in zip(names, model.parameters(), params):
-        assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-6), name
+        for name, p, expected in zip(names, model.parameters(), params):
+            assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-6), f"step {step}: {name}"
+
+
+def _adamw_by_hand(params, grads, moments, lr, opt, decays, t):
+    """AdamW (Loshchilov & Hutter 2019, Algorithm 2) written out: decoupled decay, bias-corrected moments."""
+    b1, b2 = opt.betas
+    for i, (p, g) in enumerate(zip(params, grads)):
+        m, v = moments[i] if moments[i] is not None else (torch.zeros_like(p), torch.zeros_like(p))
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        moments[i] = (m, v)
+        p = p * (1 - lr * opt.weight_decay) if decays[i] else p
+        params[i] = p - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + opt.eps)
+
+
+@pytest.mark.parametrize("ds_config", ["cpu_fp32.json", "cpu_zero1_fp32.json"])
+def test_engine_steps_equal_adamw_written_out(ds_config):
+    """Three DeepSpeed steps with optimizer.name=adamw move every weight as AdamW does, decoupled weight
+    decay on conv and linear weights only, at the learning rate set."""
+    extra = ("optimizer.name=adamw", "optimizer.betas=[0.8,0.95]", "optimizer.eps=1e-6", "optimizer.weight_decay=0.05")
+    cfg, model, engine = _engine(ds_config, method="ct", extra=extra)
+    adamw = engine.optimizer.optimizer if engine.zero_optimization_stage() else engine.optimizer
+    assert isinstance(adamw, torch.optim.AdamW)
+    names = [n for n, _ in model.named_parameters()]
+    decays = [p.ndim > 1 for p in model.parameters()]
+    moments = [None] * len(decays)
+    reference = create_model(model.name, 10).train()
+    g = torch.Generator().manual_seed(1)
+    for step, lr in enumerate((0.05, 0.02, 0.08)):  # each step from the engine's weights, as for SGD
+        images, labels = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+        reference.load_state_dict(model.state_dict())
+        params = [p.detach().clone() for p in model.parameters()]
+        grads = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(reference(images), labels), list(reference.parameters())
+        )
+        _adamw_by_hand(params, grads, moments, lr, cfg.optimizer, decays, step + 1)
+        set_lr(engine, lr)
+        loss, _, _ = engine(images, labels, step)
+        engine.backward(loss)
+        engine.step()
+        for name, p, expected in zip(names, model.parameters(), params):
+            assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-6), f"step {step}: {name}"
+
+
+def test_each_optimizer_refuses_the_others_options():
+    with pytest.raises(ConfigError, match="optimizer.momentum is set but optimizer.name=adamw does not use it"):
+        load_config("demo_st", ["optimizer.name=adamw", "optimizer.momentum=0.8"])
+    with pytest.raises(ConfigError, match="optimizer.betas is set but optimizer.name=sgd does not use it"):
+        load_config("demo_st", ["optimizer.betas=[0.9,0.98]"])
+    with pytest.raises(ConfigError, match="optimizer.betas=\\[0.9, 1.0\\]: each must lie in \\[0, 1\\)"):
+        load_config("demo_st", ["optimizer.name=adamw", "optimizer.betas=[0.9,1.0]"])
 
 
 def test_autocast_computes_in_bf16_and_keeps_weights_and_batchnorm_statistics_in_fp32():
@@ -176,6 +225,20 @@ def test_no_weight_decay_on_any_norm_or_bias_parameter():
     assert id(shortcut_bn.weight) in no_decay and id(shortcut_bn.bias) in no_decay
     assert id(model.net.fc.bias) in no_decay and id(model.net.fc.weight) not in no_decay
     assert groups[0]["weight_decay"] == cfg.optimizer.weight_decay and groups[1]["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("name, embeddings", [("cifar_vit", 2), ("cifar_swin", 12)])
+def test_no_weight_decay_on_transformer_embeddings(name, embeddings):
+    """The class token, the position embedding and every relative position bias table, as torchvision's recipes."""
+    cfg = load_config("demo_st", [f"model.name={name}"])
+    model = create_model(name, 10)
+    groups = parameter_groups(model, cfg.optimizer)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    exempt = [n for n, p in model.named_parameters() if p.ndim > 1 and id(p) in no_decay]
+    assert len(exempt) == embeddings
+    assert all(n.endswith(("class_token", "pos_embedding", "relative_position_bias_table")) for n in exempt)
+    everything = parameter_groups(model, cfg.optimizer.model_copy(update={"decay_norm_and_bias": True}))
+    assert len(everything) == 1
 
 
 @pytest.mark.parametrize("lr_min", [0.0, 0.01])

@@ -353,6 +353,47 @@ def test_a_densenet_trains_with_st_and_evaluates_its_subnetworks(workspace, digi
         assert int(row["macs"]) == counter.subnet_macs(depths) and int(row["params"]) == counter.subnet_params(depths)
 
 
+def test_a_swin_trains_with_st_under_adamw_and_logs_itself_as_a_plain_swin(workspace, digits_dir):
+    """A Swin through the whole worker path: AdamW under DeepSpeed, ST with prefix sharing over its stages,
+    the tree walk (LayerNorm: nothing to re-estimate), attention in the table's MACs, and the final model
+    logged as a torchvision Swin that scores the run's main-net accuracy."""
+    import csv
+
+    import mlflow.pytorch
+
+    from st_scale.checkpoint_eval import open_checkpoint
+    from st_scale.models import create_model
+    from st_scale.models.complexity import MacCounter
+
+    cfg = make_config(
+        digits_dir,
+        workspace,
+        "swin",
+        "model.name=cifar_swin",
+        "model.channels_last=false",
+        "optimizer.name=adamw",
+        "optimizer.lr=0.002",
+        "optimizer.weight_decay=0.05",
+        "optimizer.epochs=1",
+        "eval.max_subnets=8",
+    )
+    summary = train(cfg)
+    assert summary.num_subnets == 8 and summary.main_top1 > 30  # ten classes; one epoch
+    c = client(workspace)
+    table = c.download_artifacts(summary.mlflow_run_id, "subnets/subnets_epoch001.csv")
+    counter = MacCounter(create_model("cifar_swin", 10), 32)
+    for row in csv.DictReader(Path(table).read_text().splitlines()):
+        depths = tuple(int(d) for d in row["depths"].split("-"))
+        assert int(row["macs"]) == counter.subnet_macs(depths)
+    run = c.get_run(summary.mlflow_run_id)
+    model_id = run.data.tags["st_scale.final_model_uri"].removeprefix("models:/")
+    final = mlflow.pytorch.load_model(c.get_logged_model(model_id).artifact_location)
+    val = open_checkpoint(summary.checkpoint, storage_endpoint=None, recalibrate=False, command="eval").val
+    with torch.no_grad():
+        correct = sum(int((final(x).argmax(1) == y).sum()) for x, y in val)
+    assert 100 * correct / sum(len(y) for _, y in val) == pytest.approx(summary.main_top1, abs=1e-9)
+
+
 def test_more_workers_than_the_cluster_has_fails_before_any_worker(workspace, digits_dir):
     with pytest.raises(
         ConfigError, match="scaling.num_workers=4 x scaling.cpus_per_worker=1.0 needs 4 CPUs but the Ray cluster has 2"
