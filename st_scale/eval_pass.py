@@ -27,7 +27,7 @@ from .evaluation import (
     evaluate_subnets,
     summarise_destruction,
 )
-from .models import Depths, ElasticNet
+from .models import Depths, ElasticNet, batchnorm_layers
 
 SUBNET_STATS = ("mean_top1", "std_top1", "min_top1", "max_top1")
 SHARED = "_shared_stats"  # suffix of every figure measured on the shared running statistics
@@ -79,7 +79,8 @@ def subnet_reports(
             row.latency_ms, row.images_per_s = timed.get(row.depths, (None, None))
         rows = gather_lists(rows)
         if rows:
-            reports[suffix] = SubnetReport(sorted(rows, key=lambda r: r.depths), calib is not None)
+            by_depths = sorted(rows, key=lambda r: r.depths)
+            reports[suffix] = SubnetReport(by_depths, calib is not None, batch_norm=bool(batchnorm_layers(model)))
     return reports
 
 

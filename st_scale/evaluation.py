@@ -176,6 +176,7 @@ class SubnetRow:
 class SubnetReport:
     rows: list[SubnetRow]
     recalibrated: bool
+    batch_norm: bool = True  # False: the network has no statistics to re-estimate (a transformer's LayerNorm)
     stats: dict[str, float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -363,7 +364,7 @@ def _report(model: ElasticNet, counts: dict, recalibrated: bool, image_size: int
         rows.append(
             SubnetRow(depths, sum(depths), macs.subnet_macs(depths), macs.subnet_params(depths), acc.top1, acc.top5)
         )
-    return SubnetReport(rows, recalibrated)
+    return SubnetReport(rows, recalibrated, batch_norm=bool(batchnorm_layers(model)))
 
 
 # ------------------------------------------------------------------------------------ destruction

@@ -39,6 +39,8 @@ def subnet_figure(report: SubnetReport, title: str):
     axes[-1].set_ylabel("sub-networks")
     s = report.stats
     label = "per-network BN statistics" if report.recalibrated else "shared BN statistics"
+    if not report.batch_norm:
+        label = "no BN statistics (LayerNorm)"
     figure.suptitle(
         f"{title}: {int(s['num_subnets'])} sub-nets, {s['mean_top1']:.1f} ± {s['std_top1']:.1f} "
         f"(min {s['min_top1']:.1f}), {label}"

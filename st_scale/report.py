@@ -25,12 +25,23 @@ def summary_table(summaries: Sequence[RunSummary]) -> str:
     return "\n".join(lines)
 
 
+def statistics_note(cfg) -> str:
+    """What the accuracies were measured on, BatchNorm-wise."""
+    from .models import has_batch_norm
+
+    if not has_batch_norm(cfg.model.name):
+        return f"{cfg.model.name} has LayerNorm: no statistics to re-estimate"
+    if not cfg.eval.recalibrate:
+        return "every network on the shared running BatchNorm statistics"
+    return "each network on its own re-estimated BatchNorm statistics"
+
+
 def print_summaries(summaries: Sequence[RunSummary], cfg) -> None:
     from .tracking import DEFAULT_UI, redacted, resolve_tracking_uri, sqlite_path, training_view_url
 
     print()
     print(summary_table(summaries))
-    print("\nAccuracies in %, each network on its own re-estimated BatchNorm statistics.")
+    print(f"\nAccuracies in %, {statistics_note(cfg)}.")
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     print(
         f"MLflow: experiment {cfg.tracking.experiment!r} in {redacted(uri)}; runs "

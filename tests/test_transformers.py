@@ -137,3 +137,22 @@ def test_a_vit_takes_only_its_own_image_size(tmp_path):
     with pytest.raises(ConfigError, match="data.val_image_size=256: vit_b_16 takes 224 px images only"):
         load_config("imagenet_resnet50_st", ["model.name=vit_b_16", "data.val_image_size=256"])
     assert load_config("demo_st", ["model.name=cifar_swin", "data.image_size=64"]).model.name == "cifar_swin"
+
+
+def test_the_sub_network_figure_says_a_layernorm_network_has_no_statistics():
+    from st_scale.plots import subnet_figure
+
+    model = _trained_like("cifar_vit")
+    report = evaluate_subnets(model, [(1, 1, 1), (3, 3, 3)], random_batches(1, 4, 32, seed=3), _NoBatches())
+    assert not report.batch_norm
+    assert "no BN statistics (LayerNorm)" in subnet_figure(report, "vit")._suptitle.get_text()
+
+
+def test_the_printed_summary_says_what_the_accuracies_were_measured_on():
+    from st_scale.models import has_batch_norm
+    from st_scale.report import statistics_note
+
+    assert [has_batch_norm(n) for n in ("cifar_vit", "swin_t", "densenet121", "cifar_resnet20")] == [0, 0, 1, 1]
+    assert "LayerNorm" in statistics_note(load_config("demo_swin_st"))
+    assert "own re-estimated" in statistics_note(load_config("demo_st"))
+    assert "shared running" in statistics_note(load_config("demo_st", ["eval.recalibrate=false"]))

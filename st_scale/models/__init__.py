@@ -15,7 +15,7 @@ from .densenet import (
 from .elastic import Depths, ElasticNet, Plan, Segment, batchnorm_layers, preserved_mode
 from .mobilenet import mobilenet_v3
 from .resnet import CIFAR_DEPTHS, TORCHVISION_DEPTHS, CifarResNet, cifar_resnet, torchvision_resnet, truncated_resnet
-from .transformer import FIXED_IMAGE_SIZES, swin, truncated_swin, truncated_vit, vit
+from .transformer import FIXED_IMAGE_SIZES, SWIN_PREFIXES, VIT_PREFIXES, swin, truncated_swin, truncated_vit, vit
 
 _FACTORIES: dict[str, Callable[[int], ElasticNet]] = {
     **{f"cifar_resnet{d}": partial(cifar_resnet, d) for d in CIFAR_DEPTHS},
@@ -32,10 +32,15 @@ MODEL_NAMES = tuple(_FACTORIES)
 _TRUNCATIONS = (
     (("cifar_resnet", "resnet"), truncated_resnet),
     (("cifar_densenet", "densenet"), truncated_densenet),
-    (("cifar_vit", "vit_"), truncated_vit),
-    (("cifar_swin", "swin_"), truncated_swin),
+    (VIT_PREFIXES, truncated_vit),
+    (SWIN_PREFIXES, truncated_swin),
 )
 STANDALONE_FAMILIES = "ResNets, DenseNets, ViTs and Swins"
+
+
+def has_batch_norm(name: str) -> bool:
+    """Whether the model keeps BatchNorm statistics (a transformer's LayerNorm keeps none)."""
+    return not name.startswith(VIT_PREFIXES + SWIN_PREFIXES)
 
 
 def has_standalone_subnets(name: str) -> bool:
@@ -72,6 +77,7 @@ __all__ = [
     "Segment",
     "batchnorm_layers",
     "create_model",
+    "has_batch_norm",
     "has_standalone_subnets",
     "preserved_mode",
 ]

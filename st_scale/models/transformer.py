@@ -28,6 +28,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from .elastic import ElasticNet, Segment
 
+VIT_PREFIXES, SWIN_PREFIXES = ("cifar_vit", "vit_"), ("cifar_swin", "swin_")
 # Models that only take one input size (a ViT's position embedding has one entry per patch).
 FIXED_IMAGE_SIZES = {"vit_b_16": 224, "cifar_vit": 32}
 VIT_GROUPS = {"vit_b_16": 4, "cifar_vit": 3}
