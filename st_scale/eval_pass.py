@@ -27,7 +27,7 @@ from .evaluation import (
     evaluate_subnets,
     summarise_destruction,
 )
-from .models import Depths, ElasticNet, batchnorm_layers
+from .models import Depths, ElasticNet, batchnorm_layers, has_batch_norm
 
 SUBNET_STATS = ("mean_top1", "std_top1", "min_top1", "max_top1")
 SHARED = "_shared_stats"  # suffix of every figure measured on the shared running statistics
@@ -67,7 +67,7 @@ def subnet_reports(
     `latency`, each rank times its share of the sub-networks on its own device: one image, and a
     whole validation batch for the throughput."""
     versions = {"": calibration}
-    if shared_stats and calibration is not None:
+    if shared_stats and calibration is not None and batchnorm_layers(model):  # LayerNorm nets: the same figures
         versions[SHARED] = None
     rank, world = rank_and_world()
     mine = list(subnets)[rank::world]
@@ -181,7 +181,7 @@ def reported_metrics(cfg) -> tuple[set[str], set[str]]:
     subnets = {f"val/subnets_{k}" for k in SUBNET_STATS} | {"val/num_subnets"}
     if cfg.eval.shared_stats:
         every.add(f"val/main_top1{SHARED}")
-        if cfg.eval.recalibrate:
+        if cfg.eval.recalibrate and has_batch_norm(cfg.model.name):
             subnets |= {f"val/subnets_{k}{SHARED}" for k in SUBNET_STATS}
     if cfg.eval.compare_calibration and cfg.eval.recalibrate:
         suffix = calibration_suffix(other_protocol(cfg.data.calibration_protocol))

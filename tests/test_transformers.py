@@ -156,3 +156,16 @@ def test_the_printed_summary_says_what_the_accuracies_were_measured_on():
     assert "LayerNorm" in statistics_note(load_config("demo_swin_st"))
     assert "own re-estimated" in statistics_note(load_config("demo_st"))
     assert "shared running" in statistics_note(load_config("demo_st", ["eval.recalibrate=false"]))
+
+
+def test_a_layernorm_network_is_evaluated_once_not_again_on_shared_statistics():
+    from st_scale.eval_pass import reported_metrics, subnet_reports
+
+    model = _trained_like("cifar_swin")
+    val = random_batches(1, 4, 32, seed=3)
+    reports = subnet_reports(model, [(1, 1, 1, 1), (2, 2, 6, 2)], lambda: val, _NoBatches(), shared_stats=True)
+    assert set(reports) == {""}
+    every, some = reported_metrics(load_config("demo_swin_st"))
+    assert not any(name.startswith("val/subnets_") and name.endswith("_shared_stats") for name in every | some)
+    every, some = reported_metrics(load_config("demo_st"))
+    assert "val/subnets_mean_top1_shared_stats" in every | some
