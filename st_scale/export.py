@@ -77,12 +77,12 @@ def standalone_subnet(model: ElasticNet, num_classes: int, depths, calibration: 
     with preserved_bn(model):
         if calibration is not None:
             recalibrate_bn(model, model.plan_for_depths(depths), calibration)
-        _copy_kept_blocks(model, shell, depths)
+        _copy_kept_blocks(model, shell)
     return shell.net.eval()
 
 
-def _copy_kept_blocks(model: ElasticNet, shell: ElasticNet, depths) -> None:
-    """The trained weights into `shell`, the plain network of sub-network `depths`, block by block: its
+def _copy_kept_blocks(model: ElasticNet, shell: ElasticNet) -> None:
+    """The trained weights into `shell`, the plain network of one sub-network, block by block: its
     stage s holds the first d_s blocks of the model's, its fixed segments the model's (a sliced one
     holding the leading slices of each tensor). Every tensor of the shell is filled."""
     filled = 0
