@@ -1,0 +1,148 @@
+"""The converter's own checks of what it is given, run in this process: write options, in-memory
+arrays, ImageFolder trees, the decoded ImageFolder sample, the guard around a writer's source, and a
+source that stops making progress."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from st_scale.data.convert import (
+    ArrayDataset,
+    ImageFolderDataset,
+    WriteOptions,
+    _check_arrays,
+    _Guarded,
+    imagefolder_source,
+    write_beton,
+)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"write_mode": "png"}, "write_mode='png': choose one of"),
+        ({"jpeg_quality": 0}, "jpeg_quality=0: must be in 1..100"),
+        ({"jpeg_quality": 101}, "jpeg_quality=101: must be in 1..100"),
+        ({"max_resolution": 7}, "max_resolution=7: must be >= 8"),
+    ],
+)
+def test_bad_write_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        WriteOptions(**options)
+
+
+def test_the_edges_of_the_write_options_are_accepted():
+    assert WriteOptions(jpeg_quality=1).jpeg_quality == 1 and WriteOptions(jpeg_quality=100).jpeg_quality == 100
+    assert WriteOptions(max_resolution=8).max_resolution == 8
+
+
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (np.zeros((2, 4, 4, 3), np.float32), np.zeros(2, int), "images must be uint8 N x H x W x 3, got float32"),
+        (
+            np.zeros((2, 4, 4), np.uint8),
+            np.zeros(2, int),
+            "images must be uint8 N x H x W x 3, got uint8 \\(2, 4, 4\\)",
+        ),
+        (
+            np.zeros((2, 4, 4, 1), np.uint8),
+            np.zeros(2, int),
+            "images must be uint8 N x H x W x 3, got uint8 \\(2, 4, 4, 1\\)",
+        ),
+        (np.zeros((2, 4, 4, 3), np.uint8), np.zeros(3, int), "2 images but 3 labels"),
+        (np.zeros((0, 4, 4, 3), np.uint8), np.zeros(0, int), "0 images but 0 labels"),
+        (np.zeros((2, 4, 4, 3), np.uint8), np.array([0, -1]), "negative label -1"),
+    ],
+)
+def test_bad_arrays_are_named_with_their_origin(images, labels, message):
+    with pytest.raises(ValueError, match=f"^source.bin: {message}"):
+        _check_arrays(images, labels, "source.bin")
+    _check_arrays(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 0]), "fine")  # label 0 is a label
+
+
+def _image(path, colour=(10, 20, 30), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (6, 5), colour if mode == "RGB" else colour[0]).save(path)
+
+
+def test_an_imagefolder_sample_is_its_rgb_image_with_its_class_index(tmp_path):
+    _image(tmp_path / "b" / "grey.png", mode="L")
+    _image(tmp_path / "a" / "x.png")
+    dataset = ImageFolderDataset(tmp_path, ["a", "b"])
+    assert len(dataset) == 2
+    first, second = dataset[0], dataset[1]
+    assert first[1] == 0 and np.asarray(first[0]).tolist()[0][0] == [10, 20, 30]
+    assert second[1] == 1 and second[0].mode == "RGB" and np.asarray(second[0]).shape == (5, 6, 3)
+
+
+def test_imagefolder_trees_that_cannot_be_converted_are_named(tmp_path):
+    root = tmp_path / "data"
+    with pytest.raises(FileNotFoundError, match="has no train/ folder: expected .*/train/<class>/"):
+        imagefolder_source(root)
+    (root / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no val/ folder"):
+        imagefolder_source(root)
+    (root / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match="train has no class folders"):
+        imagefolder_source(root)
+    _image(root / "train" / "cat" / "1.png")
+    _image(root / "val" / "dog" / "1.png")
+    with pytest.raises(ValueError, match="val has classes not in train/: \\['dog'\\]"):
+        imagefolder_source(root)
+    (root / "val" / "dog" / "1.png").unlink()
+    (root / "val" / "dog").rmdir()
+    (root / "val" / "cat").mkdir()
+    with pytest.raises(FileNotFoundError, match="val holds no images"):
+        imagefolder_source(root)
+    _image(root / "val" / "cat" / "2.png")
+    _image(root / "train" / "ant" / "1.png")
+    seen = []
+    splits = imagefolder_source(root, progress=lambda samples: seen.extend(samples) or samples)
+    assert len(seen) == 3  # every image decoded once, both splits
+    train, meta = splits["train"]
+    assert meta["classes"] == ["ant", "cat"] and meta["num_classes"] == 2 and len(train) == 2
+    assert [label for _, label in train.samples] == [0, 1] and meta["source"].endswith("train")
+    assert imagefolder_source(root, validate=False, progress=lambda s: pytest.fail("validated"))["val"][1][
+        "classes"
+    ] == ["ant", "cat"]
+
+
+def test_the_guard_passes_samples_through_and_reports_a_failure_before_ending_the_worker(tmp_path, monkeypatch):
+    class Exit(Exception):
+        pass
+
+    def exit_(code):
+        raise Exit(code)
+
+    class Broken(ArrayDataset):
+        def __getitem__(self, i):
+            if i == 1:
+                raise OSError("disk read error")
+            return super().__getitem__(i)
+
+    error_file = tmp_path / "error"
+    guarded = _Guarded(Broken(np.zeros((3, 2, 2, 3), np.uint8), np.array([4, 5, 6])), str(error_file))
+    assert len(guarded) == 3 and guarded[2][1] == 6 and not error_file.exists()
+    monkeypatch.setattr("st_scale.data.convert.os._exit", exit_)
+    with pytest.raises(Exit) as exited:
+        guarded[1]
+    assert exited.value.args == (3,)
+    assert error_file.read_text() == "sample 1: OSError: disk read error"
+
+
+def test_a_source_that_stops_making_progress_is_stopped_and_leaves_nothing(tmp_path):
+    class Stuck(ArrayDataset):
+        def __getitem__(self, i):
+            time.sleep(60)
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="made no progress for 2 s; the source may be unreadable"):
+        write_beton(Stuck(np.zeros((4, 2, 2, 3), np.uint8), np.zeros(4, int)), tmp_path / "x.beton",
+                    WriteOptions(num_workers=1, inactivity_timeout_s=2), {})  # fmt: skip
+    assert time.monotonic() - start < 30  # the writer's process group was killed, not waited for
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
