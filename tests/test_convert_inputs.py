@@ -146,3 +146,31 @@ def test_a_source_that_stops_making_progress_is_stopped_and_leaves_nothing(tmp_p
                     WriteOptions(num_workers=1, inactivity_timeout_s=2), {})  # fmt: skip
     assert time.monotonic() - start < 30  # the writer's process group was killed, not waited for
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_class_missing_from_val_keeps_the_training_class_indices(tmp_path):
+    _image(tmp_path / "val" / "cat" / "1.png")
+    dataset = ImageFolderDataset(tmp_path / "val", ["ant", "cat"])
+    assert [label for _, label in dataset.samples] == [1]  # cat is class 1 of train's classes, not 0 of val's
+
+
+def test_extra_val_classes_are_listed_five_at_most(tmp_path):
+    _image(tmp_path / "train" / "a" / "1.png")
+    for name in "bcdefg":
+        _image(tmp_path / "val" / name / "1.png")
+    with pytest.raises(ValueError, match=r"has classes not in train/: \['b', 'c', 'd', 'e', 'f'\]$"):
+        imagefolder_source(tmp_path, validate=False)
+
+
+def test_a_beton_goes_into_new_folders_and_clears_what_a_crashed_conversion_left(tmp_path):
+    target = tmp_path / "new" / "nested" / "x.beton"
+    write_beton(ArrayDataset(np.zeros((4, 2, 2, 3), np.uint8), np.arange(4)), target, WriteOptions(num_workers=1), {})
+    assert target.is_file()
+    # a conversion killed mid-way left its partial file and an error report: neither survives the next one
+    target.with_name("x.beton.partial").write_bytes(b"half a file")
+    target.with_name("x.beton.error").write_text("sample 3: OSError: from last time")
+    written = write_beton(
+        ArrayDataset(np.zeros((4, 2, 2, 3), np.uint8), np.arange(4)), target, WriteOptions(num_workers=1), {}
+    )
+    assert written["num_samples"] == 4
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.beton", "x.beton.json", "x.beton.sha256"]

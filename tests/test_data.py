@@ -244,6 +244,35 @@ def test_cifar_directory_conversion(tmp_path, classes):
 def test_cifar_conversion_of_a_wrong_folder_says_what_it_expects(tmp_path):
     with pytest.raises(ConfigError, match="holds no CIFAR data: expected cifar-10-batches-py/"):
         convert("cifar", str(tmp_path), tmp_path / "out", quiet=True)
+    folder = _fake_cifar(tmp_path / "src")
+    (folder / "data_batch_3").unlink()  # a training file missing, the test file there
+    with pytest.raises(ConfigError, match="holds no CIFAR data"):
+        convert("cifar", str(tmp_path / "src"), tmp_path / "out", quiet=True)
+
+
+def test_the_cifar_source_reads_the_batches_folder_itself_and_names_it(tmp_path):
+    from st_scale.data.convert import cifar_source
+
+    folder = _fake_cifar(tmp_path / "src")
+    for given in (tmp_path / "src", folder):  # the folder holding cifar-10-batches-py/, or that folder
+        train, meta = cifar_source(given)["train"]
+        assert meta == {"source": str(folder), "num_classes": 10, "image_size": 32} and len(train) == 30
+    with open(folder / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    batch[b"labels"][2] = -1
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(ValueError, match=f"^{folder}: negative label -1"):
+        cifar_source(folder)
+
+
+def test_the_digits_source_says_what_it_is():
+    from st_scale.data.convert import digits_source
+
+    sources = digits_source(16)
+    for split in ("train", "val"):
+        assert sources[split][1] == {"source": "sklearn.load_digits", "num_classes": 10, "image_size": 16}
+    assert sources["train"][0][0][0].shape == (16, 16, 3)
 
 
 def _image_folder(root, corrupt=False):

@@ -102,6 +102,9 @@ def test_fashion_source_subsets_keep_pairs_and_class_shares(tmp_path, monkeypatc
     assert len(got) == 20 and len({image for image, _ in got}) == 20
     assert all(pairs[image] == label for image, label in got)  # every image keeps its own label
     assert np.bincount([label for _, label in got], minlength=10).tolist() == [2] * 10
+    default = fashion_mnist_source(tmp_path / "src", train_subset=10)  # seed 0; the val split untouched
+    assert default["train"][1]["subset"] == {"size": 10, "of": 40, "seed": 0}
+    assert default["val"][1]["subset"] == {"size": 20, "of": 20, "seed": 0}
     again = fashion_mnist_source(tmp_path / "src", train_subset=20, seed=3)["train"][0]
     other = fashion_mnist_source(tmp_path / "src", train_subset=20, seed=4)["train"][0]
     assert np.array_equal(again.images, train.images) and not np.array_equal(other.images, train.images)
