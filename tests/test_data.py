@@ -4,7 +4,9 @@ FFCV itself would silently read; the writer cannot hang; loaders and augmentatio
 import json
 import os
 import pickle
+import pickletools
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +205,21 @@ def test_a_source_that_raises_fails_fast_instead_of_hanging(tmp_path):
     assert not (tmp_path / "broken.beton").exists()
 
 
+def _python2_pickle(batch: dict) -> bytes:
+    """`batch` pickled as Python 2 pickled CIFAR's batches: its keys are Python 2 strings (SHORT_BINSTRING),
+    which Python 3 reads back as the bytes keys CIFAR's readers use only with encoding="bytes"."""
+    keys = {k.decode() for k in batch}
+    data = pickle.dumps({k.decode(): v for k, v in batch.items()}, protocol=2)
+    ops = list(pickletools.genops(data))
+    out = bytearray()
+    for (op, arg, start), end in zip(ops, [pos for _, _, pos in ops[1:]] + [len(data)]):
+        if op.name == "BINUNICODE" and arg in keys:
+            out += b"U" + struct.pack("<B", len(arg)) + arg.encode("ascii")
+        else:
+            out += data[start:end]
+    return bytes(out)
+
+
 def _fake_cifar(root, classes=10, per_batch=6):
     folder = root / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
     folder.mkdir(parents=True)
@@ -214,8 +231,7 @@ def _fake_cifar(root, classes=10, per_batch=6):
             b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
             key: list(rng.integers(0, classes, per_batch)),
         }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+        (folder / name).write_bytes(_python2_pickle(batch))
     return folder
 
 
@@ -260,8 +276,7 @@ def test_the_cifar_source_reads_the_batches_folder_itself_and_names_it(tmp_path)
     with open(folder / "test_batch", "rb") as f:
         batch = pickle.load(f, encoding="bytes")
     batch[b"labels"][2] = -1
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump(batch, f)
+    (folder / "test_batch").write_bytes(_python2_pickle(batch))
     with pytest.raises(ValueError, match=f"^{folder}: negative label -1"):
         cifar_source(folder)
 
