@@ -174,3 +174,34 @@ def test_a_beton_goes_into_new_folders_and_clears_what_a_crashed_conversion_left
     )
     assert written["num_samples"] == 4
     assert sorted(p.name for p in target.parent.iterdir()) == ["x.beton", "x.beton.json", "x.beton.sha256"]
+
+
+def test_the_writer_writes_each_field_as_its_options_say(tmp_path, monkeypatch):
+    """The writer's own body, run in this process (write_beton runs it in a child of its own session):
+    raw pixels cut to max_resolution, JPEG at the quality given, every label, and a failure reported
+    in the error file before it is raised."""
+    from ffcv.reader import Reader
+
+    from st_scale.data.convert import _write
+
+    monkeypatch.setattr("st_scale.data.convert.os.setsid", lambda: None)
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 12, 3), dtype=np.uint8)
+    dataset = ArrayDataset(images, np.array([0, 3, 5]))
+    files = {}
+    for name, options in (
+        ("raw", WriteOptions(write_mode="raw", max_resolution=8, num_workers=1)),
+        ("jpg95", WriteOptions(write_mode="jpg", jpeg_quality=95, num_workers=1)),
+        ("jpg5", WriteOptions(write_mode="jpg", jpeg_quality=5, num_workers=1)),
+    ):
+        files[name] = tmp_path / f"{name}.beton"
+        _write(dataset, str(files[name]), options, str(tmp_path / "error"))
+    raw, jpg = Reader(str(files["raw"])).metadata, Reader(str(files["jpg95"])).metadata
+    assert [tuple(m[0])[:3] for m in raw] == [(1, 6, 8)] * 3  # raw mode, 16 x 12 cut to 8 on its longer side
+    assert [tuple(m[0])[:3] for m in jpg] == [(0, 12, 16)] * 3  # JPEG, full size
+    assert [int(m[1]) for m in raw] == [0, 3, 5] and [int(m[1]) for m in jpg] == [0, 3, 5]
+    stored = {name: sum(int(row[2]) for row in Reader(str(path)).alloc_table) for name, path in files.items()}
+    assert stored["raw"] == 3 * 6 * 8 * 3 and stored["jpg5"] < stored["jpg95"]  # bytes each sample occupies
+    assert not (tmp_path / "error").exists()
+    with pytest.raises(Exception):  # noqa: B017  (whatever FFCV raises for a folder that is not there)
+        _write(dataset, str(tmp_path / "absent" / "x.beton"), WriteOptions(num_workers=1), str(tmp_path / "error"))
+    assert "Traceback" in (tmp_path / "error").read_text()
