@@ -195,6 +195,7 @@ def test_the_writer_writes_each_field_as_its_options_say(tmp_path, monkeypatch):
     ):
         files[name] = tmp_path / f"{name}.beton"
         _write(dataset, str(files[name]), options, str(tmp_path / "error"))
+    assert Reader(str(files["raw"])).field_names == ["image", "label"]  # the names every loader asks for
     raw, jpg = Reader(str(files["raw"])).metadata, Reader(str(files["jpg95"])).metadata
     assert [tuple(m[0])[:3] for m in raw] == [(1, 6, 8)] * 3  # raw mode, 16 x 12 cut to 8 on its longer side
     assert [tuple(m[0])[:3] for m in jpg] == [(0, 12, 16)] * 3  # JPEG, full size

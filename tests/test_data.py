@@ -288,6 +288,7 @@ def test_the_digits_source_says_what_it_is():
     for split in ("train", "val"):
         assert sources[split][1] == {"source": "sklearn.load_digits", "num_classes": 10, "image_size": 16}
     assert sources["train"][0][0][0].shape == (16, 16, 3)
+    assert digits_source()["val"][0][0][0].shape == (32, 32, 3)  # the demo's size by default
 
 
 def _image_folder(root, corrupt=False):
