@@ -66,8 +66,9 @@ def subnet_reports(
     with `shared_stats` and calibration, '_shared_stats'. Every rank gets the whole reports. With
     `latency`, each rank times its share of the sub-networks on its own device: one image, and a
     whole validation batch for the throughput."""
+    batch_norm = bool(batchnorm_layers(model))
     versions = {"": calibration}
-    if shared_stats and calibration is not None and batchnorm_layers(model):  # LayerNorm nets: the same figures
+    if shared_stats and calibration is not None and batch_norm:  # LayerNorm nets: the same figures
         versions[SHARED] = None
     rank, world = rank_and_world()
     mine = list(subnets)[rank::world]
@@ -80,7 +81,7 @@ def subnet_reports(
         rows = gather_lists(rows)
         if rows:
             by_depths = sorted(rows, key=lambda r: r.depths)
-            reports[suffix] = SubnetReport(by_depths, calib is not None, batch_norm=bool(batchnorm_layers(model)))
+            reports[suffix] = SubnetReport(by_depths, calib is not None, batch_norm=batch_norm)
     return reports
 
 

@@ -319,9 +319,10 @@ def evaluate_subnets(
         raise ValueError("no sub-networks to evaluate")
     walk = _TreeWalk(model, subnets)
     counts = {d: _Counts() for d in subnets}
+    layers = batchnorm_layers(model)
     with preserved_bn(model):
-        if calibration is not None and batchnorm_layers(model):  # LayerNorm nets have nothing to re-estimate
-            for bn in batchnorm_layers(model):
+        if calibration is not None and layers:  # LayerNorm nets have nothing to re-estimate
+            for bn in layers:
                 bn.momentum = None  # each tree node's statistics: a cumulative average
             walk.bank, walk.update_bank = {}, True
             model.train()

@@ -34,10 +34,10 @@ FIXED_IMAGE_SIZES = {"vit_b_16": 224, "cifar_vit": 32}
 VIT_GROUPS = {"vit_b_16": 4, "cifar_vit": 3}
 
 
-def cifar_vit_net(num_classes: int, num_layers: int = 9) -> VisionTransformer:
+def cifar_vit_net(num_classes: int) -> VisionTransformer:
     """A ViT for 32 px images: 4 px patches (64 tokens and a class token), 96 wide, 3 heads."""
     return VisionTransformer(
-        image_size=32, patch_size=4, num_layers=num_layers, num_heads=3, hidden_dim=96, mlp_dim=192,
+        image_size=32, patch_size=4, num_layers=9, num_heads=3, hidden_dim=96, mlp_dim=192,
         num_classes=num_classes,
     )  # fmt: skip
 
