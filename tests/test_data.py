@@ -89,6 +89,7 @@ def test_digits_upscaled_to_32_px_are_the_bilinear_resize_of_each_source_image()
     )
     train, val = load_digits_splits()
     assert train.images.shape[1:] == (32, 32, 3) and train.images.dtype == np.uint8
+    assert train.labels.dtype == val.labels.dtype == np.int64
     assert all((split.images[..., :1] == split.images).all() for split in (train, val))  # grey as RGB
     got = sorted(
         (image[..., 0].tobytes(), int(label))

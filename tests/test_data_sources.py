@@ -126,6 +126,52 @@ def test_seeded_subsets_are_stratified_distinct_and_shuffled():
         seeded_subset(labels, 0, seed=1)
 
 
+@pytest.mark.parametrize("class_sizes", [[50, 30, 15, 5], [4] * 10, [7, 1, 3]])
+def test_a_subset_has_exactly_the_size_asked_for_each_class_within_one_of_its_quota(class_sizes):
+    """Rounding each class's share alone gives 0 of every class for 5 of 10 balanced classes; the
+    subset must hold exactly `size` distinct images, each class within one of size x its fraction."""
+    labels = np.repeat(np.arange(len(class_sizes)), class_sizes)
+    n = len(labels)
+    for size in range(1, n):
+        subset = seeded_subset(labels, size, seed=size)
+        assert len(subset) == len(set(subset.tolist())) == size, size
+        quotas = size * np.array(class_sizes) / n
+        assert np.all(np.abs(np.bincount(labels[subset], minlength=len(class_sizes)) - quotas) < 1), size
+
+
+def test_leftover_images_of_a_subset_go_to_the_largest_remainders():
+    labels = np.repeat(np.arange(4), [50, 30, 15, 5])
+    # quotas 3.5, 2.1, 1.05, 0.35: one image left over after the whole parts, to class 0
+    assert np.bincount(labels[seeded_subset(labels, 7, seed=0)], minlength=4).tolist() == [4, 2, 1, 0]
+    # quotas 0.5, 0.3, 0.15, 0.05
+    assert np.bincount(labels[seeded_subset(labels, 1, seed=0)], minlength=4).tolist() == [1, 0, 0, 0]
+    balanced = np.repeat(np.arange(10), 4)  # equal remainders: the lower labels first
+    assert np.bincount(balanced[seeded_subset(balanced, 5, seed=0)], minlength=10).tolist() == [1] * 5 + [0] * 5
+
+
+def test_without_a_folder_the_debian_package_folder_is_read(tmp_path, monkeypatch):
+    import st_scale.data.fashion as fashion
+
+    written = _write_fashion(tmp_path / "debian")
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", tmp_path / "debian")
+    images, labels = load_fashion_mnist(None, cache=tmp_path / "cache")["val"]
+    assert np.array_equal(images[..., 0], written["t10k"][0]) and np.array_equal(labels, written["t10k"][1])
+
+
+def test_only_the_copy_whose_source_changed_is_unpacked_again(tmp_path):
+    written = _write_fashion(tmp_path / "src")
+    load_fashion_mnist(tmp_path / "src", cache=tmp_path / "cache")
+    raw = tmp_path / "cache" / "FashionMNIST" / "raw"
+    for name in FILES:
+        os.utime(raw / name, ns=(1, 1))
+    relabelled = written["t10k"][1][::-1].copy()  # the last file of the four, gzipped as Debian ships it
+    with gzip.open(tmp_path / "src" / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(_idx(relabelled))
+    labels = load_fashion_mnist(tmp_path / "src", cache=tmp_path / "cache")["val"][1]
+    assert np.array_equal(labels, relabelled)
+    assert [(raw / name).stat().st_mtime_ns == 1 for name in FILES] == [True, True, True, False]
+
+
 def test_digits_batches_are_normalised_nchw_with_their_labels():
     rng = np.random.default_rng(0)
     split = DigitsSplit(rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8), np.arange(10, dtype=np.int64))

@@ -320,6 +320,18 @@ def test_a_checkpoint_gives_back_its_run_info_and_weights(tmp_path):
         read_run(folder)
 
 
+def test_a_checkpoint_gives_back_the_weights_average_it_was_saved_with(tmp_path):
+    from st_scale.checkpoint import read_ema
+
+    _, model, engine = _engine()
+    average = {name: torch.randn_like(value, dtype=torch.float32) for name, value in model.state_dict().items()}
+    save_checkpoint(engine, tmp_path / "with", 0, 1, {"epoch": 1, "step": 1}, ema_state=average)
+    read = read_ema(tmp_path / "with")
+    assert read.keys() == average.keys() and all(torch.equal(read[k], v) for k, v in average.items())
+    save_checkpoint(engine, tmp_path / "without", 0, 1, {"epoch": 1, "step": 1})
+    assert read_ema(tmp_path / "without") is None
+
+
 def test_a_zero3_checkpoint_of_another_world_size_is_refused_naming_both(tmp_path):
     """ZeRO-3 shards the parameters themselves: `load` refuses before touching the engine, naming the
     number of workers that wrote the checkpoint and how to resume it."""

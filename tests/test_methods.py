@@ -540,6 +540,42 @@ def test_st_is_built_for_its_rank():
     objective = build_objective("st", model, sampler, rank=3)
     assert objective.rank == 3
     assert objective.sampler.sample_many(5, 2, rank=3) != objective.sampler.sample_many(5, 2, rank=0)
+    assert build_objective("st", model, sampler).rank == 0  # a single process is rank 0
+
+
+def test_st_trains_the_sub_networks_its_rank_draws():
+    """With per-rank sampling each rank trains its own draws: the blocks the step's sub-networks kept
+    are rank 3's, which differ from rank 0's at some step."""
+    model, images, labels = _setup(size=8, batch=4)
+    sampler = SubnetSampler(SubnetSpace.full(model.stage_sizes), seed=1, per_rank=True)
+    objective = StimulativeTraining(sampler, num_subnets=2, rank=3)
+    mean_blocks = {}
+    for step in range(6):
+        blocks = objective(model, images, labels, step).parts["subnet_blocks"].item()
+        for rank in (0, 3):
+            mean_blocks.setdefault(rank, []).append(sum(sum(d) for d in sampler.sample_many(step, 2, rank)) / 2)
+        assert blocks == pytest.approx(mean_blocks[3][-1]), step
+    assert mean_blocks[0] != mean_blocks[3]
+
+
+def test_the_st_constructors_defaults_are_the_recipes_defaults():
+    """StimulativeTraining built directly (tests, notebooks) behaves as a recipe that sets nothing."""
+    import inspect
+
+    from st_scale.methods import st
+
+    signature = inspect.signature(StimulativeTraining.__init__).parameters
+    for field, info in st.Options.model_fields.items():
+        if field in signature:
+            assert signature[field].default == info.default, field
+    sampler = SubnetSampler(SubnetSpace.full((3, 3, 3)), seed=0)
+    with pytest.raises(ValueError, match="logit_norm_amplitude=0: must be > 0"):
+        StimulativeTraining(sampler, logit_norm_amplitude=0)
+
+
+def test_st_without_a_sampler_is_refused():
+    with pytest.raises(ValueError, match="method 'st' needs a sub-network sampler"):
+        build_objective("st", create_model("cifar_resnet20", 10))
 
 
 def test_ct_gradients_equal_the_cross_entropy_of_the_full_network():

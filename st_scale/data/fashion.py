@@ -68,18 +68,28 @@ def load_fashion_mnist(source: str | Path | None = None, cache: str | Path = "~/
 
 
 def seeded_subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
-    """Indices of a seeded random subset with every class in proportion (stratified), in random
-    order; all indices, shuffled, when `size` is None."""
+    """Indices of a seeded random subset of exactly `size` images with every class in proportion
+    (stratified), in random order; all indices, shuffled, when `size` is None or not smaller."""
     rng = np.random.default_rng(seed)
     if size is None or size >= len(labels):
         return rng.permutation(len(labels))
     if size < 1:
         raise ValueError(f"subset size {size}: must be >= 1")
-    classes = np.unique(labels)
-    picked = []
-    for c in classes:
-        members = np.flatnonzero(labels == c)
-        share = int(round(size * len(members) / len(labels)))
-        picked.append(rng.choice(members, size=min(share, len(members)), replace=False))
-    chosen = np.concatenate(picked)
-    return rng.permutation(chosen)
+    classes, class_sizes = np.unique(labels, return_counts=True)
+    shares = class_shares(class_sizes, size)
+    picked = [rng.choice(np.flatnonzero(labels == c), size=share, replace=False) for c, share in zip(classes, shares)]
+    return rng.permutation(np.concatenate(picked))
+
+
+def class_shares(class_sizes: np.ndarray, size: int) -> np.ndarray:
+    """How many of each class a stratified subset of `size` takes: the largest-remainder method, so
+    the shares add up to `size` exactly (rounding each class's share alone does not: 5 of 10 balanced
+    classes would round to 0 each) and each differs from its exact quota by less than one. Ties go to
+    the larger class, then the lower label."""
+    total = int(class_sizes.sum())
+    numerators = size * class_sizes.astype(np.int64)  # quota_c = numerators_c / total, kept exact
+    shares = numerators // total
+    leftover = size - int(shares.sum())
+    by_remainder = np.lexsort((np.arange(len(shares)), -class_sizes, -(numerators % total)))
+    shares[by_remainder[:leftover]] += 1
+    return shares
