@@ -306,6 +306,8 @@ def test_a_checkpoint_gives_back_its_run_info_and_weights(tmp_path):
     save_checkpoint(engine, folder, 0, 2, {"epoch": 2, "step": 7}, info)
     save_checkpoint(engine, folder, 1, 2, {"epoch": 2, "step": 7})
     assert committed_ranks(folder) == [0, 1]
+    for rank in (0, 1):  # what each rank committed
+        assert json.loads((folder / f"COMMITTED.rank{rank}").read_text()) == {"epoch": 2, "step": 7, "world_size": 2}
     assert read_run(folder) == info and read_run(folder).config_model() == cfg
     weights = model_weights(folder)
     assert weights.keys() == model.state_dict().keys()
@@ -344,6 +346,17 @@ def test_a_zero3_checkpoint_of_another_world_size_is_refused_naming_both(tmp_pat
     engine = SimpleNamespace(zero_optimization_stage=lambda: 3)
     with pytest.raises(ConfigError, match="written by 2 workers under ZeRO-3.* for 1; .*scaling.num_workers=2"):
         load_checkpoint(engine, tmp_path, rank=0, world_size=1)
+    with pytest.raises(ConfigError, match=f"checkpoint {tmp_path} was written by 2 workers"):
+        load_checkpoint(engine, tmp_path, rank=0, world_size=1)
+
+
+def test_commit_markers_that_disagree_on_the_number_of_writers_are_refused(tmp_path):
+    from st_scale.checkpoint import _commit_marker, writer_world_size
+
+    _commit_marker(tmp_path, 0).write_text(json.dumps({"epoch": 1, "step": 5, "world_size": 2}))
+    _commit_marker(tmp_path, 1).write_text(json.dumps({"epoch": 1, "step": 5, "world_size": 3}))
+    with pytest.raises(RuntimeError, match=r"commit markers disagree on the number of ranks \(\{2, 3\}\)"):
+        writer_world_size(tmp_path)
 
 
 def test_weights_saved_in_bf16_are_read_back_as_fp32(tmp_path):
@@ -451,6 +464,20 @@ def _read_zero1(rank, world, folder):
         assert torch.equal(p.detach(), expected[name][0]), name
     micro = 16 // world
     _step(engine, 2, torch.randn(micro, 3, 16, 16), torch.arange(micro) % 10)  # and it trains on
+
+
+def test_a_zero1_checkpoint_of_another_parameter_layout_is_refused(tmp_path):
+    """The writers' parameters were padded otherwise (zero_optimization's alignment changed): cutting
+    their flat buffers at this run's boundaries would misplace every weight after the first padding."""
+    from st_scale.checkpoint import _zero_shards, reshard_zero_state
+
+    _, _, engine = _engine("cpu_zero1_fp32.json")
+    save_checkpoint(engine, tmp_path, 0, 1, {"epoch": 1, "step": 0})
+    shards = _zero_shards(tmp_path, 1)
+    assert shards[0]["param_alignment_paddings"] == engine.optimizer.round_robin_bit16_padding
+    shards[0]["param_alignment_paddings"] = [[p + 4 for p in group] for group in shards[0]["param_alignment_paddings"]]
+    with pytest.raises(ConfigError, match=r"the ZeRO checkpoint's parameter layout differs from this run's"):
+        reshard_zero_state(engine.optimizer, shards)
 
 
 @pytest.mark.parametrize("written_by, read_by", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
