@@ -195,6 +195,9 @@ def test_the_pareto_front_and_the_pick_within_a_budget_match_a_brute_force_searc
         (0, None, None),
         (None, None, 3.0),
     ]
+    most_accurate = max(rows, key=lambda r: (r.top1, -r.macs))
+    # budgets that the most accurate row meets exactly: within a budget includes the budget itself
+    budgets += [(most_accurate.macs, None, None), (None, most_accurate.params, most_accurate.latency_ms)]
     for max_macs, max_params, max_ms in budgets:
         fits = [
             r
@@ -214,6 +217,9 @@ def test_the_pareto_front_and_the_pick_within_a_budget_match_a_brute_force_searc
     on_front = [line.split(",")[0] for line in table[1:] if line.split(",")[6] == "1"]
     assert sorted(on_front) == sorted("-".join(map(str, r.depths)) for r in report.pareto_front())
     assert all(line.split(",")[7] for line in table[1:]) and report.has_latency
+    assert report.best_within(most_accurate.macs) is most_accurate
+    measured = SubnetReport([SubnetRow((1,), 1, 5, 5, 50.0, 90.0, latency_ms=1.25, images_per_s=812.34)], True)
+    assert measured.to_csv().splitlines()[1].split(",")[7:] == ["1.2500", "812.3"]
 
 
 def test_latency_is_the_median_time_of_the_blocks_a_sub_network_runs():
@@ -274,6 +280,8 @@ def test_destruction_tests_cover_every_droppable_block():
     # Deleting block 2 of stage 0 is the sub-network (2, 3, 3).
     deleted = next(r for r in by_test["delete_one"] if r.detail == "stage0.block2")
     assert deleted.top1 == evaluate_plan(model, model.plan_for_depths((2, 3, 3)), val, val).top1
+    by_default = destruction_tests(model, val, max_deleted=1)  # five seeded draws of each k by default
+    assert [r.damage for r in by_default if r.test == "delete_k"] == [1] * 5
 
 
 def test_destruction_tests_of_a_densenet_delete_layers_and_keep_their_order():
