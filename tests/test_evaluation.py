@@ -1,6 +1,7 @@
 """Evaluation: tree walk equals one-at-a-time evaluation exactly; BN recalibration; destruction."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -280,8 +281,12 @@ def test_destruction_tests_cover_every_droppable_block():
     # Deleting block 2 of stage 0 is the sub-network (2, 3, 3).
     deleted = next(r for r in by_test["delete_one"] if r.detail == "stage0.block2")
     assert deleted.top1 == evaluate_plan(model, model.plan_for_depths((2, 3, 3)), val, val).top1
-    by_default = destruction_tests(model, val, max_deleted=1)  # five seeded draws of each k by default
-    assert [r.damage for r in by_default if r.test == "delete_k"] == [1] * 5
+    by_default = destruction_tests(model, val, val)  # five seeded draws of each k = 1..4 by default
+    random_deletions = [r for r in by_default if r.test == "delete_k"]
+    assert [r.damage for r in random_deletions] == [1] * 5 + [2] * 5 + [3] * 5 + [4] * 5
+    for r in random_deletions:  # k distinct blocks, each named
+        named = r.detail.split(",")
+        assert len(set(named)) == r.damage and all(re.fullmatch(r"stage[0-2]\.block[12]", n) for n in named), r
 
 
 def test_destruction_tests_of_a_densenet_delete_layers_and_keep_their_order():
