@@ -147,6 +147,8 @@ def test_leftover_images_of_a_subset_go_to_the_largest_remainders():
     assert np.bincount(labels[seeded_subset(labels, 1, seed=0)], minlength=4).tolist() == [1, 0, 0, 0]
     balanced = np.repeat(np.arange(10), 4)  # equal remainders: the lower labels first
     assert np.bincount(balanced[seeded_subset(balanced, 5, seed=0)], minlength=10).tolist() == [1] * 5 + [0] * 5
+    unequal = np.repeat(np.arange(2), [1, 3])  # quotas 0.5 and 1.5, equal remainders: the larger class
+    assert np.bincount(unequal[seeded_subset(unequal, 2, seed=0)], minlength=2).tolist() == [0, 2]
 
 
 def test_without_a_folder_the_debian_package_folder_is_read(tmp_path, monkeypatch):
