@@ -4,6 +4,7 @@ source that stops making progress."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -145,6 +146,42 @@ def test_a_source_that_stops_making_progress_is_stopped_and_leaves_nothing(tmp_p
         write_beton(Stuck(np.zeros((4, 2, 2, 3), np.uint8), np.zeros(4, int)), tmp_path / "x.beton",
                     WriteOptions(num_workers=1, inactivity_timeout_s=2), {})  # fmt: skip
     assert time.monotonic() - start < 30  # the writer's process group was killed, not waited for
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _slow_writer(dataset, path, options, error_file):
+    """A writer that keeps adding to its file for 4.5 s: longer than the inactivity limit in all, but
+    never idle for long."""
+    os.setsid()
+    with open(path, "wb") as f:
+        for _ in range(22):
+            f.write(b"x")
+            f.flush()
+            time.sleep(0.2)
+
+
+def test_a_writer_that_keeps_making_progress_is_never_stopped(tmp_path, monkeypatch):
+    """The watchdog measures the time since the partial file last grew, not the time since the start."""
+    monkeypatch.setattr("st_scale.data.convert._write", _slow_writer)  # forked: the child runs it too
+    written = write_beton(
+        ArrayDataset(np.zeros((4, 2, 2, 3), np.uint8), np.arange(4)),
+        tmp_path / "x.beton",
+        WriteOptions(num_workers=1, inactivity_timeout_s=3),
+        {},
+    )
+    assert written["size_bytes"] == 22 and (tmp_path / "x.beton").read_bytes() == b"x" * 22
+
+
+def _failing_writer(dataset, path, options, error_file):
+    os._exit(3)  # dies before writing anything, and without a report (killed, out of memory, ...)
+
+
+def test_a_writer_that_dies_without_a_report_is_named_by_its_exit_code(tmp_path, monkeypatch):
+    monkeypatch.setattr("st_scale.data.convert._write", _failing_writer)
+    with pytest.raises(RuntimeError, match=r"writing .*x\.beton failed \(writer exit code 3\)"):
+        write_beton(
+            ArrayDataset(np.zeros((4, 2, 2, 3), np.uint8), np.arange(4)), tmp_path / "x.beton", WriteOptions(), {}
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
