@@ -20,7 +20,7 @@ import pytest
 import yaml
 from processes import free_port, serve_mlflow, serve_postgres, stop_processes, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.whole_machine]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray, st-scale: the same installation the cluster runs
@@ -124,48 +124,6 @@ def submit_job(head: Head, submission: str, entrypoint: list[str], runtime_env: 
     return submitted, job
 
 
-def test_job_submit_trains_and_logs_to_the_mlflow_server(ray_head, mlflow_server, digits_dir, tmp_path):
-    submission = f"st-scale-test-{secrets.token_hex(4)}"
-    overrides = digits_overrides(digits_dir) + [
-        "optimizer.epochs=1",
-        "run.name=job-st",
-        f"run.storage_path={tmp_path}/runs",
-    ]
-    entrypoint = ["st-scale", "train", "demo_st", *(a for o in overrides for a in ("--set", o))]
-    submitted, job = submit_job(
-        ray_head, submission, entrypoint, {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}}
-    )
-    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
-
-    status = job("status")
-    assert f"Job '{submission}' succeeded" in status.stdout + status.stderr
-    logs = job("logs").stdout
-    assert "| st | cifar_resnet20 |" in logs and f"in {mlflow_server.url}" in logs
-
-    # The same token is what lets the client in: without it the job server refuses.
-    refused = job("status", RAY_AUTH_TOKEN="wrong-token")
-    assert refused.returncode != 0 and "succeeded" not in refused.stdout + refused.stderr
-
-    # The server's REST API and UI list the run the job logged.
-    experiment = get_json(f"{mlflow_server.url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=st-scale-demo")
-    runs = get_json(
-        f"{mlflow_server.url}/api/2.0/mlflow/runs/search",
-        {"experiment_ids": [experiment["experiment"]["experiment_id"]]},
-    )["runs"]
-    assert len(runs) == 1
-    run = runs[0]
-    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    assert run["info"]["status"] == "FINISHED" and tags["st_scale.run_name"] == "job-st"
-    assert metrics["val/main_top1"] > 20 and "val/subnets_mean_top1" in metrics
-    listed = get_json(f"{mlflow_server.url}/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
-    assert {"config", "model", "subnets"} <= {f["path"] for f in listed["files"]}
-    assert list(mlflow_server.artifacts.rglob("resolved.yaml")), "artifacts go to the server's artifact root"
-    with urllib.request.urlopen(f"{mlflow_server.url}/", timeout=30) as page:
-        html = page.read().decode()
-    assert page.status == 200 and "<title>MLflow</title>" in html
-
-
 def digits_tiny_tree(digits_dir, store: str) -> dict:
     """tune/digits_tiny.yaml on the session's digits files, logging to `store`."""
     tree = yaml.safe_load((ROOT / "tune" / "digits_tiny.yaml").read_text())
@@ -223,6 +181,10 @@ def test_sweep_too_big_for_the_cluster_fails_before_any_trial(ray_head, digits_d
 
 
 def test_sweep_resumes_after_its_driver_dies(ray_head, digits_dir, tmp_path):
+    """A driver killed once the first trial's first epoch reached Tune, then started again: the sweep resumes, ASHA
+    stops the learning rate that learns nothing, one MLflow child per trial. Slow (over 2 minutes):
+    three trials of up to two epochs, the first one started twice, under two sweep drivers. The middle
+    trial stays: it gives the restarted scheduler a first-rung result to compare the last trial with."""
     import mlflow
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
@@ -289,65 +251,27 @@ def test_sweep_resumes_after_its_driver_dies(ray_head, digits_dir, tmp_path):
     } <= artifacts
 
 
-def test_concurrent_trials_log_to_mlflow_on_postgresql(ray_head, digits_dir, tmp_path):
-    """Two trials at once (each 1 CPU of the 2) log through `st-scale mlflow-server` (2 workers) into a
-    PostgreSQL database: both child runs and the parent end FINISHED, with their metrics, in the
-    database itself."""
-    import mlflow
-    import psycopg
-
-    with serve_postgres(tmp_path) as database, serve_mlflow(database, tmp_path / "artifacts", workers=2) as server:
-        tree = digits_tiny_tree(digits_dir, server.url)
-        tree["set"].update({"optimizer.epochs": 1, "scaling.num_workers": 1})
-        tree.update(
-            name="postgres-sweep",
-            storage_path=str(tmp_path / "sweeps"),
-            num_samples=2,
-            scheduler={"name": "fifo"},
-            trial={"cpus": 0.5},
-        )
-        summary = sweep_to_the_end(ray_head, tree, tmp_path)
-
-        client = mlflow.MlflowClient(server.url)
-        parent = client.get_run(summary["parent_run_id"])
-        children = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-        )
-        assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"] * 2
-        assert all("val/subnets_mean_top1" in c.data.metrics for c in children)
-        first, second = sorted(children, key=lambda c: c.info.start_time)
-        assert second.info.start_time < first.info.end_time, "the two trials ran at the same time"
-        with psycopg.connect(database, connect_timeout=10) as connection:
-            stored = dict(connection.execute("SELECT run_uuid, status FROM runs").fetchall())
-            logged = connection.execute(
-                "SELECT count(*) FROM metrics WHERE run_uuid = ANY(%s)", ([c.info.run_id for c in children],)
-            ).fetchone()[0]
-        assert stored == {r.info.run_id: "FINISHED" for r in (parent, *children)}
-        assert logged >= 2 * len(children[0].data.metrics)
-
-
-@pytest.mark.parametrize("algorithm", ["hyperopt", "optuna"])
-def test_a_model_based_search_sweeps_and_keeps_its_state(ray_head, digits_dir, tmp_path, algorithm):
-    """Two one-epoch trials: the first drawn at random, the second proposed by TPE from it. HyperOpt
-    searches digits_tiny's nested sampler family as it is; Optuna a flat space. The searcher's state
-    Tune saves with the sweep (what a resume restores) holds both results."""
-    import mlflow
-
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    tree = digits_tiny_tree(digits_dir, store)
+def model_based_search(tree: dict, algorithm: str, name: str, tmp_path: Path) -> dict:
+    """`tree` as a sweep of two one-epoch trials whose search `algorithm` proposes the second from what
+    it has seen (TPE after one random point); Optuna searches a flat space, HyperOpt digits_tiny's
+    nested sampler family as it is."""
     tree["set"]["optimizer.epochs"] = 1
     if algorithm == "optuna":  # flat: the family's fields themselves
         tree["space"] = {"method.kl_weight": {"loguniform": [0.3, 3.0]}, "sampling.decay": {"uniform": [0.5, 1.0]}}
     tree.update(
-        name=f"search-{algorithm}",
+        name=name,
         storage_path=str(tmp_path / "sweeps"),
         num_samples=2,
         scheduler={"name": "fifo"},
         search={"algorithm": algorithm, "initial_points": 1},
     )
-    summary = sweep_to_the_end(ray_head, tree, tmp_path)
+    return tree
 
-    client = mlflow.MlflowClient(store)
+
+def check_model_based_search(client, summary: dict, sweep_dir: Path, algorithm: str) -> list:
+    """The parent names the searcher, the two children drew different points inside the space, and the
+    searcher's state Tune saves with the sweep (what a resume restores) holds both results. Returns
+    the children."""
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.params["search.algorithm"] == algorithm
     children = client.search_runs(
@@ -357,7 +281,6 @@ def test_a_model_based_search_sweeps_and_keeps_its_state(ray_head, digits_dir, t
     assert len(children) == 2 and all(0.3 <= w <= 3.0 for w in weights) and weights[0] != weights[1]
     assert all(0.5 <= float(c.data.params["sampling.decay"]) <= 1.0 for c in children)
 
-    sweep_dir = tmp_path / "sweeps" / f"search-{algorithm}"
     assert list(sweep_dir.glob("searcher-state-*.pkl")), sorted(p.name for p in sweep_dir.iterdir())
     if algorithm == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
@@ -372,12 +295,55 @@ def test_a_model_based_search_sweeps_and_keeps_its_state(ray_head, digits_dir, t
         searcher.restore_from_dir(str(sweep_dir))
         observed = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
     assert len(observed) == 2, "the saved searcher holds both trials' results"
+    return children
 
 
-def test_job_submit_with_local_code_runs_that_code(ray_head, digits_dir, tmp_path):
+def test_hyperopt_searches_the_nested_sampler_family_and_keeps_its_state(ray_head, digits_dir, tmp_path):
+    """Two one-epoch trials one after the other: the first drawn at random, the second proposed by TPE
+    from it."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    tree = model_based_search(digits_tiny_tree(digits_dir, store), "hyperopt", "search-hyperopt", tmp_path)
+    summary = sweep_to_the_end(ray_head, tree, tmp_path)
+    check_model_based_search(mlflow.MlflowClient(store), summary, tmp_path / "sweeps" / "search-hyperopt", "hyperopt")
+
+
+def test_concurrent_optuna_trials_log_to_mlflow_on_postgresql(ray_head, digits_dir, tmp_path):
+    """Two Optuna trials at once (each 1 CPU of the 2) log through `st-scale mlflow-server` (2 workers)
+    into a PostgreSQL database: both child runs and the parent end FINISHED, with their metrics, in the
+    database itself; the searcher's saved state holds both results."""
+    import mlflow
+    import psycopg
+
+    with serve_postgres(tmp_path) as database, serve_mlflow(database, tmp_path / "artifacts", workers=2) as server:
+        tree = model_based_search(digits_tiny_tree(digits_dir, server.url), "optuna", "postgres-sweep", tmp_path)
+        tree["set"]["scaling.num_workers"] = 1
+        tree["trial"] = {"cpus": 0.5}
+        summary = sweep_to_the_end(ray_head, tree, tmp_path)
+
+        client = mlflow.MlflowClient(server.url)
+        children = check_model_based_search(client, summary, tmp_path / "sweeps" / "postgres-sweep", "optuna")
+        parent = client.get_run(summary["parent_run_id"])
+        assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"] * 2
+        assert all("val/subnets_mean_top1" in c.data.metrics for c in children)
+        first, second = sorted(children, key=lambda c: c.info.start_time)
+        assert second.info.start_time < first.info.end_time, "the two trials ran at the same time"
+        with psycopg.connect(database, connect_timeout=10) as connection:
+            stored = dict(connection.execute("SELECT run_uuid, status FROM runs").fetchall())
+            logged = connection.execute(
+                "SELECT count(*) FROM metrics WHERE run_uuid = ANY(%s)", ([c.info.run_id for c in children],)
+            ).fetchone()[0]
+        assert stored == {r.info.run_id: "FINISHED" for r in (parent, *children)}
+        assert logged >= 2 * len(children[0].data.metrics)
+
+
+def test_job_submit_runs_local_code_and_logs_to_the_mlflow_server(ray_head, mlflow_server, digits_dir, tmp_path):
     """The README's way to try local changes on a cluster whose image is older: `"working_dir": "."`
     and `python -m st_scale`. The copy submitted here carries a recipe the installed package lacks, so
-    the job succeeds only if the driver and its workers run the uploaded code."""
+    the job succeeds only if the driver and its workers run the uploaded code. The run logs to a real
+    `st-scale mlflow-server` (MLFLOW_TRACKING_URI in the job's environment), whose REST API and UI list
+    it; the job server refuses a client without the cluster's token."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     local = tmp_path / "checkout"
     for name in tracked.splitlines():
@@ -395,18 +361,37 @@ def test_job_submit_with_local_code_runs_that_code(ray_head, digits_dir, tmp_pat
         "optimizer.epochs=1",
         "run.name=job-local",
         f"run.storage_path={tmp_path}/runs",
-        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
     ]
     entrypoint = ["python", "-m", "st_scale", "train", "local_change_st", *(a for o in overrides for a in ("--set", o))]
     submission = f"st-scale-local-{secrets.token_hex(4)}"
-    submitted, job = submit_job(ray_head, submission, entrypoint, {"working_dir": str(local)})
+    runtime_env = {"working_dir": str(local), "env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}}
+    submitted, job = submit_job(ray_head, submission, entrypoint, runtime_env)
     logs = job("logs").stdout
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:] + logs[-4000:]
-    assert f"Job '{submission}' succeeded" in job("status").stdout + job("status").stderr
-    assert "| st | cifar_resnet20 |" in logs and "unknown recipe" not in logs
+    status = job("status")
+    assert f"Job '{submission}' succeeded" in status.stdout + status.stderr
+    assert "| st | cifar_resnet20 |" in logs and "unknown recipe" not in logs and f"in {mlflow_server.url}" in logs
 
-    import mlflow
+    # The same token is what lets the client in: without it the job server refuses.
+    refused = job("status", RAY_AUTH_TOKEN="wrong-token")
+    assert refused.returncode != 0 and "succeeded" not in refused.stdout + refused.stderr
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("st-scale-demo").experiment_id])
-    assert run.info.run_name == "local-change" and run.info.status == "FINISHED"
+    # The server's REST API and UI list the run the job logged.
+    experiment = get_json(f"{mlflow_server.url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=st-scale-demo")
+    runs = get_json(
+        f"{mlflow_server.url}/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [experiment["experiment"]["experiment_id"]]},
+    )["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert run["info"]["status"] == "FINISHED" and tags["st_scale.run_name"] == "job-local"
+    assert run["info"]["run_name"] == "local-change"  # the uploaded recipe's
+    assert metrics["val/main_top1"] > 20 and "val/subnets_mean_top1" in metrics
+    listed = get_json(f"{mlflow_server.url}/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
+    assert {"config", "model", "subnets"} <= {f["path"] for f in listed["files"]}
+    assert list(mlflow_server.artifacts.rglob("resolved.yaml")), "artifacts go to the server's artifact root"
+    with urllib.request.urlopen(f"{mlflow_server.url}/", timeout=30) as page:
+        html = page.read().decode()
+    assert page.status == 200 and "<title>MLflow</title>" in html
