@@ -19,8 +19,9 @@ help:
 	@echo "make demo       the embedded default: CT vs ST on the bundled digits set"
 	@echo "make lint       ruff format --check and ruff check (CI runs it before the tests)"
 	@echo "make format     ruff format and the safe ruff fixes"
-	@echo "make test       the whole test suite"
-	@echo "make test-fast  unit tests only (no slow marker)"
+	@echo "make test       the whole test suite: tests without Ray in 2 processes, then those with Ray one at a time"
+	@echo "                (SUITE_TIME_ARGS='--save benchmarks/results/suite' keeps its timing table)"
+	@echo "make test-fast  unit tests only (no slow marker), in 2 processes"
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
 	@echo "make fashion-mnist  Debian's dataset-fashion-mnist package (real benchmark data, RESULTS.md)"
 	@echo "make browser    Debian's chromium and chromium-driver (the MLflow UI test drives a headless browser)"
@@ -98,11 +99,22 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two phases: the tests that do not start Ray in two processes (pytest-xdist, one core each), then those
+# that do (marker whole_machine) one at a time, as each needs both cores. Both phases run; the target
+# fails if either did. Then the 25 slowest tests and the wall time of each phase (benchmarks/suite_time.py).
+SUITE := .suite
 test: install fashion-mnist browser postgres
-	$(BIN)/pytest -q
+	@mkdir -p $(SUITE); rc=0; t0=$$(date +%s); \
+	$(BIN)/pytest -q -n 2 --dist worksteal -m "not whole_machine" --junitxml=$(SUITE)/parallel.xml || rc=1; \
+	t1=$$(date +%s); \
+	$(BIN)/pytest -q -m whole_machine --junitxml=$(SUITE)/whole_machine.xml || rc=1; \
+	t2=$$(date +%s); \
+	$(PY) benchmarks/suite_time.py parallel=$(SUITE)/parallel.xml:$$((t1 - t0)) \
+		whole_machine=$(SUITE)/whole_machine.xml:$$((t2 - t1)) $(SUITE_TIME_ARGS); \
+	exit $$rc
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 2 --dist worksteal -m "not slow"
 
 bench: install
 	$(PY) benchmarks/bench_subnet_eval.py

@@ -2,13 +2,21 @@ import os
 
 import pytest
 import torch
+from processes import free_port
 
 # Loopback-only Ray, no usage reporting: before anything imports ray.
 import st_scale  # noqa: F401,E402
 
-# Deterministic, quiet CPU runs.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-torch.set_num_threads(2)
+# Deterministic, quiet CPU runs. Under pytest-xdist (`make test` runs the tests that do not start Ray
+# in two processes) each process gets one of the two cores.
+THREADS = 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
+# Ray Train's controller polls its workers every 2 s by default: a digits run returned 4.3 s after its
+# workers finished (0.8 s at 0.25 s polls), and the suite trains about forty runs. Set before any Ray
+# starts: the clusters the tests start (`ray start`) inherit it, and a driver hands it on to each run's
+# controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +37,7 @@ def gloo_process_group():
         ("WORLD_SIZE", "1"),
         ("LOCAL_RANK", "0"),
         ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29533"),
+        ("MASTER_PORT", str(free_port())),
         ("DS_ACCELERATOR", "cpu"),
     ):
         os.environ[key] = value

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from processes import free_port, serve_s3, stop_processes, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.whole_machine]
 
 BIN = Path(sys.executable).parent
 BUCKET = "st-scale"
@@ -130,6 +130,9 @@ def _checkpoints(s3, prefix: str) -> list[tuple[int, int]]:
 
 
 def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, s3, digits_dir, tmp_path):
+    """The suite's slowest test (about 3 minutes), because it waits for what it checks: two node starts,
+    a node declared dead after five missed 1 s health checks, the worker group started three times, and
+    six epochs, so that the group has grown back before the run ends."""
     import mlflow
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
