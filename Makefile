@@ -19,7 +19,7 @@ help:
 	@echo "make demo       the embedded default: CT vs ST on the bundled digits set"
 	@echo "make lint       ruff format --check and ruff check (CI runs it before the tests)"
 	@echo "make format     ruff format and the safe ruff fixes"
-	@echo "make test       the whole test suite: tests without Ray in 2 processes, then those with Ray one at a time"
+	@echo "make test       the whole test suite: the tests without Ray in 2 processes, then those with Ray one by one"
 	@echo "                (SUITE_TIME_ARGS='--save benchmarks/results/suite' keeps its timing table)"
 	@echo "make test-fast  unit tests only (no slow marker), in 2 processes"
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
@@ -100,17 +100,17 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # Two phases: the tests that do not start Ray in two processes (pytest-xdist, one core each), then those
-# that do (marker whole_machine) one at a time, as each needs both cores. Both phases run; the target
-# fails if either did. Then the 25 slowest tests and the wall time of each phase (benchmarks/suite_time.py).
+# that do (marker ray) one at a time, as each needs both cores. Both phases run; the target fails if
+# either did. Then the 25 slowest tests and the wall time of each phase (benchmarks/suite_time.py).
 SUITE := .suite
 test: install fashion-mnist browser postgres
 	@mkdir -p $(SUITE); rc=0; t0=$$(date +%s); \
-	$(BIN)/pytest -q -n 2 --dist worksteal -m "not whole_machine" --junitxml=$(SUITE)/parallel.xml || rc=1; \
+	$(BIN)/pytest -q -n 2 --dist worksteal -m "not ray" --junitxml=$(SUITE)/without_ray.xml || rc=1; \
 	t1=$$(date +%s); \
-	$(BIN)/pytest -q -m whole_machine --junitxml=$(SUITE)/whole_machine.xml || rc=1; \
+	$(BIN)/pytest -q -m ray --junitxml=$(SUITE)/ray.xml || rc=1; \
 	t2=$$(date +%s); \
-	$(PY) benchmarks/suite_time.py parallel=$(SUITE)/parallel.xml:$$((t1 - t0)) \
-		whole_machine=$(SUITE)/whole_machine.xml:$$((t2 - t1)) $(SUITE_TIME_ARGS); \
+	$(PY) benchmarks/suite_time.py without_ray=$(SUITE)/without_ray.xml:$$((t1 - t0)) \
+		ray=$(SUITE)/ray.xml:$$((t2 - t1)) $(SUITE_TIME_ARGS); \
 	exit $$rc
 
 test-fast: install

@@ -27,8 +27,10 @@ KINDS = {
     "test_elastic": "a two-node cluster losing and regaining a node (S3 checkpoints)",
     "test_signals": "`st-scale train` stopped by a signal (its own local Ray)",
     "test_bad_input": "`st-scale` commands refusing bad input (a process per case)",
+    "test_speed": "compiled blocks (inductor), speed switches",
+    "test_export": "export to state dict, pt2, TorchScript, ONNX",
 }
-IN_PROCESS = "in-process tests (models, objectives, evaluation, engine, data, configs)"
+IN_PROCESS = "in-process: models, objectives, evaluation, engine, data, configs"
 
 
 def read_phase(path: Path) -> dict[str, float]:
@@ -51,7 +53,7 @@ def kind_of(test_file: str) -> str:
     return KINDS.get(Path(test_file).stem, IN_PROCESS)
 
 
-def provenance(command: str) -> dict:
+def provenance(command: str, commit: str | None = None) -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -65,8 +67,8 @@ def provenance(command: str) -> dict:
     )
     return {
         "command": command,
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "commit": commit or git("rev-parse", "--short", "HEAD"),
+        "dirty": False if commit else bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu}, {os.cpu_count()} cores",
         "python": platform.python_version(),
@@ -84,7 +86,8 @@ def markdown(raw: dict) -> str:
         lines.append(f"| {name} | {len(phase['tests'])} | {phase['wall_s']:.0f} | {sum(phase['tests'].values()):.0f} |")
     lines += ["", "| test file | tests | seconds | kind |", "|---|---|---|---|"]
     for test_file, (count, seconds) in by_file(everything).items():
-        lines.append(f"| `{Path(test_file).name}` | {count} | {seconds:.0f} | {kind_of(test_file)} |")
+        kind = KINDS.get(Path(test_file).stem, "in-process")
+        lines.append(f"| `{Path(test_file).name}` | {count} | {seconds:.0f} | {kind} |")
     kinds: dict[str, float] = defaultdict(float)
     for test_file, (_, seconds) in by_file(everything).items():
         kinds[kind_of(test_file)] += seconds
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25, help="how many of the slowest tests to print")
     parser.add_argument("--save", type=Path, help="a folder for suite_time.json and suite_time.md")
     parser.add_argument("--command", default="make test", help="the command the raw file names")
+    parser.add_argument("--commit", help="the commit the XML files were measured at (default: HEAD)")
+    parser.add_argument("--name", default="suite_time", help="the raw file's and the table's name under --save")
     args = parser.parse_args(argv)
 
     phases = {}
@@ -126,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"the whole suite: {len(everything)} tests, {sum(p['wall_s'] for p in phases.values()) / 60:.1f} min wall")
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
-        raw = {"provenance": provenance(args.command), "phases": phases}
-        (args.save / "suite_time.json").write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
-        (args.save / "suite_time.md").write_text(markdown(raw))
+        raw = {"provenance": provenance(args.command, args.commit), "phases": phases}
+        (args.save / f"{args.name}.json").write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+        (args.save / f"{args.name}.md").write_text(markdown(raw))
     return 0
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from processes import free_port, serve_mlflow, serve_postgres, stop_processes, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.whole_machine]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray, st-scale: the same installation the cluster runs

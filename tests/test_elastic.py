@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from processes import free_port, serve_s3, stop_processes, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.whole_machine]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 BIN = Path(sys.executable).parent
 BUCKET = "st-scale"

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.whole_machine]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 STARTED_WITHIN_S = 240  # Ray and two DeepSpeed workers on a loaded 2-core machine
 STOPPED_WITHIN_S = 30  # the command exits: Ray Train aborts the run, Ray shuts down

@@ -24,7 +24,7 @@ from st_scale.errors import ConfigError, RunFailedError
 from st_scale.launch import connect_ray, train
 from st_scale.storage import resolve
 
-pytestmark = [pytest.mark.slow, pytest.mark.whole_machine]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 # Relative L2 distance of the weights (and of epoch 2's mean loss) between a run resumed on another
 # number of workers and the uninterrupted run: measured 0.0128 (2 -> 1 workers) and 0.0133 (1 -> 2).
