@@ -30,7 +30,7 @@ KINDS = {
     "test_speed": "compiled blocks (inductor), speed switches",
     "test_export": "export to state dict, pt2, TorchScript, ONNX",
 }
-IN_PROCESS = "in-process: models, objectives, evaluation, engine, data, configs"
+IN_PROCESS = "in-process (models, objectives, evaluation, engine, data, configs)"
 
 
 def read_phase(path: Path) -> dict[str, float]:
@@ -84,13 +84,15 @@ def markdown(raw: dict) -> str:
     ]
     for name, phase in phases.items():
         lines.append(f"| {name} | {len(phase['tests'])} | {phase['wall_s']:.0f} | {sum(phase['tests'].values()):.0f} |")
+    files = by_file(everything)
     lines += ["", "| test file | tests | seconds | kind |", "|---|---|---|---|"]
-    for test_file, (count, seconds) in by_file(everything).items():
-        kind = KINDS.get(Path(test_file).stem, "in-process")
-        lines.append(f"| `{Path(test_file).name}` | {count} | {seconds:.0f} | {kind} |")
     kinds: dict[str, float] = defaultdict(float)
-    for test_file, (_, seconds) in by_file(everything).items():
-        kinds[kind_of(test_file)] += seconds
+    for test_file, (count, seconds) in files.items():
+        kind = kind_of(test_file)
+        kinds[kind] += seconds
+        lines.append(
+            f"| `{Path(test_file).name}` | {count} | {seconds:.0f} | {'in-process' if kind == IN_PROCESS else kind} |"
+        )
     lines += ["", "| kind | seconds |", "|---|---|"]
     lines += [f"| {kind} | {seconds:.0f} |" for kind, seconds in sorted(kinds.items(), key=lambda item: -item[1])]
     lines += ["", "| slowest tests | seconds |", "|---|---|"]
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         raw = {"provenance": provenance(args.command, args.commit), "phases": phases}
-        (args.save / f"{args.name}.json").write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+        (args.save / f"{args.name}.json").write_text(json.dumps(raw, indent=1) + "\n")
         (args.save / f"{args.name}.md").write_text(markdown(raw))
     return 0
 
