@@ -166,6 +166,7 @@ def main() -> None:
 
     from st_scale.config import load_config
     from st_scale.data.commands import convert
+    from st_scale.provenance import provenance, write_raw
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +176,7 @@ def main() -> None:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     init_process_group(cuda)
+    started = provenance()
     report: dict = {
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -268,7 +270,7 @@ def main() -> None:
                 cfg_v, device, args.steps, args.warmup, loader
             )
             print(f"{setting}/{objective} fed by ffcv", report["train"][f"{setting}/{objective}/ffcv_fed"], flush=True)
-    (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    write_raw(out / "gpu_bench.json", started, report)
     print(json.dumps(report, indent=2))
     torch.distributed.destroy_process_group()
 

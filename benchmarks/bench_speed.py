@@ -17,6 +17,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,7 @@ from st_scale.memory import SavedTensorBytes
 from st_scale.methods import build_objective
 from st_scale.models import create_model
 from st_scale.models.regional_compile import compile_blocks
+from st_scale.provenance import provenance, write_raw
 from st_scale.sampling import SubnetSampler, SubnetSpace
 
 LAYOUTS = {
@@ -94,7 +96,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiled variants compile here)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled variants")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON raw file, with their provenance")
     args = parser.parse_args()
+    started = provenance()
     torch.set_num_threads(args.threads)
 
     variants = build_variants(args)
@@ -124,15 +128,20 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     by_name = {v.name: v for v in variants}
+    rows = []
     for v in variants:
         t = statistics.median(v.times)
         layout = v.name.split(", ")[-1]
         same_ct = statistics.median(by_name[f"CT, {layout}"].times)
-        print(
-            f"| {v.name} | {t:.3f} | {t / ct_time:.2f}x | {t / same_ct:.2f}x | "
-            f"{statistics.fmean(v.saved) / ct_saved:.2f}x | {v.warmup_s:.1f} |"
+        saved = statistics.fmean(v.saved) / ct_saved
+        print(f"| {v.name} | {t:.3f} | {t / ct_time:.2f}x | {t / same_ct:.2f}x | {saved:.2f}x | {v.warmup_s:.1f} |")
+        rows.append(
+            {"variant": v.name, "step_s": v.times, "warmup_s": v.warmup_s, "saved_bytes": v.saved}
+            | {"median_step_s": t, "time_over_ct": t / ct_time, "time_over_same_layout_ct": t / same_ct}
         )
     print(f"\nST / CT, eager NCHW: {st_time / ct_time:.2f}x")
+    if args.out:
+        write_raw(args.out, started, {"args": vars(args) | {"out": str(args.out)}, "variants": rows})
 
 
 if __name__ == "__main__":

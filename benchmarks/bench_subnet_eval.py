@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from st_scale.evaluation import evaluate_subnets, evaluate_subnets_naive
 from st_scale.models import create_model
+from st_scale.provenance import provenance, write_raw
 from st_scale.sampling import SubnetSpace
 
 
@@ -25,7 +27,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128, help="calibration images, and as many validation images")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON raw file, with their provenance")
     args = parser.parse_args()
+    started = provenance()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -59,6 +63,9 @@ def main() -> None:
         f"{args.images} val images, {args.threads} threads): tree {tree_s:.1f} s, naive {naive_s:.1f} s, "
         f"speed-up {naive_s / tree_s:.1f}x (identical results: {same})"
     )
+    if args.out:
+        figures = {"subnets": len(subnets), "tree_s": tree_s, "naive_s": naive_s, "identical_results": same}
+        write_raw(args.out, started, {"args": vars(args) | {"out": str(args.out)}} | figures)
 
 
 if __name__ == "__main__":

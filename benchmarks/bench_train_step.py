@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,7 @@ from st_scale.memory import SavedTensorBytes
 from st_scale.methods import build_objective
 from st_scale.models import create_model
 from st_scale.models.complexity import MacCounter
+from st_scale.provenance import provenance, write_raw
 from st_scale.sampling import SubnetSampler, SubnetSpace
 
 
@@ -60,7 +62,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON raw file, with their provenance")
     args = parser.parse_args()
+    started = provenance()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -112,12 +116,24 @@ def main() -> None:
     )
     print("| objective | step time (s) | time / CT | MAC estimate / CT | saved activations (MiB) | memory / CT |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for name in variants:
         t = statistics.median(times[name])
         print(
             f"| {name} | {t:.3f} | {t / ct_time:.2f}x | {estimate[name]:.2f}x | "
             f"{memory[name] / 2**20:.0f} | {memory[name] / ct_mem:.2f}x |"
         )
+        rows.append(
+            {"objective": name, "step_s": times[name], "median_step_s": t, "time_over_ct": t / ct_time}
+            | {
+                "mac_estimate_over_ct": estimate[name],
+                "saved_bytes": memory[name],
+                "memory_over_ct": memory[name] / ct_mem,
+            }
+        )
+    if args.out:
+        figures = {"parameter_bytes": params, "objectives": rows}
+        write_raw(args.out, started, {"args": vars(args) | {"out": str(args.out)}} | figures)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
+
+from st_scale.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,28 +49,6 @@ def by_file(times: dict[str, float]) -> dict[str, tuple[int, float]]:
 
 def kind_of(test_file: str) -> str:
     return KINDS.get(Path(test_file).stem, IN_PROCESS)
-
-
-def provenance(command: str, commit: str | None = None) -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return {
-        "command": command,
-        "commit": commit or git("rev-parse", "--short", "HEAD"),
-        "dirty": False if commit else bool(git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-    }
 
 
 def markdown(raw: dict) -> str:
