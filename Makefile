@@ -132,7 +132,7 @@ study: install fashion-mnist
 mutate: install
 	@start=$$(date +%s); \
 	$(BIN)/mutmut run --max-children 2 $(MUTANTS); \
-	$(PY) benchmarks/mutation_score.py --minutes $$(( ($$(date +%s) - start) / 60 ))
+	$(PY) benchmarks/mutation_score.py --save-results --minutes $$(( ($$(date +%s) - start) / 60 ))
 
 clean:
 	rm -rf $(VENV) build *.egg-info mutants

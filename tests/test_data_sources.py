@@ -119,9 +119,10 @@ def test_seeded_subsets_are_stratified_distinct_and_shuffled():
     assert not np.array_equal(subset, np.sort(subset))  # random order, not file order
     assert np.array_equal(seeded_subset(labels, 40, seed=7), subset)
     assert not np.array_equal(seeded_subset(labels, 40, seed=8), subset)
-    for size in (None, 100, 150):  # everything, shuffled
+    for size in (None, 100, 150):  # everything, shuffled: the same shuffle however the size is spelt
         everything = seeded_subset(labels, size, seed=1)
         assert sorted(everything.tolist()) == list(range(100)) and not np.array_equal(everything, np.arange(100))
+        assert np.array_equal(everything, seeded_subset(labels, None, seed=1))
     with pytest.raises(ValueError, match="subset size 0: must be >= 1"):
         seeded_subset(labels, 0, seed=1)
 

@@ -683,3 +683,12 @@ def test_label_smoothing_smooths_every_cross_entropy_and_no_kl(method):
 def test_label_smoothing_outside_0_1_is_refused():
     with pytest.raises(ValueError, match="label_smoothing"):
         build_objective("ct", create_model("cifar_resnet20", 10), label_smoothing=1.0)
+
+
+def test_a_distilling_head_built_directly_uses_the_recipes_default_temperature():
+    """AuxiliarySupervision's own default is the one a recipe gets from self_distillation's options."""
+    from st_scale.methods.auxiliary import AuxiliarySupervision, SelfDistillationOptions
+
+    model, _, _ = _setup(size=8, batch=2)
+    heads = AuxiliarySupervision(model, per="stage", distill_alpha=0.5, name="direct")
+    assert heads.temperature == SelfDistillationOptions().distill_temperature == 3.0

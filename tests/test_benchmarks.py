@@ -1,0 +1,121 @@
+"""Every script under benchmarks/ runs, at the smallest size that takes its whole path, as its user runs
+it (a process of its own), and writes its raw file under a provenance block. The figures themselves
+mean nothing at these sizes; what is checked is that the script works and says where its numbers came
+from, so that a script nobody ran since it changed cannot feed a document."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVENANCE = {"command", "commit", "dirty", "date", "machine", "python", "versions", "load_average_start"}
+
+
+def run_script(name: str, *args: str, cwd: Path, raw_file: str | None = None, env: dict | None = None) -> dict:
+    """benchmarks/`name` with `args`, writing to `--out` (a file, or a folder holding `raw_file`); the
+    raw file, its provenance checked."""
+    out = cwd / (Path(name).stem if raw_file else f"{Path(name).stem}.json")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args, "--out", str(out)],
+        cwd=cwd,
+        env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    raw = json.loads((out / raw_file if raw_file else out).read_text())
+    block = raw["provenance"]
+    assert PROVENANCE | {"finished", "load_average_end"} <= set(block)
+    assert f"benchmarks/{name}" in block["command"] and "--out" in block["command"]
+    assert torch.__version__.startswith(block["versions"]["torch"]) and block["commit"] != "unknown"
+    assert len(block["load_average_start"]) == len(block["load_average_end"]) == 3
+    return raw
+
+
+@pytest.mark.slow  # a process that loads torch
+def test_the_training_step_benchmark(tmp_path):
+    raw = run_script(
+        "bench_train_step.py", "--model", "cifar_resnet20", "--batch-size", "4", "--steps", "2", "--threads", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    rows = {row["objective"]: row for row in raw["objectives"]}
+    assert set(rows) == {"CT", "ST shared prefix", "ST unshared"} and rows["CT"]["time_over_ct"] == 1
+    assert all(len(row["step_s"]) == 2 and row["mac_estimate_over_ct"] >= 1 for row in rows.values())
+
+
+@pytest.mark.slow  # a process that loads torch
+def test_the_speed_switch_benchmark(tmp_path):
+    raw = run_script(
+        "bench_speed.py", "--model", "cifar_resnet20", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+        "--threads", "1", "--no-compile", cwd=tmp_path,
+    )  # fmt: skip
+    names = [row["variant"] for row in raw["variants"]]
+    assert "CT, eager NCHW" in names and "ST, eager NCHW" in names and not any("compiled" in n for n in names)
+    assert all(len(row["step_s"]) == 2 for row in raw["variants"])
+
+
+@pytest.mark.slow  # a process that loads torch
+def test_the_subnet_evaluation_benchmark(tmp_path):
+    raw = run_script(
+        "bench_subnet_eval.py", "--model", "cifar_resnet20", "--image-size", "8", "--images", "4", "--threads", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert raw["subnets"] == 27 and raw["identical_results"] is True
+
+
+@pytest.mark.slow  # a process that loads torch
+def test_the_gpu_benchmark_in_its_cpu_mode(tmp_path):
+    """bench_gpu.py --quick on the CPU (gloo, fp32), the FFCV part included: the script reports a
+    failure there instead of raising, so its report must hold no error."""
+    report = run_script(
+        "bench_gpu.py", "--quick", "--model", "resnet18", "--batch-size", "4", "--image-size", "32", "--images", "24",
+        "--steps", "1", "--warmup", "1", "--workers", "1",
+        cwd=tmp_path, raw_file="gpu_bench.json", env={"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert "ffcv_error" not in report and report["backend"] == "gloo" and report["ffcv_loader_images_per_s"] > 0
+    layouts, objectives = ("eager_nchw", "eager_channels_last"), ("ct", "st", "st_half_batch")
+    assert {f"fp32/{layout}/{objective}" for layout in layouts for objective in objectives} <= set(report["train"])
+    fed = [name for name in report["train"] if name.endswith("/ffcv_fed")]
+    assert sorted(fed) == [f"{report['fastest_ct'].removesuffix('/ct')}/{o}/ffcv_fed" for o in ("ct", "st")]
+    assert all(ratio > 0 for key, ratio in report.items() if key.startswith("st_time_ratio/"))
+
+
+def test_the_mutation_score_counts_what_did_not_run_and_what_only_looks_equivalent(tmp_path):
+    """A time-out and an [untestable] mutant count as not killed, an [equivalent] one is left out,
+    and a mutant that never ran is named rather than scored."""
+    listing = tmp_path / "listing.txt"
+    listing.write_text(
+        "st_scale.schedule.x_lr_at__mutmut_1: killed\n"
+        "st_scale.schedule.x_lr_at__mutmut_2: survived\n"
+        "st_scale.schedule.x_lr_at__mutmut_3: timeout\n"
+        "st_scale.checkpoint.x_rng_state__mutmut_8: survived\n"  # [untestable]: CUDA only
+        "st_scale.checkpoint.x_load__mutmut_26: survived\n"  # [equivalent]
+        "st_scale.sampling.x_step_rng__mutmut_1: not checked\n"
+    )
+    out = tmp_path / "score"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mutation_score.py"), "--results", str(listing)]
+        + ["--out", str(out), "--save-results"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in done.stdout.splitlines()
+            if line.startswith("| st_scale") or line.startswith("| **all**")}  # fmt: skip
+    # mutants | killed | survived | timed out | untestable | equivalent | not run | score
+    assert rows["st_scale/schedule.py"] == ["3", "1", "1", "1", "0", "0", "0", "33.3%"]
+    assert rows["st_scale/checkpoint.py"] == ["2", "0", "0", "0", "1", "1", "0", "0.0%"]
+    assert rows["st_scale/sampling.py"] == ["1", "0", "0", "0", "0", "0", "1", "-"]
+    assert rows["**all**"] == ["6", "1", "1", "1", "1", "1", "1", "25.0%"]
+    assert "1 of 6 mutants never ran (st_scale/sampling.py 1)" in done.stdout
+    assert (out / "results.txt").read_text() == "".join(sorted(listing.read_text().splitlines(keepends=True)))
+    assert len((out / "survivors.txt").read_text().splitlines()) == 3
