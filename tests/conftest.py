@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from digits_data import DIGITS_SIZE
 from processes import free_port
 
 # Loopback-only Ray, no usage reporting: before anything imports ray.
@@ -21,11 +22,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
-    """The bundled digits set as .beton files, written once per test session."""
+    """The bundled digits set as .beton files (DIGITS_SIZE px), written once per test session."""
     from st_scale.data.commands import convert
 
-    out = tmp_path_factory.mktemp("digits32")
-    convert("digits", None, out, quiet=True)
+    out = tmp_path_factory.mktemp(f"digits{DIGITS_SIZE}")
+    convert("digits", None, out, image_size=DIGITS_SIZE, quiet=True)
     return out
 
 

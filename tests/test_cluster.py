@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from digits_data import digits_overrides
 from processes import free_port, serve_mlflow, serve_postgres, stop_processes, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -90,10 +91,9 @@ def get_json(url: str, payload: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-def digits_overrides(digits_dir) -> list[str]:
+def small_run_overrides(digits_dir) -> list[str]:
     return [
-        f"data.train={digits_dir}/train.beton",
-        f"data.val={digits_dir}/val.beton",
+        *digits_overrides(digits_dir),
         "data.calibration_images=128",
         "eval.max_subnets=8",
         "tracking.system_metrics=false",
@@ -127,7 +127,7 @@ def submit_job(head: Head, submission: str, entrypoint: list[str], runtime_env: 
 def digits_tiny_tree(digits_dir, store: str) -> dict:
     """tune/digits_tiny.yaml on the session's digits files, logging to `store`."""
     tree = yaml.safe_load((ROOT / "tune" / "digits_tiny.yaml").read_text())
-    fixed = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in digits_overrides(digits_dir))}
+    fixed = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in small_run_overrides(digits_dir))}
     tree["set"].update(fixed, **{"tracking.tracking_uri": store})
     return tree
 
@@ -357,7 +357,7 @@ def test_job_submit_runs_local_code_and_logs_to_the_mlflow_server(ray_head, mlfl
         "# demo_st, as a local change not yet in any image\nbase: demo_st\ntracking:\n  run_name: local-change\n"
     )
     assert not (ROOT / "st_scale" / "recipes" / "local_change_st.yaml").exists()
-    overrides = digits_overrides(digits_dir) + [
+    overrides = small_run_overrides(digits_dir) + [
         "optimizer.epochs=1",
         "run.name=job-local",
         f"run.storage_path={tmp_path}/runs",

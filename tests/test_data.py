@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from digits_data import DIGITS_SIZE, digits_overrides
 
 from st_scale.config import load_config
 from st_scale.data.commands import convert
@@ -24,7 +25,7 @@ from st_scale.errors import ConfigError
 def test_digits_conversion_writes_checksums_and_metadata(digits_dir):
     for split, count in (("train", 1438), ("val", 359)):
         meta = verify_beton(digits_dir / f"{split}.beton")
-        assert meta["num_samples"] == count and meta["num_classes"] == 10 and meta["image_size"] == 32
+        assert meta["num_samples"] == count and meta["num_classes"] == 10 and meta["image_size"] == DIGITS_SIZE
         assert (digits_dir / f"{split}.beton.sha256").read_text().split()[0] == meta["sha256"]
 
 
@@ -106,13 +107,13 @@ def test_digits_upscaled_to_32_px_are_the_bilinear_resize_of_each_source_image()
 def test_digits_files_hold_the_splits_pairs_in_order(digits_dir):
     from st_scale.data.digits import load_digits_splits
 
-    splits = dict(zip(("train", "val"), load_digits_splits(image_size=32)))
+    splits = dict(zip(("train", "val"), load_digits_splits(image_size=DIGITS_SIZE)))
     for name, split in splits.items():
         images, labels = _read_back(digits_dir / f"{name}.beton")
         assert np.array_equal(images, split.images.transpose(0, 3, 1, 2))
         assert np.array_equal(labels, split.labels)
         meta = json.loads((digits_dir / f"{name}.beton.json").read_text())
-        assert (meta["source"], meta["num_classes"], meta["image_size"]) == ("sklearn.load_digits", 10, 32)
+        assert (meta["source"], meta["num_classes"], meta["image_size"]) == ("sklearn.load_digits", 10, DIGITS_SIZE)
 
 
 def _copy(digits_dir, tmp_path):
@@ -161,7 +162,7 @@ def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path)
     cfg = load_config(
         "demo_st",
         [
-            f"data.train={digits_dir / 'train.beton'}",
+            *digits_overrides(digits_dir),
             f"data.val={path}",
             f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
         ],
@@ -177,12 +178,16 @@ def test_every_split_with_more_classes_than_the_model_is_refused(digits_dir, tmp
 
     rng = np.random.default_rng(0)
     wide = tmp_path / "wide.beton"
-    images, labels = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 20
-    write_beton(ArrayDataset(images, labels), wide, WriteOptions(num_workers=1), {"num_classes": 20, "image_size": 32})
+    size = DIGITS_SIZE
+    images, labels = rng.integers(0, 256, (40, size, size, 3), dtype=np.uint8), np.arange(40) % 20
+    write_beton(
+        ArrayDataset(images, labels), wide, WriteOptions(num_workers=1), {"num_classes": 20, "image_size": size}
+    )
     paths = {"train": digits_dir / "train.beton", "val": digits_dir / "val.beton", split: wide}
     cfg = load_config(
         "demo_st",
         [
+            *digits_overrides(digits_dir),
             f"data.train={paths['train']}",
             f"data.val={paths['val']}",
             f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
@@ -382,7 +387,7 @@ def test_progressive_resizing_crops_each_epoch_at_its_resolution(tmp_path):
 
 
 def test_train_order_and_augmentation_are_functions_of_seed_and_epoch(digits_dir):
-    cfg = load_config("demo_st", [f"data.train={digits_dir / 'train.beton'}", f"data.val={digits_dir / 'val.beton'}"])
+    cfg = load_config("demo_st", digits_overrides(digits_dir))
     device = torch.device("cpu")
 
     def first_batches(epoch, seed=0):

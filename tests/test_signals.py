@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+from digits_data import digits_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -23,8 +24,7 @@ GONE_WITHIN_S = 15  # after that, no process it started is left
 def _train_until_its_first_steps(digits_dir, tmp_path) -> tuple[subprocess.Popen, list[str]]:
     command = [sys.executable, "-m", "st_scale", "train", "demo_st"]
     for override in (
-        f"data.train={digits_dir / 'train.beton'}",
-        f"data.val={digits_dir / 'val.beton'}",
+        *digits_overrides(digits_dir),
         f"run.storage_path={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "tracking.system_metrics=false",

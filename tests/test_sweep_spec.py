@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from digits_data import digits_overrides
 
 from st_scale.cli import main
 from st_scale.errors import ConfigError
@@ -201,10 +202,7 @@ def test_unreachable_tracking_server_fails_before_ray(tmp_path, digits_dir, caps
         [
             "sweep",
             path,
-            "--set",
-            f"set.data.train={digits_dir}/train.beton",
-            "--set",
-            f"set.data.val={digits_dir}/val.beton",
+            *(part for override in digits_overrides(digits_dir) for part in ("--set", f"set.{override}")),
             "--set",
             "set.tracking.tracking_uri=http://127.0.0.1:9",
         ]
@@ -233,10 +231,7 @@ def test_unreachable_ray_address_fails_fast(tmp_path, digits_dir, capsys):
             path,
             "--address",
             "127.0.0.1:1",
-            "--set",
-            f"set.data.train={digits_dir}/train.beton",
-            "--set",
-            f"set.data.val={digits_dir}/val.beton",
+            *(part for override in digits_overrides(digits_dir) for part in ("--set", f"set.{override}")),
             "--set",
             f"set.tracking.tracking_uri={store}",
         ]

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from digits_data import DIGITS_SIZE, digits_overrides
 from processes import serve_s3, wait_for
 
 from st_scale import checkpoint
@@ -48,8 +49,7 @@ def make_config(digits_dir, root: Path, name: str, *extra: str):
     return load_config(
         "demo_st",
         [
-            f"data.train={digits_dir / 'train.beton'}",
-            f"data.val={digits_dir / 'val.beton'}",
+            *digits_overrides(digits_dir),
             f"run.name={name}",
             f"run.storage_path={root / 'ray'}",
             f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
@@ -347,7 +347,7 @@ def test_a_densenet_trains_with_st_and_evaluates_its_subnetworks(workspace, digi
     assert summary.main_top1 > 30  # ten classes; one epoch
     table = client(workspace).download_artifacts(summary.mlflow_run_id, "subnets/subnets_epoch001.csv")
     rows = list(csv.DictReader(Path(table).read_text().splitlines()))
-    counter = MacCounter(create_model("cifar_densenet40", 10), 32)
+    counter = MacCounter(create_model("cifar_densenet40", 10), DIGITS_SIZE)
     for row in rows:
         depths = tuple(int(d) for d in row["depths"].split("-"))
         assert int(row["macs"]) == counter.subnet_macs(depths) and int(row["params"]) == counter.subnet_params(depths)
@@ -381,7 +381,7 @@ def test_a_swin_trains_with_st_under_adamw_and_logs_itself_as_a_plain_swin(works
     assert summary.num_subnets == 8 and summary.main_top1 > 30  # ten classes; one epoch
     c = client(workspace)
     table = c.download_artifacts(summary.mlflow_run_id, "subnets/subnets_epoch001.csv")
-    counter = MacCounter(create_model("cifar_swin", 10), 32)
+    counter = MacCounter(create_model("cifar_swin", 10), DIGITS_SIZE)
     for row in csv.DictReader(Path(table).read_text().splitlines()):
         depths = tuple(int(d) for d in row["depths"].split("-"))
         assert int(row["macs"]) == counter.subnet_macs(depths)
@@ -482,7 +482,7 @@ def test_export_writes_a_sub_network_that_scores_what_training_measured(referenc
 
     runs_it = (
         "import sys, torch; net = torch.jit.load(sys.argv[1]); "
-        "print(tuple(net(torch.zeros(2, 3, 32, 32)).shape)); print('st_scale' in sys.modules)"
+        f"print(tuple(net(torch.zeros(2, 3, {DIGITS_SIZE}, {DIGITS_SIZE})).shape)); print('st_scale' in sys.modules)"
     )
     done = subprocess.run(
         [sys.executable, "-c", runs_it, exported["files"]["torchscript"]], capture_output=True, text=True, timeout=120
@@ -544,6 +544,8 @@ def demo(workspace, digits_dir):
             "tracking.system_metrics=false",
             "--set",
             "eval.subnets_every=2",
+            "--set",
+            f"data.image_size={DIGITS_SIZE}",
         ],
         capture_output=True,
         text=True,
