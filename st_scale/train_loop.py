@@ -118,15 +118,46 @@ class WorkerContext:
 
 
 def train_worker(loop_config: dict) -> None:
+    """Ray Train's worker function: this rank's context, then the epochs left to train."""
     import ray.train
 
     inputs = WorkerInputs.from_loop_config(loop_config)
     if not inputs.verbose:
         quiet_logs()
-    cfg = Config.model_validate(inputs.config)
     train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
-    device = _setup_process(cfg, train_ctx.get_local_rank())
+    ctx, resumed = build_worker_context(
+        inputs,
+        rank=train_ctx.get_world_rank(),
+        world=train_ctx.get_world_size(),
+        local_rank=train_ctx.get_local_rank(),
+        resume_from=ray.train.get_checkpoint(),
+    )
+    epochs = ctx.cfg.optimizer.epochs
+    stop_at = min(epochs, ctx.cfg.run.stop_after_epochs or epochs)
+
+    if resumed.epoch >= stop_at:  # nothing left to train: report what the checkpoint holds
+        if ctx.tracker:
+            ctx.tracker.finish("FINISHED" if resumed.epoch >= epochs else "KILLED")
+        ray.train.report(resumed.metrics)
+        return
+
+    try:
+        _run_epochs(ctx, resumed.epoch, stop_at, resumed.step)
+    except BaseException:
+        if ctx.tracker:  # a restart (max_failures) or a resume reopens the same run
+            ctx.tracker.finish("FAILED")
+        raise
+    barrier()
+
+
+def build_worker_context(
+    inputs: WorkerInputs, *, rank: int, world: int, local_rank: int, resume_from: Any = None
+) -> tuple[WorkerContext, ResumeState]:
+    """Everything rank `rank` of `world` trains with (the process group must exist), resumed from
+    `resume_from` (a Ray Train checkpoint) when one is given; rank 0 opens the MLflow run. Needs no Ray:
+    the recipe tests build it in one process."""
+    cfg = Config.model_validate(inputs.config)
+    device = _setup_process(cfg, local_rank)
     model, space, objective = build_model_and_objective(cfg, rank)
     mfu_scales = _mfu_scales(model, cfg, device, world)  # on the plain CPU model, before compiling and moving it
     speed_up(model, cfg)
@@ -136,7 +167,7 @@ def train_worker(loop_config: dict) -> None:
     )
     engine = build_engine(model, objective, cfg, ds_config)
     data = _setup_data(cfg, inputs, engine, rank, world, device)
-    resumed = _resume(engine, cfg, rank, world)
+    resumed = _resume(engine, cfg, rank, world, resume_from)
     ema = None
     if cfg.optimizer.ema_decay:  # from the trained weights, or the average the checkpoint kept
         ema = WeightEma(model, cfg.optimizer.ema_decay)
@@ -161,22 +192,7 @@ def train_worker(loop_config: dict) -> None:
         ctx.tracker = _open_tracker(cfg, inputs, resumed.run_id)
         ctx.run_id = ctx.tracker.run_id
         ctx.progress = ProgressPoster(inputs.progress)
-    epochs = cfg.optimizer.epochs
-    stop_at = min(epochs, cfg.run.stop_after_epochs or epochs)
-
-    if resumed.epoch >= stop_at:  # nothing left to train: report what the checkpoint holds
-        if ctx.tracker:
-            ctx.tracker.finish("FINISHED" if resumed.epoch >= epochs else "KILLED")
-        ray.train.report(resumed.metrics)
-        return
-
-    try:
-        _run_epochs(ctx, resumed.epoch, stop_at, resumed.step)
-    except BaseException:
-        if ctx.tracker:  # a restart (max_failures) or a resume reopens the same run
-            ctx.tracker.finish("FAILED")
-        raise
-    barrier()
+    return ctx, resumed
 
 
 def speed_up(model: ElasticNet, cfg: Config) -> None:
@@ -238,14 +254,17 @@ def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int
     val_shard = eval_loader(
         cfg.data, cfg.data.val, indices=range(rank, n_val, world), num_workers=threads, device=device
     )
-    val_full = eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=threads, device=device)
+    # One worker's shard is the whole set: one loader, one pipeline compiled instead of two
+    val_full = (
+        val_shard
+        if world == 1
+        else eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=threads, device=device)
+    )
     return WorkerData(preparer, train, val_shard, val_full, calibration, other)
 
 
-def _resume(engine, cfg: Config, rank: int, world: int) -> ResumeState:
-    import ray.train
-
-    found = ray.train.get_checkpoint()
+def _resume(engine, cfg: Config, rank: int, world: int, found: Any) -> ResumeState:
+    """The state of Ray Train checkpoint `found` loaded into `engine`; a fresh start without one."""
     if found is None:
         return ResumeState()
     from pyarrow.fs import LocalFileSystem
@@ -291,14 +310,14 @@ def _run_epochs(ctx: WorkerContext, start_epoch: int, stop_at: int, step: int) -
     """Train, evaluate, log and checkpoint epochs start_epoch..stop_at-1."""
     for epoch in range(start_epoch, stop_at):
         started = time.perf_counter()
-        step, epoch_stats = _train_epoch(ctx, epoch, step)
+        step, epoch_stats = train_epoch(ctx, epoch, step)
         metrics = {
             "epoch": epoch + 1,
             "step": step,
             "train/epoch_time_s": time.perf_counter() - started,
             "train/world_size": ctx.world,  # a resumed run may continue on another number of workers
             **epoch_stats,
-            **_evaluate(ctx, epoch),
+            **evaluate_epoch(ctx, epoch),
         }
         ctx.progress.epoch(metrics, ctx.cfg.optimizer.epochs)
         if ctx.tracker:
@@ -319,7 +338,7 @@ def _close_run(ctx: WorkerContext, stop_at: int) -> None:
         ctx.tracker.finish("KILLED")
 
 
-def _evaluate(ctx: WorkerContext, epoch: int) -> dict[str, float]:
+def evaluate_epoch(ctx: WorkerContext, epoch: int) -> dict[str, float]:
     """Main net every epoch (on BN statistics re-estimated for it, as the reference does), and the
     weights' average with `optimizer.ema_decay`; all sub-networks every `eval.subnets_every` epochs and
     at the end. The model is left as it was."""
@@ -436,7 +455,7 @@ def _state_bytes(engine, optimizer: str) -> int:
     return (3 if optimizer == "sgd" else 4) * params
 
 
-def _train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[str, float]]:
+def train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[str, float]]:
     """One epoch of training steps; returns the global step after it and the epoch's figures: mean
     loss, images per second, and the step's peak memory in MiB (GPU: the allocator's peak; CPU:
     activations saved for backward plus weights, gradients and momentum, measured on the epoch's
