@@ -20,13 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What a test file spends its time on, for the table by kind (files not named: in-process tests).
 KINDS = {
-    "test_training": "training runs on a local Ray (2 DeepSpeed workers, FFCV, MLflow on SQLite)",
+    "test_training": "training runs on a local Ray (2 DeepSpeed workers, FFCV, MLflow on SQLite; 16 px digits)",
     "test_cluster": "a `ray start` cluster: `ray job submit`, Tune sweeps, PostgreSQL",
     "test_elastic": "a two-node cluster losing and regaining a node (S3 checkpoints)",
     "test_signals": "`st-scale train` stopped by a signal (its own local Ray)",
     "test_bad_input": "`st-scale` commands refusing bad input (a process per case)",
     "test_speed": "compiled blocks (inductor), speed switches",
     "test_export": "export to state dict, pt2, TorchScript, ONNX",
+    "test_recipes": "every packaged recipe: two steps and an evaluation in one process",
+    "test_benchmarks": "the benchmark scripts at their smallest size (a process each)",
 }
 IN_PROCESS = "in-process (models, objectives, evaluation, engine, data, configs)"
 

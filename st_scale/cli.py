@@ -361,7 +361,9 @@ def cmd_train(args) -> int:
 
     from .config import load_config
     from .launch import train, write_summary_json
+    from .provenance import provenance
 
+    started = provenance()
     cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -372,7 +374,7 @@ def cmd_train(args) -> int:
 
     print_summaries([summary], cfg)
     if args.summary_json:
-        write_summary_json(args.summary_json, [summary])
+        write_summary_json(args.summary_json, [summary], started)
     return 0
 
 
@@ -386,13 +388,15 @@ def cmd_sweep(args) -> int:
             f"objective {checked.spec.objective.describe()} ({checked.spec.objective.mode}): OK"
         )
         return 0
+    from .provenance import provenance
     from .sweep.driver import print_sweep, run_sweep, write_sweep_json
 
+    started = provenance()
     _check_summary_path(args)
     summary = run_sweep(args.spec, args.overrides, address=args.address)
     print_sweep(summary)
     if args.summary_json:
-        write_sweep_json(args.summary_json, summary)
+        write_sweep_json(args.summary_json, summary, started)
     return 0 if summary.status == "FINISHED" else 1
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import load_config
 from .data.integrity import DatasetFileError, verify_beton
 from .launch import train, write_summary_json
+from .provenance import provenance
 from .report import print_summaries
 
 DEMO_RECIPES = ("demo_ct", "demo_st")
@@ -35,6 +36,7 @@ def run_demo(
     summary_json: str | None = None,
     verbose: bool = False,
 ):
+    started = provenance()
     data = Path(data_dir).expanduser().resolve()
     ensure_digits(data)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -52,5 +54,5 @@ def run_demo(
         summaries.append(train(cfg, address=address, verbose=verbose))
     print_summaries(summaries, cfg)
     if summary_json:
-        write_summary_json(summary_json, summaries)
+        write_summary_json(summary_json, summaries, started)
     return summaries

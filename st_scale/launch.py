@@ -307,8 +307,8 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
     )
 
 
-def write_summary_json(path: str | Path, summaries: list[RunSummary]) -> None:
-    write_json(path, {"runs": [asdict(s) for s in summaries]})
+def write_summary_json(path: str | Path, summaries: list[RunSummary], started: dict) -> None:
+    write_json(path, {"runs": [asdict(s) for s in summaries]}, started)
 
 
 def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
@@ -328,11 +328,14 @@ def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path
     return path
 
 
-def write_json(path: str | Path, payload) -> None:
-    """A summary file (--summary-json): indented JSON, its folder created."""
+def write_json(path: str | Path, payload: dict, started: dict) -> None:
+    """A summary file (--summary-json): indented JSON, its folder created, with the provenance block
+    `started` (st_scale.provenance) as the command began, finished now."""
+    from .provenance import finished
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(payload | {"provenance": finished(started)}, indent=2, default=str) + "\n")
 
 
 def describe_failure(error: BaseException, cfg: Config) -> str:

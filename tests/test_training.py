@@ -556,8 +556,11 @@ def demo(workspace, digits_dir):
 
 
 def test_demo_prints_one_line_per_epoch_and_ct_and_st_side_by_side(demo, workspace):
-    """Its console holds each run's epoch lines and the table, and none of Ray Train's per-rank chatter."""
+    """Its console holds each run's epoch lines and the table, and none of Ray Train's per-rank chatter;
+    its summary file says where its figures came from."""
     done, runs = demo
+    provenance = json.loads((workspace / "demo.json").read_text())["provenance"]
+    assert provenance["command"].startswith("st-scale demo --epochs 2") and provenance["versions"]["ray"]
     console = done.stdout + done.stderr
     for chatter in ("Reporting training result", "Checkpoint successfully created", "TrainingReport(", "INFO mlflow"):
         assert chatter not in console, console

@@ -216,5 +216,5 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_sweep_json(path: str | Path, summary: SweepSummary) -> None:
-    write_json(path, asdict(summary))
+def write_sweep_json(path: str | Path, summary: SweepSummary, started: dict) -> None:
+    write_json(path, asdict(summary), started)
