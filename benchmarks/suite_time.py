@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"the whole suite: {len(everything)} tests, {sum(p['wall_s'] for p in phases.values()) / 60:.1f} min wall")
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
-        raw = {"provenance": provenance(args.command, args.commit), "phases": phases}
+        raw = {"provenance": provenance(args.command, commit=args.commit), "phases": phases}
         (args.save / f"{args.name}.json").write_text(json.dumps(raw, indent=1) + "\n")
         (args.save / f"{args.name}.md").write_text(markdown(raw))
     return 0

@@ -119,3 +119,29 @@ def test_the_mutation_score_counts_what_did_not_run_and_what_only_looks_equivale
     assert "1 of 6 mutants never ran (st_scale/sampling.py 1)" in done.stdout
     assert (out / "results.txt").read_text() == "".join(sorted(listing.read_text().splitlines(keepends=True)))
     assert len((out / "survivors.txt").read_text().splitlines()) == 3
+
+
+def test_the_suite_timing_report_keeps_every_test_and_its_provenance(tmp_path):
+    """benchmarks/suite_time.py over two phases' JUnit XML, as `make test` calls it with --save."""
+    for phase, cases in (("fast", {"tests/test_a.py": [1.5, 0.25]}), ("ray", {"tests/test_training.py": [30.0]})):
+        rows = "".join(
+            f'<testcase classname="{path[:-3].replace("/", ".")}" name="test_{i}" time="{seconds}"/>'
+            for path, times in cases.items()
+            for i, seconds in enumerate(times)
+        )
+        (tmp_path / f"{phase}.xml").write_text(f"<testsuites><testsuite>{rows}</testsuite></testsuites>")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "suite_time.py"), f"fast={tmp_path / 'fast.xml'}:2"]
+        + [f"ray={tmp_path / 'ray.xml'}:31", "--save", str(tmp_path / "out"), "--commit", "abc1234"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the whole suite: 3 tests, 0.6 min wall" in done.stdout
+    raw = json.loads((tmp_path / "out" / "suite_time.json").read_text())
+    assert raw["phases"]["ray"] == {"wall_s": 31.0, "tests": {"tests/test_training.py::test_0": 30.0}}
+    assert raw["phases"]["fast"]["tests"] == {"tests/test_a.py::test_0": 1.5, "tests/test_a.py::test_1": 0.25}
+    assert raw["provenance"]["commit"] == "abc1234" and raw["provenance"]["command"] == "make test"
+    table = (tmp_path / "out" / "suite_time.md").read_text()
+    assert "| `tests/test_training.py::test_0` | 30.0 |" in table and "at commit abc1234" in table
