@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # ffcv compiles against OpenCV and libjpeg-turbo found through pkg-config.
 SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev
 
-.PHONY: help install system-deps fashion-mnist browser postgres demo lint format test test-fast bench study mutate clean
+.PHONY: help install system-deps fashion-mnist browser postgres demo lint format test test-fast bench docs study mutate clean
 
 help:
 	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root);"
@@ -23,6 +23,7 @@ help:
 	@echo "                (SUITE_TIME_ARGS='--save benchmarks/results/suite' keeps its timing table)"
 	@echo "make test-fast  unit tests only (no slow marker), in 2 processes"
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
+	@echo "make docs       the figure tables of README.md and BENCHMARKS.md, from the committed raw files"
 	@echo "make fashion-mnist  Debian's dataset-fashion-mnist package (real benchmark data, RESULTS.md)"
 	@echo "make browser    Debian's chromium and chromium-driver (the MLflow UI test drives a headless browser)"
 	@echo "make postgres   Debian's PostgreSQL server (tests run MLflow's tracking store on it)"
@@ -110,7 +111,7 @@ test: install fashion-mnist browser postgres
 	$(BIN)/pytest -q -m ray --junitxml=$(SUITE)/ray.xml || rc=1; \
 	t2=$$(date +%s); \
 	$(PY) benchmarks/suite_time.py without_ray=$(SUITE)/without_ray.xml:$$((t1 - t0)) \
-		ray=$(SUITE)/ray.xml:$$((t2 - t1)) $(SUITE_TIME_ARGS); \
+		ray=$(SUITE)/ray.xml:$$((t2 - t1)) $(SUITE_TIME_ARGS) || rc=1; \
 	exit $$rc
 
 test-fast: install
@@ -121,6 +122,10 @@ bench: install
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_speed.py
 	$(PY) benchmarks/bench_speed.py --model resnet50 --batch-size 64 --image-size 64
+
+# The tables between <!-- docs.py: NAME --> markers; tests/test_docs.py fails when they are out of date.
+docs: install
+	$(PY) benchmarks/docs.py
 
 study: install fashion-mnist
 	$(BIN)/st-scale convert fashion-mnist --out ~/.cache/st_scale/fashion10k --train-subset 10000

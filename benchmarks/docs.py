@@ -1,0 +1,130 @@
+"""`make docs`: the figure tables of README.md and BENCHMARKS.md, written from committed raw files.
+
+Each table sits between two markers in its document,
+
+    <!-- docs.py: NAME -->
+    ...written here...
+    <!-- /docs.py: NAME -->
+
+and is followed by its source (the command, commit, date and machine of the run that made the raw
+file). When git says the code a table measures has changed since that commit, the table says so: the
+number is then a fact about older code. `--check` writes nothing and fails when a document differs from
+what its raw files give (the suite runs it), so a figure edited by hand, or left behind by new data or
+new code, is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from suite_time import markdown as suite_time_tables  # noqa: E402
+
+
+def demo_table(raw: dict) -> str:
+    """`st-scale demo --summary-json`'s runs, as the demo prints them."""
+    lines = [
+        "| method | model | main top-1 | all sub-nets top-1 (mean ± std) | min | sub-nets | epochs | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in raw["runs"]:
+        lines.append(
+            f"| {run['method']} | {run['model']} | {run['main_top1']:.2f} | {run['subnets_mean_top1']:.2f} ± "
+            f"{run['subnets_std_top1']:.2f} | {run['subnets_min_top1']:.2f} | {run['num_subnets']} | {run['epochs']} "
+            f"| {run['wall_s']:.0f} |"
+        )
+    total = sum(run["wall_s"] for run in raw["runs"])
+    lines += ["", f"The runs took {total / 60:.1f} minutes together ({total:.0f} s)."]
+    return "\n".join(lines)
+
+
+def suite_tables(raw: dict) -> str:
+    """The whole time, then suite_time.py's tables without the source line it writes itself (the block
+    adds its own)."""
+    walls = [phase["wall_s"] for phase in raw["phases"].values()]
+    tests = sum(len(phase["tests"]) for phase in raw["phases"].values())
+    parts = f" ({' + '.join(f'{w:.0f} s' for w in walls)})" if len(walls) > 1 else ""
+    head = f"{tests} tests in **{sum(walls) / 60:.1f} minutes** of pytest{parts}.\n\n"
+    return head + suite_time_tables(raw).rstrip("\n").rsplit("\n\nSource:", 1)[0]
+
+
+@dataclass(frozen=True)
+class Table:
+    document: str
+    raw_file: str
+    render: Callable[[dict], str]
+    measures: tuple[str, ...]  # the paths whose code the figures are about
+
+
+SUITE_CODE = ("st_scale", "tests", "Makefile", "pyproject.toml")
+TABLES = {
+    "demo": Table("README.md", "benchmarks/results/demo/demo.json", demo_table, ("st_scale",)),
+    "demo-benchmarks": Table("BENCHMARKS.md", "benchmarks/results/demo/demo.json", demo_table, ("st_scale",)),
+    "suite-time": Table("BENCHMARKS.md", "benchmarks/results/suite/suite_time.json", suite_tables, SUITE_CODE),
+    "test-fast-time": Table("BENCHMARKS.md", "benchmarks/results/suite/test_fast.json", suite_tables, SUITE_CODE),
+}
+
+
+def block(name: str, table: Table) -> str:
+    raw = json.loads((ROOT / table.raw_file).read_text())
+    p = raw["provenance"]
+    dirty = " (with uncommitted changes)" if p.get("dirty") else ""
+    lines = [
+        table.render(raw),
+        "",
+        f"Source: `{table.raw_file}`: `{p['command']}` at commit {p['commit']}{dirty}, {p['date']}, {p['machine']}.",
+    ]
+    if changed_since(p["commit"], table.measures):
+        lines.append(
+            f"**Measured at commit {p['commit']}; the code it measures ({', '.join(table.measures)}) has changed "
+            f"since.**"
+        )
+    return "\n".join(lines)
+
+
+def changed_since(commit: str, paths: tuple[str, ...]) -> bool:
+    """Whether any of `paths` differs between `commit` and HEAD (an unknown commit counts as changed)."""
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "diff", "--quiet", commit, "HEAD", "--", *paths], capture_output=True
+    )
+    return done.returncode != 0
+
+
+def render(text: str, name: str, content: str, document: str) -> str:
+    pattern = re.compile(rf"(<!-- docs.py: {re.escape(name)} -->\n)(?:.*?\n)?(<!-- /docs.py: {re.escape(name)} -->)", re.S)
+    if not pattern.search(text):
+        markers = f"<!-- docs.py: {name} --> ... <!-- /docs.py: {name} -->"
+        raise SystemExit(f"{document}: no markers for table {name!r} ({markers})")
+    return pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="write nothing; fail when a document is out of date")
+    args = parser.parse_args(argv)
+    documents: dict[str, str] = {}
+    for name, table in TABLES.items():
+        text = documents.get(table.document, (ROOT / table.document).read_text())
+        documents[table.document] = render(text, name, block(name, table), table.document)
+    stale = [doc for doc, text in documents.items() if (ROOT / doc).read_text() != text]
+    if args.check:
+        for doc in stale:
+            print(f"{doc} differs from what its raw files give: run `make docs` and commit the result", file=sys.stderr)
+        return 1 if stale else 0
+    for doc in stale:
+        (ROOT / doc).write_text(documents[doc])
+        print(f"wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
