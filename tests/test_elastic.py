@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 BIN = Path(sys.executable).parent
 BUCKET = "st-scale"
-EPOCHS = 30  # at 16 px about 2 s each: room for the node to return and the group to grow back
+EPOCHS = 24  # at 16 px about 2 s each: room for the node to return and the group to grow back
 
 
 def _ours(marker: str):
@@ -54,7 +53,7 @@ class TwoNodes:
             "RAY_health_check_failure_threshold": "5",
             # after the loss, the elastic group asks for both workers again before the node is declared
             # dead, and falls back to what the cluster has once that request times out (default 60 s)
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
         }
         self.second_marker = None
 
@@ -122,7 +121,9 @@ def two_nodes(s3):  # the nodes' processes carry the store's credentials
 
 
 def _checkpoints(s3, prefix: str) -> list[tuple[int, int]]:
-    """(epoch, world size) of every complete checkpoint of the run in the bucket."""
+    """(epoch, world size) of every complete checkpoint of the run in the bucket, in the order they were
+    written (Ray Train names a checkpoint folder by its time). An epoch may appear twice: a group that
+    resumes from an earlier checkpoint than the last one written trains that epoch again."""
     keys = s3.keys(BUCKET, prefix)
     found = []
     for folder in sorted({key.split("/")[2] for key in keys if key.count("/") > 2 and "/checkpoint_" in key}):
@@ -137,7 +138,7 @@ def _checkpoints(s3, prefix: str) -> list[tuple[int, int]]:
 def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, s3, digits_dir, tmp_path):
     """One of the suite's slowest tests (about 2 minutes), because it waits for what it checks: two node
     starts, a node declared dead after five missed 1 s health checks, a request for both workers timing
-    out after 10 s, the worker group started three times, and EPOCHS epochs: the one worker left must
+    out after 5 s, the worker group started three times, and EPOCHS epochs: the one worker left must
     still be training when the node has started again and a resize check has found it (about 25 s after
     the loss, here), or the run ends before the group grows back."""
     import mlflow
@@ -177,8 +178,7 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, 
                 "the first checkpoint of two workers",
             )
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            time.sleep(1)  # into the next epoch
-            two_nodes.kill_second()
+            two_nodes.kill_second()  # during the next epoch
             wait_for(
                 lambda: driver.poll() is not None or any(w == 1 for _, w in _checkpoints(s3, prefix)),
                 600,
@@ -194,9 +194,10 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(two_nodes, 
     output = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 0, output[-4000:]
 
-    worlds = [w for _, w in sorted(_checkpoints(s3, prefix))]
+    written = _checkpoints(s3, prefix)
+    worlds = [w for _, w in written]
     changes = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
-    assert changes == [2, 1, 2], f"checkpoint world sizes by epoch: {sorted(_checkpoints(s3, prefix))}"
+    assert changes == [2, 1, 2], f"(epoch, world size) of the checkpoints as written: {written}"
     client = mlflow.MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("st-scale-demo").experiment_id])
     assert run.info.status == "FINISHED"

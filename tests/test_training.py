@@ -28,11 +28,12 @@ from st_scale.storage import resolve
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 # Relative L2 distance of the weights (and of epoch 2's mean loss) between a run resumed on another
-# number of workers and the uninterrupted run: measured 0.0128 (2 -> 1 workers) and 0.0133 (1 -> 2).
+# number of workers and the uninterrupted run: measured on the 16 px digits 0.0232 and 0.0239 (2 -> 1
+# workers, ZeRO-0 and ZeRO-1), 0.0242 (1 -> 2, both); a 1 -> 2 run against the 2-worker run: 0.180.
 RESHARD_TOLERANCE = 0.03
 # How long the object store stays down after epoch 2's metrics: well past Ray Train's own upload
 # retries (3 tries over about 3 s), which alone let the run fail (checked), within run.storage_retry_s.
-STORE_DOWN_AFTER_EPOCH_S = 20
+STORE_DOWN_AFTER_EPOCH_S = 12
 
 
 @pytest.fixture(scope="module")
