@@ -100,7 +100,9 @@ def changed_since(commit: str, paths: tuple[str, ...]) -> bool:
 
 
 def render(text: str, name: str, content: str, document: str) -> str:
-    pattern = re.compile(rf"(<!-- docs.py: {re.escape(name)} -->\n)(?:.*?\n)?(<!-- /docs.py: {re.escape(name)} -->)", re.S)
+    pattern = re.compile(
+        rf"(<!-- docs.py: {re.escape(name)} -->\n)(?:.*?\n)?(<!-- /docs.py: {re.escape(name)} -->)", re.S
+    )
     if not pattern.search(text):
         markers = f"<!-- docs.py: {name} --> ... <!-- /docs.py: {name} -->"
         raise SystemExit(f"{document}: no markers for table {name!r} ({markers})")
