@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PROVENANCE = {"command", "commit", "dirty", "date", "machine", "python", "versions", "load_average_start"}
 
 
+def own_environment() -> dict:
+    """This process's environment without the process group's variables the in-process tests set (a
+    script started from a shell has none; with them, bench_gpu.py would join their port)."""
+    group = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    return {key: value for key, value in os.environ.items() if key not in group}
+
+
 def run_script(name: str, *args: str, cwd: Path, raw_file: str | None = None, env: dict | None = None) -> dict:
     """benchmarks/`name` with `args`, writing to `--out` (a file, or a folder holding `raw_file`); the
     raw file, its provenance checked."""
@@ -25,7 +32,7 @@ def run_script(name: str, *args: str, cwd: Path, raw_file: str | None = None, en
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), *args, "--out", str(out)],
         cwd=cwd,
-        env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}),
+        env=own_environment() | {"OMP_NUM_THREADS": "1"} | (env or {}),
         capture_output=True,
         text=True,
         timeout=600,
