@@ -56,9 +56,9 @@ def open_checkpoint(
     """Open the checkpoint folder `directory`, a local path or an s3:// URI (reached through
     `storage_endpoint`, else $AWS_ENDPOINT_URL; its weights are copied here first), with the data of
     the run that wrote it. `command` names the caller in errors."""
+    from .assembly import build_model_and_objective
     from .data.integrity import DatasetFileError, read_metadata, verify_beton
     from .data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format
-    from .train_loop import build_model_and_objective
 
     check_storage_fields(str(directory), storage_endpoint, field="checkpoint", endpoint_field="--storage-endpoint")
     if is_object_store(directory):

@@ -133,7 +133,7 @@ def check_buildable(cfg: Config) -> None:
     """Build the model, its sub-network space and the objective once on the driver: a recipe whose
     parts do not fit together (sampling.max_dropped against the model's stages, stage depths, method
     options) fails here, before Ray starts, instead of in every worker (and every retry)."""
-    from .train_loop import build_model_and_objective
+    from .assembly import build_model_and_objective
 
     try:
         build_model_and_objective(cfg)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from . import checkpoint
+from .assembly import build_model_and_objective, speed_up
 from .config import Config
 from .console import ProgressPoster, quiet_logs
 from .distributed import barrier
@@ -34,44 +35,12 @@ from .eval_pass import (
 )
 from .evaluation import Batch, preserved_bn, recalibrate_bn
 from .memory import SavedTensorBytes
-from .methods import build_objective
-from .models import ElasticNet, create_model, has_standalone_subnets
-from .models.regional_compile import compile_blocks
+from .models import ElasticNet, has_standalone_subnets
 from .models.utilisation import peak_bf16_flops, training_flops_per_image
-from .sampling import SubnetSampler, SubnetSpace
 from .schedule import lr_at
 from .step_window import StepWindow
 from .storage import checkpoint_upload, with_retries
 from .worker_inputs import FaultInjection, WorkerInputs
-
-
-def build_space(cfg: Config, model: ElasticNet) -> SubnetSpace:
-    if cfg.sampling.space == "restricted":
-        if len(cfg.sampling.max_dropped) != model.num_stages:
-            raise ValueError(
-                f"sampling.max_dropped={cfg.sampling.max_dropped} needs one entry per stage of "
-                f"{model.name} ({model.num_stages} stages: {list(model.stage_sizes)})"
-            )
-        try:
-            return SubnetSpace.restricted(model.stage_sizes, cfg.sampling.max_dropped)
-        except ValueError as error:
-            raise ValueError(f"sampling.{error}") from None
-    return SubnetSpace.full(model.stage_sizes)
-
-
-def build_model_and_objective(cfg: Config, rank: int = 0):
-    """The elastic model, its sub-network space and the training objective, as a run builds them."""
-    model = create_model(cfg.model.name, cfg.model.num_classes, stage_depths=cfg.model.stage_depths)
-    space = build_space(cfg, model)
-    sampler = SubnetSampler(
-        space,
-        seed=cfg.run.seed,
-        decay=cfg.sampling.decay,
-        include_full=cfg.sampling.include_full,
-        per_rank=cfg.sampling.per_rank,
-    )
-    objective = build_objective(cfg.method, model, sampler=sampler, seed=cfg.run.seed, rank=rank)
-    return model, space, objective
 
 
 @dataclass
@@ -193,15 +162,6 @@ def build_worker_context(
         ctx.run_id = ctx.tracker.run_id
         ctx.progress = ProgressPoster(inputs.progress)
     return ctx, resumed
-
-
-def speed_up(model: ElasticNet, cfg: Config) -> None:
-    """The recipe's compilation, before DeepSpeed takes the module. channels_last is the batches'
-    layout only (`memory_format`): a convolution given an NHWC input runs NHWC and gives NHWC, so the
-    whole network does. The weights stay contiguous: DeepSpeed broadcasts them as flat bytes and
-    ZeRO keeps them as views of its flat buffers, neither of which takes another layout."""
-    if cfg.model.compile:
-        compile_blocks(model)
 
 
 def _mfu_scales(model: ElasticNet, cfg: Config, device: torch.device, world: int) -> dict[int, float]:

@@ -237,8 +237,8 @@ def test_unknown_method_lists_the_choices():
 
 def test_stochastic_depth_follows_the_run_seed():
     """Every stochastic choice follows run.seed: two seeds draw different masks, one seed twice the same."""
+    from st_scale.assembly import build_model_and_objective
     from st_scale.config import load_config
-    from st_scale.train_loop import build_model_and_objective
 
     def plans(seed):
         cfg = load_config("demo_ct", ["method={name: stochastic_depth}", f"run.seed={seed}"])

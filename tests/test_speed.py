@@ -227,8 +227,8 @@ def test_mfu_uses_the_cards_dense_bf16_peak_or_none(name, peak):
 def test_compiled_blocks_train_through_deepspeed_zero1_like_eager():
     """Compiled before DeepSpeed takes the module (as a worker does): ZeRO-1 re-points the weights into
     its flat buffers afterwards, and the compiled blocks train exactly as the eager ones."""
+    from st_scale.assembly import build_model_and_objective
     from st_scale.engine import build_engine, resolve_ds_config, set_lr
-    from st_scale.train_loop import build_model_and_objective
 
     losses, backend = {}, CountingBackend()
     for compiled in (False, True):
