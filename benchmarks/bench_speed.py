@@ -141,7 +141,7 @@ def main() -> None:
         )
     print(f"\nST / CT, eager NCHW: {st_time / ct_time:.2f}x")
     if args.out:
-        write_raw(args.out, started, {"args": vars(args) | {"out": str(args.out)}, "variants": rows})
+        write_raw(args.out, started, {"args": vars(args), "variants": rows})
 
 
 if __name__ == "__main__":

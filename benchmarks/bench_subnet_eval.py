@@ -65,7 +65,7 @@ def main() -> None:
     )
     if args.out:
         figures = {"subnets": len(subnets), "tree_s": tree_s, "naive_s": naive_s, "identical_results": same}
-        write_raw(args.out, started, {"args": vars(args) | {"out": str(args.out)}} | figures)
+        write_raw(args.out, started, {"args": vars(args)} | figures)
 
 
 if __name__ == "__main__":

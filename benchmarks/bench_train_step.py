@@ -133,7 +133,7 @@ def main() -> None:
         )
     if args.out:
         figures = {"parameter_bytes": params, "objectives": rows}
-        write_raw(args.out, started, {"args": vars(args) | {"out": str(args.out)}} | figures)
+        write_raw(args.out, started, {"args": vars(args)} | figures)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ TorchTrainer of DeepSpeed workers, and summarise the run."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -308,7 +307,9 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
 
 
 def write_summary_json(path: str | Path, summaries: list[RunSummary], started: dict) -> None:
-    write_json(path, {"runs": [asdict(s) for s in summaries]}, started)
+    from .provenance import write_raw
+
+    write_raw(path, started, {"runs": [asdict(s) for s in summaries]})
 
 
 def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
@@ -326,16 +327,6 @@ def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}: {parent} is not writable; give a {kind} path you can write to")
     return path
-
-
-def write_json(path: str | Path, payload: dict, started: dict) -> None:
-    """A summary file (--summary-json): indented JSON, its folder created, with the provenance block
-    `started` (st_scale.provenance) as the command began, finished now."""
-    from .provenance import finished
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload | {"provenance": finished(started)}, indent=2, default=str) + "\n")
 
 
 def describe_failure(error: BaseException, cfg: Config) -> str:

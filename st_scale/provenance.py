@@ -89,10 +89,12 @@ def _now() -> str:
 
 
 def write_raw(path: str | Path, block: dict, figures: dict) -> Path:
-    """`figures` as a JSON raw file at `path`, under the run's provenance block (finished now)."""
+    """`figures` as indented JSON at `path` (its folder created), under the run's provenance block
+    (finished now): a benchmark's raw file, or a command's --summary-json. Values JSON does not know
+    (paths) are written as text."""
     import json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"provenance": finished(block), **figures}, indent=1) + "\n")
+    path.write_text(json.dumps({"provenance": finished(block), **figures}, indent=2, default=str) + "\n")
     return path

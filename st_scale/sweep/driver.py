@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..interrupts import sigterm_as_ctrl_c
-from ..launch import connect_ray, copies_that_fit, validate_inputs, write_json
+from ..launch import connect_ray, copies_that_fit, validate_inputs
+from ..provenance import write_raw
 from .parent import CloseChildRuns, TrialRow, finish_parent_run, open_parent_run, trial_rows
 from .spec import CheckedSweep, check_spec, load_spec
 from .trial import OBJECTIVE_KEY, run_trial
@@ -217,4 +218,4 @@ def _short(value) -> str:
 
 
 def write_sweep_json(path: str | Path, summary: SweepSummary, started: dict) -> None:
-    write_json(path, asdict(summary), started)
+    write_raw(path, started, asdict(summary))
