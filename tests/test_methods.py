@@ -221,6 +221,7 @@ def test_st_learns_a_batch():
         ({"subnet_reduction": "max"}, "subnet_reduction='max': choose one of"),
         ({"subnet_batch_fraction": 0.0}, r"subnet_batch_fraction=0.0: must be in \(0, 1\]"),
         ({"subnet_batch_fraction": 1.5}, r"subnet_batch_fraction=1.5: must be in \(0, 1\]"),
+        ({"subnet_every": 0}, r"subnet_every=0: must be an integer >= 1"),
     ],
 )
 def test_bad_st_options_are_named(options, message):
@@ -404,6 +405,28 @@ def test_st_on_a_fraction_of_the_batch_equals_the_formula(share_prefix):
         assert torch.allclose(out.loss, loss, rtol=1e-5, atol=1e-6)
         _assert_same_grads(grads, _reference_grads(loss, reference_model, objective), _names(model, objective))
     assert len(stages - {None}) >= 2  # continuations from more than one stage were checked
+
+
+def test_st_every_kth_step_equals_the_formula():
+    """subnet_every k: on steps that are not multiples of k the loss is the main net's CE alone (no
+    sub-network drawn, no KL logged); on multiples of k it is CE + k * lambda * KL, the sub-networks
+    drawn for that global step, so the pull averaged over k steps equals full ST's."""
+    model, images, labels = _setup(size=8, batch=6)
+    objective = _st(model, seed=2, kl_weight=0.7, num_subnets=2, subnet_every=3)
+    reference_model = _plain_copy(model)
+    for step in (0, 1, 2, 3, 7, 9):
+        out, grads = _loss_and_grads(objective, model, images, labels, step)
+        main = _forward_by_hand(reference_model.net, images, [range(n) for n in model.full_depths])
+        loss = _ce_by_hand(main, labels)
+        if step % 3 == 0:
+            subnets = objective.sampler.sample_many(step, 2)
+            kls = [_kl_by_hand(_depths_by_hand(reference_model.net, images, d), main.detach(), 1.0) for d in subnets]
+            loss = loss + 3 * 0.7 * sum(kls)
+            assert set(out.parts) == {"ce", "kl", "subnet_blocks"}
+        else:
+            assert set(out.parts) == {"ce"}
+        assert torch.allclose(out.loss, loss, rtol=1e-5, atol=1e-6)
+        _assert_same_grads(grads, _reference_grads(loss, reference_model, objective), _names(model, objective))
 
 
 def test_st_kl_term_reaches_exactly_the_subnetworks_parameters():

@@ -35,6 +35,12 @@ class Options(CommonOptions):
         description="the sub-net passes see only the batch's first fraction of images (batches are shuffled): "
         "a cheaper ST; the KL is averaged over those images",
     )
+    subnet_every: int = Field(
+        1,
+        ge=1,
+        description="the sub-net passes run on every k-th step only, their KL weighted k times so that the "
+        "average pull is the same: a cheaper ST (k = 1 is the reference)",
+    )
 
     @field_validator("subnet_reduction")
     @classmethod
@@ -68,6 +74,7 @@ class StimulativeTraining(Objective):
         small_input_min_fraction: float = 0.43,
         share_prefix: bool = True,
         subnet_batch_fraction: float = 1.0,
+        subnet_every: int = 1,
         rank: int = 0,
     ):
         super().__init__()
@@ -90,6 +97,8 @@ class StimulativeTraining(Objective):
         _require(0 < subnet_batch_fraction <= 1, f"subnet_batch_fraction={subnet_batch_fraction}: must be in (0, 1]")
         self.share_prefix, self.rank = share_prefix, rank
         self.subnet_batch_fraction = subnet_batch_fraction
+        _require(subnet_every >= 1, f"subnet_every={subnet_every}: must be an integer >= 1 (every k-th step)")
+        self.subnet_every = subnet_every
 
     def _normalise(self, logits: torch.Tensor) -> torch.Tensor:
         """ST++ "KL-": a parameter-free layer norm over classes aligns only the logits' direction."""
@@ -123,7 +132,16 @@ class StimulativeTraining(Objective):
         """The first stage where a sub-net drops blocks; None for the full network."""
         return next((s for s, (d, n) in enumerate(zip(depths, full)) if d < n), None)
 
+    def runs_subnets(self, step: int) -> bool:
+        """Whether step `step` has sub-network passes: every `subnet_every`-th global step, the same on
+        every rank (the step is global)."""
+        return step % self.subnet_every == 0
+
     def forward(self, model, images, labels, step):
+        if not self.runs_subnets(step):
+            main_logits = model.run(images, model.plan_for_depths(None))
+            ce = self.cross_entropy(self._normalise(main_logits), labels)
+            return LossOutput(ce, {"ce": ce.detach()}, main_logits)
         subnets = self.sampler.sample_many(step, self.num_subnets, self.rank)
         full = model.full_depths
         shared = self.share_prefix and not self.small_inputs
@@ -156,7 +174,8 @@ class StimulativeTraining(Objective):
                 sub_logits = model.run_from_stage_output(taps[(stage, depths[stage] - 1)][:n], stage, plan)
             kls.append(distillation_kl(self._normalise(sub_logits), teacher, self.temperature))
         kl = torch.stack(kls).sum() if self.subnet_reduction == "sum" else torch.stack(kls).mean()
-        loss = ce + self.kl_weight * kl
+        # Sub-network steps weigh k times when they come every k-th step: the same average pull.
+        loss = ce + self.kl_weight * self.subnet_every * kl
         blocks = sum(sum(d) for d in subnets) / len(subnets)
         parts = {"ce": ce.detach(), "kl": kl.detach(), "subnet_blocks": torch.tensor(float(blocks))}
         return LossOutput(loss, parts, main_logits)
