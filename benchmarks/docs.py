@@ -27,67 +27,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from suite_time import markdown as suite_time_tables  # noqa: E402
-
-
-def demo_table(raw: dict) -> str:
-    """`st-scale demo --summary-json`'s runs, as the demo prints them."""
-    lines = [
-        "| method | model | main top-1 | all sub-nets top-1 (mean ± std) | min | sub-nets | epochs | wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for run in raw["runs"]:
-        lines.append(
-            f"| {run['method']} | {run['model']} | {run['main_top1']:.2f} | {run['subnets_mean_top1']:.2f} ± "
-            f"{run['subnets_std_top1']:.2f} | {run['subnets_min_top1']:.2f} | {run['num_subnets']} | {run['epochs']} "
-            f"| {run['wall_s']:.0f} |"
-        )
-    total = sum(run["wall_s"] for run in raw["runs"])
-    lines += ["", f"The runs took {total / 60:.1f} minutes together ({total:.0f} s)."]
-    return "\n".join(lines)
-
-
-def suite_tables(raw: dict) -> str:
-    """The whole time, then suite_time.py's tables without the source line it writes itself (the block
-    adds its own)."""
-    walls = [phase["wall_s"] for phase in raw["phases"].values()]
-    tests = sum(len(phase["tests"]) for phase in raw["phases"].values())
-    parts = f" ({' + '.join(f'{w:.0f} s' for w in walls)})" if len(walls) > 1 else ""
-    head = f"{tests} tests in **{sum(walls) / 60:.1f} minutes** of pytest{parts}.\n\n"
-    return head + suite_time_tables(raw).rstrip("\n").rsplit("\n\nSource:", 1)[0]
+from doc_tables import demo_table, suite_tables  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Table:
     document: str
-    raw_file: str
-    render: Callable[[dict], str]
+    raw_files: tuple[str, ...]
+    render: Callable[[list[dict]], str]
     measures: tuple[str, ...]  # the paths whose code the figures are about
 
 
 SUITE_CODE = ("st_scale", "tests", "Makefile", "pyproject.toml")
+DEMO = ("benchmarks/results/demo/demo.json",)
+# What a training step's speed depends on: the models, the objectives, the sampler.
+STEP_CODE = ("st_scale/models", "st_scale/methods", "st_scale/sampling.py", "benchmarks/bench_speed.py")
+SPEED = {name: f"benchmarks/results/speed/{name}.json" for name in ("cifar_resnet20", "cifar_resnet56", "resnet50")}
 TABLES = {
-    "demo": Table("README.md", "benchmarks/results/demo/demo.json", demo_table, ("st_scale",)),
-    "demo-benchmarks": Table("BENCHMARKS.md", "benchmarks/results/demo/demo.json", demo_table, ("st_scale",)),
-    "suite-time": Table("BENCHMARKS.md", "benchmarks/results/suite/suite_time.json", suite_tables, SUITE_CODE),
-    "test-fast-time": Table("BENCHMARKS.md", "benchmarks/results/suite/test_fast.json", suite_tables, SUITE_CODE),
+    "demo": Table("README.md", DEMO, demo_table, ("st_scale",)),
+    "demo-benchmarks": Table("BENCHMARKS.md", DEMO, demo_table, ("st_scale",)),
+    "suite-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/suite_time.json",), suite_tables, SUITE_CODE),
+    "test-fast-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/test_fast.json",), suite_tables, SUITE_CODE),
 }
 
 
 def block(name: str, table: Table) -> str:
-    raw = json.loads((ROOT / table.raw_file).read_text())
-    p = raw["provenance"]
-    dirty = " (with uncommitted changes)" if p.get("dirty") else ""
-    lines = [
-        table.render(raw),
-        "",
-        f"Source: `{table.raw_file}`: `{p['command']}` at commit {p['commit']}{dirty}, {p['date']}, {p['machine']}.",
-    ]
-    if changed_since(p["commit"], table.measures):
-        lines.append(
-            f"**Measured at commit {p['commit']}; the code it measures ({', '.join(table.measures)}) has changed "
-            f"since.**"
-        )
+    raws = [json.loads((ROOT / path).read_text()) for path in table.raw_files]
+    lines = [table.render(raws), ""]
+    for path, raw in zip(table.raw_files, raws):
+        p = raw["provenance"]
+        dirty = " (with uncommitted changes)" if p.get("dirty") else ""
+        lines.append(f"Source: `{path}`: `{p['command']}` at commit {p['commit']}{dirty}, {p['date']}, {p['machine']}.")
+        if changed_since(p["commit"], table.measures):
+            lines.append(
+                f"**Measured at commit {p['commit']}; the code it measures ({', '.join(table.measures)}) has "
+                f"changed since.**"
+            )
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .eval_pass import SHARED, calibration_suffix
 from .evaluation import RECALIBRATED, DestructionRow
+from .provenance import provenance, write_raw
 
 SEED_LABEL = "run.seed"
 METHOD_ORDER = ("ct", "layer_supervision", "stage_supervision", "self_distillation", "stochastic_depth", "st")
@@ -44,6 +45,7 @@ class StudyRun:
     stage_depths: tuple[int, ...] | None  # trained alone: this sub-network's architecture
     subnets: dict[tuple[int, ...], dict[str, float]] = field(default_factory=dict)  # final: depths -> top1, macs
     destruction: list[DestructionRow] = field(default_factory=list)
+    destruction_images: int | None = None  # the destruction tests' validation images; None: all of them
 
 
 @dataclass
@@ -77,6 +79,25 @@ def sweep_state(sweep: str) -> tuple[Path, dict]:
     if "tracking_uri" not in state:
         raise ConfigError(f"{state_file} does not record the MLflow store; re-run the sweep with this version")
     return path, state
+
+
+def study_provenance(state: dict) -> dict:
+    """The report's provenance, naming the commit its runs trained on when the sweep recorded it (the
+    report itself may run on later code)."""
+    import mlflow
+
+    tags = mlflow.MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"]).data.tags
+    block = provenance(commit=tags.get("st_scale.commit"))
+    if "st_scale.dirty" in tags:
+        block["dirty"] = tags["st_scale.dirty"] == "true"
+    return block
+
+
+def run_record(run: StudyRun) -> dict:
+    """One run as study.json keeps it: its final figures, every sub-network and the destruction rows."""
+    record = asdict(run)
+    record["subnets"] = [{"depths": "-".join(map(str, d)), **v} for d, v in run.subnets.items()]
+    return record
 
 
 def _final_subnets_csv(client, run_id: str) -> str | None:
@@ -116,6 +137,7 @@ def load_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[StudyRun
             metrics=dict(child.data.metrics),
             epoch_time_s=statistics.fmean(m.value for m in history) if history else None,
             stage_depths=tuple(json.loads(depths)) if depths and depths != "None" else None,
+            destruction_images=_optional_int(child.data.params.get("eval.destruction_images")),
         )
         table = _final_subnets_csv(client, run.run_id)
         if table:
@@ -131,6 +153,10 @@ def load_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[StudyRun
                 )
         runs.append(run)
     return sorted(runs, key=lambda r: (_group_order(r.group), r.seed))
+
+
+def _optional_int(param: str | None) -> int | None:
+    return int(param) if param and param != "None" else None
 
 
 def _group_order(group: str) -> tuple[int, str]:
@@ -261,36 +287,54 @@ def loafing_points(runs: list[StudyRun]) -> list[dict]:
 
 
 def loafing_figure(points: list[dict], title: str):
+    """Bars from 0: a sub-network inside the CT- and ST-trained nets and the same architecture trained
+    alone; whiskers are the sd over seeds. The full network's "trained alone" bar is CT's main net
+    (CT trains exactly that network alone), hatched and said so on its axis label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    figure, ax = plt.subplots(figsize=(7.5, 4.2))
+    figure, ax = plt.subplots(figsize=(9.5, 4.6))
     xs = np.arange(len(points))
+    full = max((p["depths"] for p in points), key=lambda d: sum(int(x) for x in d.split("-")), default=None)
+    seeds = max((len(v) for p in points for k, v in p.items() if k != "depths"), default=0)
     for offset, (key, label, colour) in zip(
         (-0.27, 0, 0.27),
         (
             ("inside_ct", "inside the CT-trained net", "C3"),
             ("inside_st", "inside the ST-trained net", "C2"),
-            ("alone", "trained alone", "C0"),
+            ("alone", "trained alone (for the full net: the CT run)", "C0"),
         ),
     ):
         means = [statistics.fmean(p[key]) if p.get(key) else np.nan for p in points]
         sds = [statistics.stdev(p[key]) if len(p.get(key, [])) > 1 else 0.0 for p in points]
         bars = ax.bar(xs + offset, means, width=0.26, yerr=sds, capsize=3, label=label, color=colour)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-    ax.set_xticks(xs, [f"{p['depths']}\n({sum(int(d) for d in p['depths'].split('-'))} blocks)" for p in points])
-    ax.set_xlabel("sub-network (blocks kept per stage)")
+        if key == "alone" and full is not None:
+            bars[[p["depths"] for p in points].index(full)].set_hatch("//")
+    ax.set_xticks(
+        xs,
+        [
+            f"{p['depths']}\n({sum(int(d) for d in p['depths'].split('-'))} blocks"
+            + (", the full net)" if p["depths"] == full else ")")
+            for p in points
+        ],
+    )
+    ax.set_xlabel(f"sub-network (blocks kept per stage); bars: mean over {seeds} seeds, whiskers: ± 1 sd over seeds")
     ax.set_ylabel("top-1 (%)")
-    low = min((statistics.fmean(v) for p in points for k, v in p.items() if k != "depths" and v), default=0)
-    ax.set_ylim(max(0, low - 15), 100)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title, fontsize=10)
     figure.tight_layout()
     return figure
+
+
+def _legend_below(ax) -> None:
+    """A legend under the axes, off the data."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
 
 
 def destruction_curves(runs: list[StudyRun], title: str):
@@ -324,45 +368,57 @@ def destruction_curves(runs: list[StudyRun], title: str):
                 range(len(tests)),
                 ["intact", "one block deleted\n(mean over blocks)", "two adjacent swapped\n(mean over pairs)"],
             )
+    sizes = sorted(
+        {"all" if r.destruction_images is None else str(r.destruction_images) for r in runs if r.destruction}
+    )
+    on = f"{' / '.join(sizes)} validation images"
     axes[0].set_xlabel("random blocks deleted (mean over draws and seeds)")
     axes[0].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.set_ylabel("top-1 (%)")
+        ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    figure.suptitle(title, fontsize=10)
+        _legend_below(ax)
+    figure.suptitle(f"{title}: top-1 on {on}", fontsize=10)
     figure.tight_layout()
     return figure
 
 
 def subnet_distribution(runs: list[StudyRun], title: str):
+    """Left: every sub-network's top-1 against its cost, one marker per seed; right: how many
+    sub-networks reach each accuracy, the seeds pooled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for group, colour in (("ct", "C3"), ("st", "C2")):
-        for i, run in enumerate(r for r in runs if r.group == group and r.subnets):
-            top1 = [v["top1"] for v in run.subnets.values()]
-            label = f"{PAPER_NAMES[group]}" if i == 0 else None
+        members = [r for r in runs if r.group == group and r.subnets]
+        for i, run in enumerate(members):
             axes[0].scatter(
                 [v["macs"] / 1e6 for v in run.subnets.values()],
-                top1,
+                [v["top1"] for v in run.subnets.values()],
                 s=14,
                 alpha=0.6,
                 color=colour,
-                marker="o" if i == 0 else "^",
-                label=label,
+                marker="o^sDv"[i % 5],
+                label=f"{PAPER_NAMES[group]}, seed {run.seed}",
             )
-            axes[1].hist(top1, bins=20, range=(0, 100), alpha=0.45, color=colour, label=label)
+        pooled = [v["top1"] for r in members for v in r.subnets.values()]
+        if pooled:
+            seeds = f"{len(members)} seed{'s' if len(members) > 1 else ''}"
+            axes[1].hist(
+                pooled, bins=20, range=(0, 100), alpha=0.45, color=colour, label=f"{PAPER_NAMES[group]}, {seeds}"
+            )
     axes[0].set_xlabel("MMACs per image")
     axes[0].set_ylabel("top-1 (%)")
+    axes[0].set_ylim(0, 100)
     axes[1].set_xlabel("top-1 (%)")
-    axes[1].set_ylabel("sub-networks (all seeds)")
+    axes[1].set_ylabel("sub-networks (seeds pooled)")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend_below(ax)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure
@@ -403,8 +459,9 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
         "parent_run_id": state["parent_run_id"],
         "rows": [asdict(r) for r in rows],
         "loafing": points,
+        "runs": [run_record(r) for r in runs],  # what every figure is drawn from
     }
-    (out / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_raw(out / "study.json", study_provenance(state), summary)
     figures = {}  # a figure is drawn only where it has something to show (a sweep of variants has no CT/ST pair)
     if any(r.group in ("ct", "st") and r.destruction for r in runs):
         figures["destruction.png"] = destruction_curves(runs, f"{name}: network destruction, CT vs ST")

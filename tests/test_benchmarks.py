@@ -66,7 +66,10 @@ def test_the_speed_switch_benchmark(tmp_path):
     )  # fmt: skip
     names = [row["variant"] for row in raw["variants"]]
     assert "CT, eager NCHW" in names and "ST, eager NCHW" in names and not any("compiled" in n for n in names)
+    assert {"ST, subnet_every 2, eager NCHW", "ST, subnet_every 3, eager NCHW"} <= set(names)
     assert all(len(row["step_s"]) == 2 for row in raw["variants"])
+    for row in raw["variants"]:  # the mean: subnet_every's steps alternate between cheap and full ones
+        assert row["mean_step_s"] == pytest.approx(sum(row["step_s"]) / 2)
 
 
 @pytest.mark.slow  # a process that loads torch
@@ -152,3 +155,26 @@ def test_the_suite_timing_report_keeps_every_test_and_its_provenance(tmp_path):
     assert raw["provenance"]["commit"] == "abc1234" and raw["provenance"]["command"] == "make test"
     table = (tmp_path / "out" / "suite_time.md").read_text()
     assert "| `tests/test_training.py::test_0` | 30.0 |" in table and "at commit abc1234" in table
+
+
+@pytest.mark.slow  # a process that loads matplotlib
+def test_the_cost_quality_figure_is_drawn_from_the_raw_files(tmp_path):
+    runs = [
+        {"group": g, "seed": s, "status": "FINISHED", "epoch_time_s": 40.0, "metrics": {
+            "val/subnets_mean_top1": mean + s / 10, "val/subnets_min_top1": mean - 3 - s / 10}}
+        for g, mean in (("ct", 69.0), ("st", 86.0), ("st_every2", 85.5)) for s in range(3)
+    ]  # fmt: skip
+    variants = [
+        {"variant": "CT, eager NCHW", "time_over_ct": 1.0},
+        {"variant": "ST, eager NCHW", "time_over_ct": 1.46},
+        {"variant": "ST, subnet_every 2, eager NCHW", "time_over_ct": 1.22},
+    ]
+    (tmp_path / "study.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "speed.json").write_text(json.dumps({"args": {"model": "m", "image_size": 28}, "variants": variants}))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "st_cost_figure.py"), "--study", str(tmp_path / "study.json"),
+         "--speed", str(tmp_path / "speed.json"), "--out", str(tmp_path / "figure.png")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -235,6 +235,8 @@ def test_sweep_resumes_after_its_driver_dies(ray_head, digits_dir, tmp_path):
     assert all("sweep/objective" in c.data.metrics for c in children)
 
     assert parent.info.status == "FINISHED"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    assert parent.data.tags["st_scale.commit"] == (head.stdout.strip() or "unknown")  # the study report names it
     best = max((r for r in summary["rows"] if r["outcome"] == "completed"), key=lambda r: r["objective"])
     assert parent.data.tags["st_scale.best_trial_id"] == best["trial_id"]
     assert parent.data.tags["st_scale.best_run_id"] == best["run_id"]

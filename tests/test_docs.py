@@ -43,3 +43,60 @@ def test_a_table_of_code_that_changed_since_its_run_says_so():
 def test_empty_markers_are_filled():
     text = "<!-- docs.py: t -->\n<!-- /docs.py: t -->\n"
     assert docs.render(text, "t", "| a |", "DOC.md") == "<!-- docs.py: t -->\n| a |\n<!-- /docs.py: t -->\n"
+
+
+def _study(**groups):
+    """A study.json with the given groups: {group: [(seed, main, mean, std, worst, epoch_s), ...]}."""
+    runs = []
+    for group, rows in groups.items():
+        for seed, main, mean, std, worst, epoch in rows:
+            metrics = {
+                "val/main_top1": main,
+                "val/subnets_mean_top1": mean,
+                "val/subnets_std_top1": std,
+                "val/subnets_min_top1": worst,
+            }
+            runs.append({"group": group, "seed": seed, "status": "FINISHED", "metrics": metrics, "epoch_time_s": epoch})
+    return {"runs": runs}
+
+
+def test_the_cheaper_st_table_compares_each_seed_with_full_st_of_the_same_seed():
+    from doc_tables import cheap_quality, epoch_ratio, meets_goal
+
+    study = _study(
+        ct=[(0, 88.0, 70.0, 14.0, 40.0, 40.0), (1, 88.4, 69.0, 14.5, 38.0, 44.0)],
+        st=[(0, 88.0, 86.0, 1.2, 83.0, 60.0), (1, 88.2, 86.4, 1.4, 83.4, 64.0)],
+        st_every2=[(0, 87.9, 85.8, 1.4, 82.5, 50.0), (1, 88.0, 86.0, 1.6, 82.4, 50.0)],
+        st_every3=[(0, 87.0, 85.0, 1.2, 83.0, 46.0), (1, 88.2, 86.4, 1.4, 83.4, 46.0)],
+    )
+    rows = {r["group"]: r for r in cheap_quality(study)}
+    every2 = rows["st_every2"]
+    assert every2["deltas"]["mean"] == pytest.approx([-0.2, -0.4])  # 85.8 - 86.0, 86.0 - 86.4: paired by seed
+    assert every2["deltas"]["main"] == pytest.approx([-0.1, -0.2])
+    assert every2["std_ratio"] == pytest.approx([1.4 / 1.2, 1.6 / 1.4])
+    assert every2["deltas"]["worst"] == pytest.approx([-0.5, -1.0])
+    assert meets_goal(every2)  # mean -0.3 >= -0.5, std 1.15x <= 1.25x, worst -0.75 >= -1.5, main -0.15 >= -0.3
+    assert not meets_goal(rows["st_every3"])  # main -0.5 on average: fails the main-net bound alone
+    assert epoch_ratio(study, "st_every2") == pytest.approx(50.0 / 42.0)
+    assert epoch_ratio(study, "st_half_batch") is None
+
+
+def test_the_cheaper_st_table_renders_every_group_that_ran():
+    from doc_tables import cheap_st_table
+
+    study = _study(
+        ct=[(0, 88.0, 70.0, 14.0, 40.0, 40.0)],
+        st=[(0, 88.0, 86.0, 1.2, 83.0, 60.0)],
+        st_half_batch=[(0, 87.0, 84.6, 1.5, 81.0, 52.0)],
+    )
+    variants = [
+        {"variant": "CT, eager NCHW", "time_over_ct": 1.0},
+        {"variant": "ST, eager NCHW", "time_over_ct": 1.46},
+        {"variant": "ST, subnet_batch_fraction 0.5, eager NCHW", "time_over_ct": 1.22},
+    ]
+    speed = {"args": {"model": "cifar_resnet20", "image_size": 28}, "variants": variants}
+    lines = cheap_st_table([study, speed]).splitlines()
+    assert len(lines) == 5 and "step / CT (cifar_resnet20 28 px)" in lines[0]
+    half = lines[-1].split(" | ")
+    assert half[2:5] == ["1.22x", "1.30x", "87.00"]  # step ratio; epoch 52 / 40; main
+    assert half[5:8] == ["-1.00", "84.60", "-1.40"] and half[9] == "1.25x" and half[-1] == "no |"

@@ -20,6 +20,7 @@ def _child(client, experiment_id, parent_id, group, seed, main_top1, subnet_top1
     )
     run_id = run.info.run_id
     client.log_param(run_id, "run.seed", seed)
+    client.log_param(run_id, "eval.destruction_images", 2000)
     client.log_param(run_id, "model.stage_depths", json.dumps(stage_depths) if stage_depths else "None")
     for epoch, seconds in enumerate(times, start=1):
         client.log_metric(run_id, "train/epoch_time_s", seconds, step=epoch)
@@ -52,7 +53,9 @@ def study(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     experiment_id = client.create_experiment("study")
-    parent = client.create_run(experiment_id, run_name="toy-study").info.run_id
+    parent = client.create_run(
+        experiment_id, run_name="toy-study", tags={"st_scale.commit": "abc1234", "st_scale.dirty": "false"}
+    ).info.run_id
     _child(client, experiment_id, parent, "ct", 0, 90.0, [40.0, 60.0, 90.0], times=(10.0, 12.0))
     _child(client, experiment_id, parent, "ct", 1, 92.0, [50.0, 70.0, 92.0], times=(10.0, 10.0))
     _child(client, experiment_id, parent, "st", 0, 91.0, [85.0, 88.0, 91.0], times=(15.0, 15.0))
@@ -94,6 +97,12 @@ def test_the_study_table_averages_each_group_over_its_seeds(study, tmp_path):
     }
     logged = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent, "study")}
     assert "study/loafing.png" in logged and "study/table.md" in logged
+    raw = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert raw["provenance"]["commit"] == "abc1234" and raw["provenance"]["dirty"] is False  # the sweep's code
+    assert raw["provenance"]["command"] and raw["provenance"]["machine"]
+    st0 = next(r for r in raw["runs"] if r["group"] == "st" and r["seed"] == 0)
+    assert {s["depths"]: s["top1"] for s in st0["subnets"]} == {"1-1-1": 85.0, "2-2-2": 88.0, "3-3-3": 91.0}
+    assert [d["top1"] for d in st0["destruction"]] == [50.0, 60.0, 40.0, 55.0] and st0["destruction_images"] == 2000
 
 
 def test_the_loafing_points_compare_inside_ct_inside_st_and_alone(study):

@@ -277,3 +277,15 @@ def test_a_trial_that_needs_gpus_the_cluster_lacks(tmp_path):
         r"cluster has 0",
     ):
         concurrent_trials(checked, {"CPU": 64.0})
+
+
+def test_the_st_cost_search_trades_the_subnetwork_mean_against_time():
+    """tune/st_cost.yaml: a slower setting must win by more than its extra seconds are worth."""
+    checked = check_spec(load_spec(str(ROOT / "tune" / "st_cost.yaml")))
+    objective = checked.spec.objective
+    assert checked.spec.search.algorithm == "hyperopt"
+    assert set(checked.spec.space) == {"method.subnet_every", "method.subnet_batch_fraction"}
+    full = objective.value({"val/subnets_mean_top1": 86.0, "train/epoch_time_s": 70.0})
+    cheap = objective.value({"val/subnets_mean_top1": 85.5, "train/epoch_time_s": 50.0})
+    assert full == pytest.approx(79.0) and cheap == pytest.approx(80.5) and cheap > full
+    assert objective.value({"val/subnets_mean_top1": 86.0}) is None  # no time measured: no objective

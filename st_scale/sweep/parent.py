@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
+from ..provenance import provenance
 from ..tracking import find_run, log_params, redacted
 from .spec import CheckedSweep, flat_spec_params, trial_labels
 from .trial import OBJECTIVE_KEY
@@ -49,10 +50,13 @@ def open_parent_run(uri: str, experiment_id: str, checked: CheckedSweep, sweep_d
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     spec = checked.spec
+    code = provenance()
     run = client.create_run(
         experiment_id,
         run_name=spec.name,
         tags={
+            "st_scale.commit": code["commit"],  # what the study report names as the code its figures ran on
+            "st_scale.dirty": str(code["dirty"]).lower(),
             "st_scale.kind": "sweep",
             "st_scale.sweep": spec.name,
             "st_scale.recipe": spec.recipe,

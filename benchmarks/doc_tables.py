@@ -1,0 +1,198 @@
+"""The tables `make docs` writes (benchmarks/docs.py), each rendered from the raw files it names: the
+demo, the suite's time, the speed switches and the cheaper-ST study. A renderer takes the raw files'
+contents in the order its table lists them and returns markdown."""
+
+from __future__ import annotations
+
+import statistics
+
+from suite_time import markdown as suite_time_tables
+
+# The cheaper-ST study's groups (tune/fashion_st_cheap.yaml), their names and the option that makes
+# each; `bench_speed.py` names its variants after the same options.
+CHEAP_GROUPS = {
+    "ct": ("CT", "CT, eager NCHW"),
+    "st": ("full ST", "ST, eager NCHW"),
+    "st_half_batch": ("ST, `subnet_batch_fraction: 0.5`", "ST, subnet_batch_fraction 0.5, eager NCHW"),
+    "st_every2": ("ST, `subnet_every: 2`", "ST, subnet_every 2, eager NCHW"),
+    "st_every3": ("ST, `subnet_every: 3`", "ST, subnet_every 3, eager NCHW"),
+    "ct_12ep": ("CT, 12 epochs (1.5x)", None),
+}
+# The goal a cheaper ST must meet against full ST of the same seeds (sub-network mean, std, worst, main).
+GOAL = {"mean": -0.5, "std_ratio": 1.25, "worst": -1.5, "main": -0.3}
+
+
+def demo_table(raws: list[dict]) -> str:
+    """`st-scale demo --summary-json`'s runs, as the demo prints them."""
+    lines = [
+        "| method | model | main top-1 | all sub-nets top-1 (mean ± std) | min | sub-nets | epochs | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in raws[0]["runs"]:
+        lines.append(
+            f"| {run['method']} | {run['model']} | {run['main_top1']:.2f} | {run['subnets_mean_top1']:.2f} ± "
+            f"{run['subnets_std_top1']:.2f} | {run['subnets_min_top1']:.2f} | {run['num_subnets']} | {run['epochs']} "
+            f"| {run['wall_s']:.0f} |"
+        )
+    total = sum(run["wall_s"] for run in raws[0]["runs"])
+    lines += ["", f"The runs took {total / 60:.1f} minutes together ({total:.0f} s)."]
+    return "\n".join(lines)
+
+
+def suite_tables(raws: list[dict]) -> str:
+    """The whole time, then suite_time.py's tables without the source line it writes itself (the block
+    adds its own)."""
+    raw = raws[0]
+    walls = [phase["wall_s"] for phase in raw["phases"].values()]
+    tests = sum(len(phase["tests"]) for phase in raw["phases"].values())
+    parts = f" ({' + '.join(f'{w:.0f} s' for w in walls)})" if len(walls) > 1 else ""
+    head = f"{tests} tests in **{sum(walls) / 60:.1f} minutes** of pytest{parts}.\n\n"
+    return head + suite_time_tables(raw).rstrip("\n").rsplit("\n\nSource:", 1)[0]
+
+
+def speed_table(raws: list[dict]) -> str:
+    """bench_speed.py's table: every variant's mean step time and its ratios."""
+    raw = raws[0]
+    args = raw["args"]
+    lines = [
+        f"{args['model']}, batch {args['batch_size']}, {args['image_size']} px, {args['threads']} threads, mean of "
+        f"{args['steps']} steps after {args['warmup']} warm-up steps:",
+        "",
+        "| variant | step time (s) | time / eager NCHW CT | time / same-layout CT | saved activations / CT "
+        "| warm-up (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    ct_saved = statistics.fmean(next(v for v in raw["variants"] if v["variant"] == "CT, eager NCHW")["saved_bytes"])
+    for v in raw["variants"]:
+        lines.append(
+            f"| {v['variant']} | {v['mean_step_s']:.3f} | {v['time_over_ct']:.2f}x | "
+            f"{v['time_over_same_layout_ct']:.2f}x | {statistics.fmean(v['saved_bytes']) / ct_saved:.2f}x | "
+            f"{v['warmup_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _by_seed(study: dict, group: str, metric: str) -> dict[int, float]:
+    return {
+        r["seed"]: r["metrics"][metric]
+        for r in study["runs"]
+        if r["group"] == group and r["status"] == "FINISHED" and metric in r["metrics"]
+    }
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.fmean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}" if values else "-"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def cheap_quality(study: dict) -> list[dict]:
+    """Per group: each figure over the seeds, and its difference from full ST of the same seed."""
+    rows = []
+    for group in CHEAP_GROUPS:
+        figures = {
+            "main": _by_seed(study, group, "val/main_top1"),
+            "mean": _by_seed(study, group, "val/subnets_mean_top1"),
+            "std": _by_seed(study, group, "val/subnets_std_top1"),
+            "worst": _by_seed(study, group, "val/subnets_min_top1"),
+        }
+        if not figures["main"]:
+            continue
+        reference = {
+            k: _by_seed(study, "st", m)
+            for k, m in (
+                ("main", "val/main_top1"),
+                ("mean", "val/subnets_mean_top1"),
+                ("std", "val/subnets_std_top1"),
+                ("worst", "val/subnets_min_top1"),
+            )
+        }
+        deltas = {k: [v - reference[k][s] for s, v in figures[k].items() if s in reference[k]] for k in figures}
+        ratios = [v / reference["std"][s] for s, v in figures["std"].items() if s in reference["std"]]
+        rows.append(
+            {
+                "group": group,
+                "seeds": sorted(figures["main"]),
+                "figures": figures,
+                "deltas": deltas,
+                "std_ratio": ratios,
+            }
+        )
+    return rows
+
+
+def meets_goal(row: dict) -> bool:
+    """The goal on the means over seeds of the paired differences from full ST."""
+    d = row["deltas"]
+    if not all(d[k] for k in ("mean", "worst", "main")) or not row["std_ratio"]:
+        return False
+    return (
+        statistics.fmean(d["mean"]) >= GOAL["mean"]
+        and statistics.fmean(row["std_ratio"]) <= GOAL["std_ratio"]
+        and statistics.fmean(d["worst"]) >= GOAL["worst"]
+        and statistics.fmean(d["main"]) >= GOAL["main"]
+    )
+
+
+def epoch_ratio(study: dict, group: str) -> float | None:
+    times = {r["group"]: [] for r in study["runs"]}
+    for r in study["runs"]:
+        if r["status"] == "FINISHED" and r["epoch_time_s"]:
+            times[r["group"]].append(r["epoch_time_s"])
+    if not times.get(group) or not times.get("ct"):
+        return None
+    return statistics.fmean(times[group]) / statistics.fmean(times["ct"])
+
+
+def step_ratio(speed: dict, variant: str | None) -> float | None:
+    found = [v for v in speed["variants"] if v["variant"] == variant]
+    return found[0]["time_over_ct"] if found else None
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value else "-"
+
+
+def cheap_st_table(raws: list[dict]) -> str:
+    """The cheaper-ST study: cost (step time in one bench_speed run per model, the study's time per
+    epoch) and quality against full ST of the same seeds (differences: mean ± sd over the seeds)."""
+    study, speeds = raws[0], raws[1:]
+    models = [f"{s['args']['model']} {s['args']['image_size']} px" for s in speeds]
+    lines = [
+        "| setting | seeds | " + " | ".join(f"step / CT ({m})" for m in models) + " | epoch / CT (study) "
+        "| main top-1 (%) | main vs full ST | sub-net mean (%) | mean vs full ST | sub-net std | std / full ST's "
+        "| worst sub-net (%) | worst vs full ST | meets the goal |",
+        "|---|---|" + "---|" * len(models) + "---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in cheap_quality(study):
+        name, variant = CHEAP_GROUPS[row["group"]]
+        f, d = row["figures"], row["deltas"]
+        is_st = row["group"] == "st"
+
+        def versus(values: list[float], is_st: bool = is_st) -> str:
+            return "-" if is_st else _spread(values)
+
+        cells = [name, str(len(row["seeds"]))]
+        cells += [_ratio(step_ratio(s, variant)) for s in speeds]
+        cells += [
+            _ratio(epoch_ratio(study, row["group"])),
+            _mean_sd(list(f["main"].values())),
+            versus(d["main"]),
+            _mean_sd(list(f["mean"].values())),
+            versus(d["mean"]),
+            f"{statistics.fmean(f['std'].values()):.2f}",
+            "-" if is_st else _ratio(statistics.fmean(row["std_ratio"]) if row["std_ratio"] else None),
+            _mean_sd(list(f["worst"].values())),
+            versus(d["worst"]),
+            "-" if is_st else ("yes" if meets_goal(row) else "no"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
