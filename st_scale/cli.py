@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -26,7 +27,8 @@ Re-running `train` with the same run.name (under run.storage_path) resumes it fr
 checkpoint and continues the same MLflow run; re-running `sweep` with the same spec name resumes the
 sweep (Tune restores it, unfinished trials continue from their checkpoints, same parent run).
 
-exit codes: 0 done; 1 a run or sweep failed; 2 bad input, found
+exit codes: 0 done; 1 a run or sweep failed, or an internal error (one line naming the file that holds
+its traceback, under $ST_SCALE_ERROR_DIR, default ~/.cache/st_scale/errors); 2 bad input, found
 before any work started (the message names the field or option, the value, and the fix); 130 and 143
 stopped by Ctrl-C or SIGTERM (the workers stopped with it; the same command resumes)."""
 
@@ -335,6 +337,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunFailedError, RunStoppedError) as error:  # each carries its exit code
         print(f"st-scale {args.command}: {error}", file=sys.stderr)
         return error.exit_code
+    except Exception as error:  # noqa: BLE001 (the one boundary: what st-scale's own checks did not catch)
+        print(f"st-scale {args.command}: internal error: {internal_error(args.command, error)}", file=sys.stderr)
+        return 1
+
+
+def internal_error(command: str, error: BaseException) -> str:
+    """One line for an exception that escaped st-scale's checks: its type and message, and the file
+    its full traceback was written to (under $ST_SCALE_ERROR_DIR, default ~/.cache/st_scale/errors),
+    for a bug report."""
+    import traceback
+    from datetime import datetime
+    from pathlib import Path
+
+    message = (str(error).strip().splitlines() or [""])[0]
+    summary = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    folder = Path(os.environ.get("ST_SCALE_ERROR_DIR", "~/.cache/st_scale/errors")).expanduser()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{command}-{stamp}.txt"
+        path.write_text("".join(traceback.format_exception(error)))
+    except OSError:
+        traceback.print_exception(error, file=sys.stderr)  # no file to point at: the traceback itself
+        return f"{summary} (traceback above)"
+    return f"{summary}; full traceback in {path}"
 
 
 def _check_summary_path(args) -> None:

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .errors import ConfigError
 from .methods import METHODS, MethodOptions
 from .models import FIXED_IMAGE_SIZES, MODEL_NAMES
-from .schema import Section, one_of
+from .schema import NAME_RULE, Section, checked_name, one_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -192,6 +192,16 @@ class OptimizerSection(Section):
             )
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas={list(self.betas)}: each must lie in [0, 1)")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"optimizer.warmup_epochs={self.warmup_epochs:g} is longer than optimizer.epochs={self.epochs}: the "
+                f"learning rate would never reach optimizer.lr; shorten the warm-up (0 for a short test run)"
+            )
+        if self.lr_min > self.lr:
+            raise ValueError(
+                f"optimizer.lr_min={self.lr_min:g} is above optimizer.lr={self.lr:g}: the schedule would rise, not "
+                f"decay; set lr_min below lr"
+            )
         return self
 
 
@@ -272,14 +282,22 @@ class EvalSection(Section):
 
 class TrackingSection(Section):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite)")
-    experiment: str = Field("st-scale", min_length=1, description="MLflow experiment name (created if missing)")
-    run_name: str | None = None
+    experiment: str = Field("st-scale", description=f"MLflow experiment name (created if missing): {NAME_RULE}")
+    run_name: str | None = Field(None, description=f"the MLflow run's name (default run.name): {NAME_RULE}")
     log_every_steps: int = Field(10, ge=1)
     system_metrics: bool = True
 
+    @field_validator("experiment", "run_name", mode="before")
+    @classmethod
+    def _names(cls, value, info):
+        return None if value is None else checked_name(f"tracking.{info.field_name}", value)
+
 
 class RunSection(Section):
-    name: str = Field(description="the Ray Train run name; running the same name again resumes it")
+    name: str = Field(
+        description=f"the Ray Train run name, its folder under storage_path; running the same name again resumes "
+        f"it: {NAME_RULE}"
+    )
     storage_path: str = Field(
         "~/st_scale_runs",
         description="checkpoints and results: a folder (shared by every node on a cluster) or an object store, "
@@ -302,6 +320,11 @@ class RunSection(Section):
     stop_after_epochs: int | None = Field(
         None, ge=1, description="end the job after N epochs (resumable), e.g. for smoke runs"
     )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value):
+        return checked_name("run.name", value)
 
     @model_validator(mode="after")
     def _storage(self) -> RunSection:
@@ -340,6 +363,11 @@ class Config(Section):
                 f"have no BN statistics of their own until they are re-estimated for them"
             )
         self._check_fixed_image_size()
+        if _same_file(self.data.train, self.data.val):
+            raise ValueError(
+                f"data.val={self.data.val!r} is the training file (data.train={self.data.train!r}): a validation "
+                f"figure on the images the network trained on says nothing; give the held-out split"
+            )
         ramp = self.data.progressive_resizing
         if ramp is not None and ramp.end_epoch > self.optimizer.epochs:
             raise ValueError(
@@ -367,6 +395,11 @@ class Config(Section):
     def flat(self) -> dict[str, Any]:
         """The resolved config as dotted keys (MLflow params)."""
         return flatten(self.model_dump(mode="json"))
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two data paths name one file (after ~, links and relative parts)."""
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -401,10 +434,29 @@ def _recipe_text(recipe: str) -> tuple[str, str]:
     return packaged.read_text(), f"st_scale/recipes/{recipe}.yaml"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last one,
+    silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice (first at line {first[key] + 1}); keep one",
+                    key_node.start_mark,
+                )  # fmt: skip
+            if isinstance(key, str | int | float | bool):
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, origin: str):
-    """YAML from a recipe, a sweep spec or a --set value; a syntax error names where, and the line."""
+    """YAML from a recipe, a sweep spec or a --set value; a syntax error or a key given twice names
+    where, and the line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{origin}, line {mark.line + 1} column {mark.column + 1}" if mark else origin
@@ -426,7 +478,20 @@ def load_recipe_tree(recipe: str, _seen: tuple[str, ...] = ()) -> dict:
     base = tree.pop("base", None)
     if base is None:
         return tree
-    return deep_merge(load_recipe_tree(base, _seen + (origin,)), tree)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(
+            f"recipe {origin}: base={base!r} must name one recipe: a packaged recipe's name or a .yaml path"
+        )
+    return deep_merge(load_recipe_tree(_beside(base, origin), _seen + (origin,)), tree)
+
+
+def _beside(base: str, origin: str) -> str:
+    """A relative .yaml path in `base:` is looked up beside the recipe that names it, not in the
+    current folder; a packaged recipe's name stays a name."""
+    path = Path(base).expanduser()
+    if path.is_absolute() or not (path.suffix in (".yaml", ".yml") or os.sep in base) or not Path(origin).is_file():
+        return base
+    return str(Path(origin).parent / path)
 
 
 def deep_merge(base: dict, update: dict) -> dict:

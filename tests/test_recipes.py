@@ -34,6 +34,7 @@ LAPTOP = (
     "deepspeed.config=cpu_fp32.json",
     "data.num_workers=1",
     "optimizer.epochs=1",
+    "optimizer.warmup_epochs=0",  # a recipe's warm-up may not outlast the one epoch
     "eval.max_subnets=2",
     "eval.shared_stats=false",  # the figures on shared statistics take the same path for every recipe
     "tracking.system_metrics=false",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ..config import (
     Config,
@@ -36,6 +36,7 @@ from ..config import (
     load_recipe_tree,
 )
 from ..eval_pass import reported_metrics
+from ..schema import checked_name
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 FAMILY_KEY = "family"  # the option name inside a family's trial value
@@ -116,6 +117,11 @@ class SweepSpec(Section):
     )
     seed: int = Field(0, ge=0, description="seeds the search")
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value):
+        return checked_name("name", value)
+
     @model_validator(mode="after")
     def _storage_is_a_folder(self) -> SweepSpec:
         if "://" in self.storage_path:
@@ -124,7 +130,18 @@ class SweepSpec(Section):
                 f"(on a cluster, one every node shares); give a folder path. Single runs take an s3:// "
                 f"run.storage_path"
             )
+        overlap = sorted(set(self.set) & set(_space_fields(self.space)))
+        if overlap:
+            raise ValueError(
+                f"{overlap[0]} is in both `set:` and `space:`; a field is fixed or searched, not both: remove it "
+                f"from one"
+            )
         return self
+
+
+def _space_fields(space: dict[str, Any]) -> list[str]:
+    """The config fields a search space names directly (families' options name theirs inside)."""
+    return [key for key, value in space.items() if not (isinstance(value, dict) and "family" in value)]
 
 
 # ------------------------------------------------------------------------------------ search space

@@ -1,0 +1,119 @@
+"""Rules that tie a config's fields together, and the names and keys a user writes: each case is a
+command as a user types it, run in-process (`--print-config`, `sweep --check`: nothing starts), and
+must end in exit 2 with a message that names the field and says what to do, or in exit 0 where the
+input is right."""
+
+from __future__ import annotations
+
+import pytest
+
+from st_scale.cli import main
+
+RECIPE_WITH_A_KEY_TWICE = """\
+base: demo_st
+run:
+  name: first
+  name: second
+"""
+SPEC = """\
+name: {name}
+recipe: demo_st
+set: {{optimizer.lr: 0.1}}
+space: {space}
+objective: {{metric: val/main_top1}}
+"""
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    "overrides, phrase",
+    [
+        (["run.name=../escape"], "run.name='../escape': a name takes letters, digits"),
+        (["run.name="], "run.name='': a name takes"),
+        (["run.name=démo run ✓"], "run.name='démo run ✓': a name takes"),
+        (["tracking.experiment='   '"], "tracking.experiment='   ': a name takes"),
+        (["tracking.run_name=a/b"], "tracking.run_name='a/b'"),
+        (["optimizer.epochs=1", "optimizer.warmup_epochs=50"], "optimizer.warmup_epochs=50 is longer than"),
+        (["optimizer.lr=0.1", "optimizer.lr_min=0.5"], "optimizer.lr_min=0.5 is above optimizer.lr=0.1"),
+        (["optimizer.lr=.inf"], "optimizer.lr"),
+        (["method.kl_weight=.nan"], "method.kl_weight"),
+        (["data.train=/data/a.beton", "data.val=/data/../data/a.beton"], "data.val='/data/../data/a.beton' is the"),
+    ],
+    ids=["name-escapes", "name-empty", "name-unicode", "experiment-blank", "mlflow-run-name-with-a-slash",
+         "warmup-past-the-end", "lr-min-above-lr", "lr-infinite", "kl-weight-nan", "val-is-the-train-file"],
+)  # fmt: skip
+def test_a_bad_field_is_named_with_what_to_do(capsys, overrides, phrase):
+    code, text = _run(capsys, "train", "demo_st", *[a for o in overrides for a in ("--set", o)], "--print-config")
+    assert code == 2 and phrase in text, text
+    assert "Traceback" not in text
+
+
+def test_a_number_as_a_name_is_its_text(capsys):
+    code, text = _run(capsys, "train", "demo_st", "--set", "run.name=2024", "--print-config")
+    assert code == 0 and "name: '2024'" in text
+
+
+def test_a_key_given_twice_in_a_recipe_is_refused_with_both_lines(tmp_path, capsys):
+    recipe = _write(tmp_path / "twice.yaml", RECIPE_WITH_A_KEY_TWICE)
+    code, text = _run(capsys, "train", recipe, "--print-config")
+    assert code == 2 and "twice.yaml, line 4 column 3" in text and "'name' appears twice (first at line 3)" in text
+
+
+@pytest.mark.parametrize("base", ["[demo_st]", "5", "''"])
+def test_a_base_that_is_not_one_recipe_name_is_refused(tmp_path, capsys, base):
+    recipe = _write(tmp_path / "child.yaml", f"base: {base}\n")
+    code, text = _run(capsys, "train", recipe, "--print-config")
+    assert code == 2 and "must name one recipe: a packaged recipe's name or a .yaml path" in text, text
+
+
+def test_a_relative_base_is_found_beside_its_recipe(tmp_path, capsys, monkeypatch):
+    _write(tmp_path / "recipes" / "parent.yaml", "base: demo_st\nrun: {name: from-the-parent}\n")
+    child = _write(tmp_path / "recipes" / "child.yaml", "base: parent.yaml\noptimizer: {lr: 0.05}\n")
+    monkeypatch.chdir(tmp_path)  # not the recipes' folder
+    code, text = _run(capsys, "train", child, "--print-config")
+    assert code == 0 and "name: from-the-parent" in text and "lr: 0.05" in text
+
+
+@pytest.mark.parametrize(
+    "name, space, phrase",
+    [
+        ("ok", "{optimizer.lr: {choice: [0.1, 0.2]}}", "optimizer.lr is in both `set:` and `space:`"),
+        ("a/b", "{method.kl_weight: {choice: [1, 2]}}", "name='a/b': a name takes"),
+        ("ok", "{method.kl_weight: {choice: [1, 2]}, method.kl_weight: {choice: [3]}}", "appears twice"),
+    ],
+    ids=["field-fixed-and-searched", "name-with-a-slash", "space-key-twice"],
+)
+def test_a_sweep_spec_that_contradicts_itself_is_refused(tmp_path, capsys, name, space, phrase):
+    spec = _write(tmp_path / "spec.yaml", SPEC.format(name=name, space=space))
+    code, text = _run(capsys, "sweep", spec, "--check")
+    assert code == 2 and phrase in text, text
+
+
+def test_an_exception_no_check_caught_ends_in_one_line_and_a_traceback_file(tmp_path, capsys, monkeypatch):
+    """The one error boundary: whatever escapes st-scale's checks is one line on the console, naming
+    the file that holds the traceback, and exit code 1 (bad input stays 2)."""
+    from st_scale import cli
+
+    def broken(args):
+        raise KeyError("a key nobody checked")
+
+    monkeypatch.setitem(cli.COMMANDS, "recipes", broken)
+    monkeypatch.setenv("ST_SCALE_ERROR_DIR", str(tmp_path / "errors"))
+    code, text = _run(capsys, "recipes")
+    written = list((tmp_path / "errors").iterdir())
+    assert code == 1 and len(written) == 1 and written[0].name.startswith("recipes-")
+    assert text.strip() == (
+        f"st-scale recipes: internal error: KeyError: 'a key nobody checked'; full traceback in {written[0]}"
+    )
+    assert "Traceback" not in text and 'raise KeyError("a key nobody checked")' in written[0].read_text()
