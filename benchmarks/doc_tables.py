@@ -196,3 +196,31 @@ def cheap_st_table(raws: list[dict]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+EQUAL_COMPUTE = ("ct", "ct_12ep", "st")
+
+
+def equal_compute_table(raws: list[dict]) -> str:
+    """ "ST, or CT given the time ST takes?": CT at the study's 8 epochs and at 12 (about full ST's cost),
+    full ST and the cheaper settings at 8, the same seeds; figures as mean ± sd over the seeds."""
+    study = raws[0]
+    lines = [
+        "| setting | seeds | epochs | time / 8-epoch CT's (study) | main top-1 (%) | sub-net mean (%) | sub-net std "
+        "| worst sub-net (%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ct = [r["epoch_time_s"] * r["epochs"] for r in study["runs"] if r["group"] == "ct" and r["status"] == "FINISHED"]
+    for row in cheap_quality(study):
+        name, _ = CHEAP_GROUPS[row["group"]]
+        runs = [r for r in study["runs"] if r["group"] == row["group"] and r["status"] == "FINISHED"]
+        epochs = {r["epochs"] for r in runs}
+        total = [r["epoch_time_s"] * r["epochs"] for r in runs]
+        time = statistics.fmean(total) / statistics.fmean(ct) if ct and all(total) else None
+        f = row["figures"]
+        lines.append(
+            f"| {name} | {len(runs)} | {'/'.join(map(str, sorted(epochs)))} | {_ratio(time)} | "
+            f"{_mean_sd(list(f['main'].values()))} | {_mean_sd(list(f['mean'].values()))} | "
+            f"{statistics.fmean(f['std'].values()):.2f} | {_mean_sd(list(f['worst'].values()))} |"
+        )
+    return "\n".join(lines)

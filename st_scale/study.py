@@ -46,6 +46,7 @@ class StudyRun:
     subnets: dict[tuple[int, ...], dict[str, float]] = field(default_factory=dict)  # final: depths -> top1, macs
     destruction: list[DestructionRow] = field(default_factory=list)
     destruction_images: int | None = None  # the destruction tests' validation images; None: all of them
+    epochs: int | None = None  # optimizer.epochs: the schedule it trained
 
 
 @dataclass
@@ -138,6 +139,7 @@ def load_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[StudyRun
             epoch_time_s=statistics.fmean(m.value for m in history) if history else None,
             stage_depths=tuple(json.loads(depths)) if depths and depths != "None" else None,
             destruction_images=_optional_int(child.data.params.get("eval.destruction_images")),
+            epochs=_optional_int(child.data.params.get("optimizer.epochs")),
         )
         table = _final_subnets_csv(client, run.run_id)
         if table:

@@ -56,7 +56,9 @@ def _study(**groups):
                 "val/subnets_std_top1": std,
                 "val/subnets_min_top1": worst,
             }
-            runs.append({"group": group, "seed": seed, "status": "FINISHED", "metrics": metrics, "epoch_time_s": epoch})
+            epochs = 12 if group == "ct_12ep" else 8
+            run = {"group": group, "seed": seed, "status": "FINISHED", "metrics": metrics, "epoch_time_s": epoch}
+            runs.append(run | {"epochs": epochs})
     return {"runs": runs}
 
 
@@ -100,3 +102,19 @@ def test_the_cheaper_st_table_renders_every_group_that_ran():
     half = lines[-1].split(" | ")
     assert half[2:5] == ["1.22x", "1.30x", "87.00"]  # step ratio; epoch 52 / 40; main
     assert half[5:8] == ["-1.00", "84.60", "-1.40"] and half[9] == "1.25x" and half[-1] == "no |"
+
+
+def test_the_equal_compute_table_compares_whole_training_times():
+    from doc_tables import equal_compute_table
+
+    study = _study(
+        ct=[(0, 88.0, 70.0, 14.0, 40.0, 40.0), (1, 88.4, 69.0, 14.5, 38.0, 44.0)],
+        ct_12ep=[(0, 89.0, 69.0, 15.0, 35.0, 42.0), (1, 89.4, 68.0, 15.5, 33.0, 42.0)],
+        st=[(0, 88.0, 86.0, 1.2, 83.0, 60.0), (1, 88.2, 86.4, 1.4, 83.4, 64.0)],
+    )
+    lines = equal_compute_table([study]).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| CT", "| full ST", "| CT, 12 epochs (1.5x)"]
+    ct12 = next(line for line in lines if line.startswith("| CT, 12 epochs")).split(" | ")
+    assert ct12[2:5] == ["12", "1.50x", "89.20 ± 0.28"]  # 12 x 42 s against 8 x 42 s (CT's mean epoch)
+    st = next(line for line in lines if line.startswith("| full ST")).split(" | ")
+    assert st[2:4] == ["8", "1.48x"]  # 8 x 62 s against 8 x 42 s

@@ -21,6 +21,7 @@ def _child(client, experiment_id, parent_id, group, seed, main_top1, subnet_top1
     run_id = run.info.run_id
     client.log_param(run_id, "run.seed", seed)
     client.log_param(run_id, "eval.destruction_images", 2000)
+    client.log_param(run_id, "optimizer.epochs", len(times))
     client.log_param(run_id, "model.stage_depths", json.dumps(stage_depths) if stage_depths else "None")
     for epoch, seconds in enumerate(times, start=1):
         client.log_metric(run_id, "train/epoch_time_s", seconds, step=epoch)
@@ -103,6 +104,7 @@ def test_the_study_table_averages_each_group_over_its_seeds(study, tmp_path):
     st0 = next(r for r in raw["runs"] if r["group"] == "st" and r["seed"] == 0)
     assert {s["depths"]: s["top1"] for s in st0["subnets"]} == {"1-1-1": 85.0, "2-2-2": 88.0, "3-3-3": 91.0}
     assert [d["top1"] for d in st0["destruction"]] == [50.0, 60.0, 40.0, 55.0] and st0["destruction_images"] == 2000
+    assert st0["epochs"] == 2 and st0["epoch_time_s"] == 15.0
 
 
 def test_the_loafing_points_compare_inside_ct_inside_st_and_alone(study):
