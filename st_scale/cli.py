@@ -487,16 +487,28 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_checkpoint, parse_count
+    from .export import FORMATS, export_checkpoint, parse_count
+    from .launch import check_writable
+    from .schema import checked_name
 
+    # What the export writes is checked before the checkpoint is read and the sub-network measured.
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    if not formats:
+        raise ConfigError(f"--format {args.format!r} names no format; choose from {', '.join(FORMATS)}")
+    out = check_writable(args.out, "--out", folder=True)
+    if args.register is not None:
+        try:
+            checked_name("--register", args.register)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     export_checkpoint(
         args.checkpoint,
         args.subnet,
         max_macs=parse_count(args.budget_macs, "--budget-macs") if args.budget_macs else None,
         max_params=parse_count(args.budget_params, "--budget-params") if args.budget_params else None,
         max_latency_ms=args.budget_latency_ms,
-        formats=[f.strip() for f in args.format.split(",") if f.strip()],
-        out=args.out,
+        formats=formats,
+        out=out,
         storage_endpoint=args.storage_endpoint,
         register=args.register,
     )

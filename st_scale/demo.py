@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import load_config
 from .data.integrity import DatasetFileError, verify_beton
-from .launch import train, write_summary_json
+from .launch import check_writable, train, write_summary_json
 from .provenance import provenance
 from .report import print_summaries
 
@@ -37,15 +37,18 @@ def run_demo(
     verbose: bool = False,
 ):
     started = provenance()
-    data = Path(data_dir).expanduser().resolve()
-    ensure_digits(data)
+    data = check_writable(data_dir, "--data-dir", folder=True)  # the digits are written there when missing
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [f"data.train={data / 'train.beton'}", f"data.val={data / 'val.beton'}", *overrides]
     if epochs is not None:
         common.append(f"optimizer.epochs={epochs}")
+    # Every recipe is loaded and validated before the first one trains.
+    configs = {
+        recipe: load_config(recipe, [*common, f"run.name={recipe.replace('_', '-')}-{stamp}"]) for recipe in recipes
+    }
+    ensure_digits(data)
     summaries, cfg = [], None
-    for recipe in recipes:
-        cfg = load_config(recipe, [*common, f"run.name={recipe.replace('_', '-')}-{stamp}"])
+    for recipe, cfg in configs.items():
         print(
             f"\n=== {recipe}: {cfg.method.name.upper()} {cfg.model.name}, {cfg.optimizer.epochs} epochs, "
             f"{cfg.scaling.describe()} workers ===",

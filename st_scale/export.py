@@ -16,6 +16,7 @@ ONNX_TOLERANCE), and logged to the training run in MLflow.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,18 +43,19 @@ class ExportedSubnet:
     onnx_max_abs_diff: float | None = None  # its largest logit difference from torch's
 
 
-_SCALE = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}  # a count's suffix, either case
 
 
 def parse_count(text: str, option: str) -> int:
-    """A budget such as 2.0G, 150M or 3e8."""
-    number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SCALE else (text, "")
+    """A budget such as 2.0G, 150M (or 150m) or 3e8."""
+    suffix = text[-1:].lower()
+    number, suffix = (text[:-1], suffix) if suffix in _SCALE else (text, "")
     try:
         value = float(number) * _SCALE[suffix]
     except ValueError:
         value = -1
-    if not value > 0:
-        raise ConfigError(f"{option} {text!r}: give a positive count such as 2.0G, 150M or 3e8")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{option} {text!r}: give a positive, finite count such as 2.0G, 150M or 3e8")
     return int(value)
 
 

@@ -117,3 +117,37 @@ def test_an_exception_no_check_caught_ends_in_one_line_and_a_traceback_file(tmp_
         f"st-scale recipes: internal error: KeyError: 'a key nobody checked'; full traceback in {written[0]}"
     )
     assert "Traceback" not in text and 'raise KeyError("a key nobody checked")' in written[0].read_text()
+
+
+@pytest.mark.parametrize(
+    "options, phrase",
+    [
+        (["--subnet", "1,1,1", "--format", ","], "--format ',' names no format; choose from state_dict"),
+        (["--subnet", "1,1,1", "--out", "{file}"], "--out: {file} is a file; give a folder path"),
+        (["--subnet", "1,1,1", "--register", "my/model:v1"], "--register='my/model:v1': a name takes"),
+        (["--budget-macs", "1e400"], "--budget-macs '1e400': give a positive, finite count"),
+    ],
+    ids=["no-format", "out-is-a-file", "registered-name", "budget-overflows"],
+)
+def test_an_export_that_cannot_be_written_is_refused_before_the_checkpoint_is_read(tmp_path, capsys, options, phrase):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    argv = [o.format(file=file) for o in options]
+    code, text = _run(capsys, "export", str(tmp_path / "no-checkpoint-here"), *argv)
+    assert code == 2 and phrase.format(file=file) in text, text
+
+
+def test_a_budget_takes_its_suffix_in_either_case():
+    from st_scale.export import parse_count
+
+    assert parse_count("20m", "--budget-macs") == parse_count("20M", "--budget-macs") == 20_000_000
+    assert parse_count("1.5g", "--budget-macs") == 1_500_000_000 and parse_count("3e8", "--budget-macs") == 300_000_000
+
+
+def test_the_demo_checks_every_recipe_and_its_folder_before_training(tmp_path, capsys):
+    code, text = _run(capsys, "demo", "--recipes", "demo_ct,demo_stt", "--data-dir", str(tmp_path / "digits"))
+    assert code == 2 and "unknown recipe 'demo_stt'" in text and "===" not in text  # nothing trained first
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    code, text = _run(capsys, "demo", "--data-dir", str(file))
+    assert code == 2 and f"--data-dir: {file} is a file; give a folder path" in text

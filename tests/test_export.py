@@ -71,7 +71,7 @@ def test_a_sub_network_the_model_does_not_have_is_named():
         12,
     ]
     for bad in ("", "G", "-1M", "two", "0"):
-        with pytest.raises(ConfigError, match="--budget-macs .*: give a positive count"):
+        with pytest.raises(ConfigError, match="--budget-macs .*: give a positive, finite count"):
             parse_count(bad, "--budget-macs")
     with pytest.raises(ConfigError, match="--subnet: .*supported for ResNets, DenseNets, ViTs and Swins, not mobile"):
         standalone_subnet(create_model("mobilenet_v3_small", 10), 10, (1, 1, 1, 1), None)
