@@ -8,6 +8,8 @@ import statistics
 
 from suite_time import markdown as suite_time_tables
 
+from st_scale.study import mean_sd
+
 # The cheaper-ST study's groups (tune/fashion_st_cheap.yaml), their names and the option that makes
 # each; `bench_speed.py` names its variants after the same options.
 CHEAP_GROUPS = {
@@ -81,17 +83,7 @@ def _by_seed(study: dict, group: str, metric: str) -> dict[int, float]:
 
 
 def _spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:+.2f}"
-    return f"{statistics.fmean(values):+.2f} ± {statistics.stdev(values):.2f}"
-
-
-def _mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f}" if values else "-"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return mean_sd(values, signed=True)
 
 
 def cheap_quality(study: dict) -> list[dict]:
@@ -184,13 +176,13 @@ def cheap_st_table(raws: list[dict]) -> str:
         cells += [_ratio(step_ratio(s, variant)) for s in speeds]
         cells += [
             _ratio(epoch_ratio(study, row["group"])),
-            _mean_sd(list(f["main"].values())),
+            mean_sd(list(f["main"].values())),
             versus(d["main"]),
-            _mean_sd(list(f["mean"].values())),
+            mean_sd(list(f["mean"].values())),
             versus(d["mean"]),
             f"{statistics.fmean(f['std'].values()):.2f}",
             "-" if is_st else _ratio(statistics.fmean(row["std_ratio"]) if row["std_ratio"] else None),
-            _mean_sd(list(f["worst"].values())),
+            mean_sd(list(f["worst"].values())),
             versus(d["worst"]),
             "-" if is_st else ("yes" if meets_goal(row) else "no"),
         ]
@@ -220,7 +212,64 @@ def equal_compute_table(raws: list[dict]) -> str:
         f = row["figures"]
         lines.append(
             f"| {name} | {len(runs)} | {'/'.join(map(str, sorted(epochs)))} | {_ratio(time)} | "
-            f"{_mean_sd(list(f['main'].values()))} | {_mean_sd(list(f['mean'].values()))} | "
-            f"{statistics.fmean(f['std'].values()):.2f} | {_mean_sd(list(f['worst'].values()))} |"
+            f"{mean_sd(list(f['main'].values()))} | {mean_sd(list(f['mean'].values()))} | "
+            f"{statistics.fmean(f['std'].values()):.2f} | {mean_sd(list(f['worst'].values()))} |"
         )
+    return "\n".join(lines)
+
+
+GOAL_TIME = 1.15  # the time a cheaper ST may cost, relative to CT's
+
+
+def _misses(row: dict) -> list[str]:
+    """The quality bounds a setting misses, on the means over its seeds."""
+    d, misses = row["deltas"], []
+    if statistics.fmean(d["mean"]) < GOAL["mean"]:
+        misses.append(f"sub-net mean {statistics.fmean(d['mean']):+.2f}")
+    if statistics.fmean(row["std_ratio"]) > GOAL["std_ratio"]:
+        misses.append(f"std {statistics.fmean(row['std_ratio']):.2f}x")
+    if statistics.fmean(d["worst"]) < GOAL["worst"]:
+        misses.append(f"worst {statistics.fmean(d['worst']):+.2f}")
+    if statistics.fmean(d["main"]) < GOAL["main"]:
+        misses.append(f"main {statistics.fmean(d['main']):+.2f}")
+    return misses
+
+
+def cheap_st_verdict(raws: list[dict]) -> str:
+    """What the cheaper-ST table says against the goal, one line per setting, and the best trade-off:
+    the cheapest setting (step time on the first benchmark) that meets every quality bound, or, when
+    none does, the one with the best sub-network mean among those within the time."""
+    study, speeds = raws[0], raws[1:]
+    lines, candidates = [], []
+    for row in cheap_quality(study):
+        if not row["group"].startswith("st_"):
+            continue
+        name, variant = CHEAP_GROUPS[row["group"]]
+        steps = [step_ratio(s, variant) for s in speeds]
+        cheap = all(r is not None and r <= GOAL_TIME for r in steps)
+        misses = _misses(row)
+        cost = ", ".join(f"{r:.2f}x" for r in steps if r is not None)
+        quality = "meets every quality bound" if not misses else f"misses {'; '.join(misses)} (vs full ST)"
+        time = "within" if cheap else "above"
+        lines.append(f"- {name}: step time {cost} of CT's, {time} {GOAL_TIME}x; {quality}.")
+        candidates.append((row, steps[0], cheap, misses))
+    both = [c for c in candidates if c[2] and not c[3]]
+    good = sorted((c for c in candidates if not c[3]), key=lambda c: c[1])
+    fast = sorted((c for c in candidates if c[2]), key=lambda c: -statistics.fmean(c[0]["deltas"]["mean"]))
+    if both:
+        best, verdict = both[0], "meets the whole goal"
+    elif good:
+        best, verdict = good[0], "the cheapest setting that keeps full ST's quality (not within the time)"
+    elif fast:
+        best, verdict = fast[0], "the best sub-networks within the time (not full ST's quality)"
+    else:
+        return "\n".join(lines)
+    name = CHEAP_GROUPS[best[0]["group"]][0]
+    d = best[0]["deltas"]
+    lines += [
+        "",
+        f"**Best trade-off: {name}**, {verdict}: against full ST of the same seeds, main net "
+        f"{_spread(d['main'])}, sub-net mean {_spread(d['mean'])}, worst {_spread(d['worst'])} points, "
+        f"std {statistics.fmean(best[0]['std_ratio']):.2f}x (mean ± sd over {len(d['main'])} seeds).",
+    ]
     return "\n".join(lines)

@@ -198,12 +198,14 @@ def group_rows(runs: list[StudyRun]) -> list[GroupRow]:
     return rows
 
 
-def _mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], signed: bool = False) -> str:
+    """Mean ± sample sd over seeds (one value: itself; none: "-"); `signed` for differences."""
     if not values:
         return "-"
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:{sign}.2f}"
+    return f"{statistics.fmean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
 def _name(row: GroupRow) -> str:
@@ -233,7 +235,7 @@ def table_markdown(rows: list[GroupRow]) -> str:
         time = f"{r.epoch_time_s:.1f}" if r.epoch_time_s else "-"
         memory = f"{r.peak_memory_mib:.0f}" if r.peak_memory_mib else "-"
         lines.append(
-            f"| {name} | {r.runs} | {time} | {ratio} | {memory} | {_mean_sd(r.main_top1)} | {spread} | "
+            f"| {name} | {r.runs} | {time} | {ratio} | {memory} | {mean_sd(r.main_top1)} | {spread} | "
             f"{'-' if alone else _mean(r.subnets_min)} |"
         )
     return "\n".join(lines)
@@ -261,7 +263,7 @@ def secondary_markdown(rows: list[GroupRow]) -> str:
         for s in suffixes:
             main = r.extra.get(f"val/main_top1{s}", [])
             mean, std = r.extra.get(f"val/subnets_mean_top1{s}", []), r.extra.get(f"val/subnets_std_top1{s}", [])
-            cells += [_mean_sd(main), f"{_mean(mean)} ± {_mean(std)}" if mean and r.stage_depths is None else "-"]
+            cells += [mean_sd(main), f"{_mean(mean)} ± {_mean(std)}" if mean and r.stage_depths is None else "-"]
         lines.append(f"| {_name(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

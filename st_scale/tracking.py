@@ -90,11 +90,34 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def check_sqlite_file(uri: str, field: str) -> None:
+    """A SQLite store's path must be a database file or nothing yet: a folder, or a file of another
+    kind, is refused naming it (SQLAlchemy would fail on it after minutes of retries, in 30 lines)."""
+    database = sqlite_path(uri)
+    if database is None:
+        return
+    path = Path(database)
+    if path.is_dir():
+        raise ConfigError(f"{field}={uri!r}: {path} is a folder; name a database file in it, e.g. {path / 'mlflow.db'}")
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as file:
+            header = file.read(len(SQLITE_HEADER))
+        if header != SQLITE_HEADER:
+            raise ConfigError(
+                f"{field}={uri!r}: {path} is not a SQLite database (its first bytes are {header[:8]!r}); give a new "
+                f"path, or an existing MLflow SQLite file"
+            )
+
+
 def check_tracking_uri(uri: str, experiment: str) -> str:
     """Create (or find) the experiment from the driver; fail with the field named if the store is
     unreachable or not writable. Returns the experiment id."""
     import mlflow
 
+    check_sqlite_file(uri, "tracking.tracking_uri")
     if sqlite_path(uri) is not None:
         folder = Path(sqlite_path(uri)).parent
         try:
@@ -261,13 +284,20 @@ def serve_mlflow(*, host: str, port: int, backend_store: str, artifacts: str, wo
 
     _check_port_free(host, port)
     store = resolve_tracking_uri(backend_store if "://" in backend_store else f"{SQLITE}{backend_store}")
+    check_sqlite_file(store, "--backend-store")
     if is_database(store):
         check_database_answers(store, "--backend-store")
     if "://" in artifacts:  # object storage (s3://...): MLflow's server writes there itself
         artifacts_dir = artifacts
     else:
         artifacts_dir = Path(artifacts).expanduser().resolve()
-        artifacts_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            artifacts_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file there, or under a file, or no permission
+            raise ConfigError(
+                f"--artifacts {artifacts}: cannot use {artifacts_dir} as a folder ({error.strerror}); "
+                f"give a folder path"
+            ) from None
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow_cli is None:
         raise ConfigError(

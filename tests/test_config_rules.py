@@ -6,8 +6,12 @@ input is right."""
 from __future__ import annotations
 
 import pytest
+from digits_data import DIGITS_SIZE
 
 from st_scale.cli import main
+
+# The session's digits files (conftest's digits_dir), as --set arguments: the data are checked first.
+DIGITS = ["--set", "data.train={train}", "--set", "data.val={val}", "--set", "data.image_size={size}"]
 
 RECIPE_WITH_A_KEY_TWICE = """\
 base: demo_st
@@ -151,3 +155,26 @@ def test_the_demo_checks_every_recipe_and_its_folder_before_training(tmp_path, c
     file.write_text("x")
     code, text = _run(capsys, "demo", "--data-dir", str(file))
     assert code == 2 and f"--data-dir: {file} is a file; give a folder path" in text
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["mlflow-server", "--port", "{port}", "--backend-store", "{text}"], "is not a SQLite database"),
+        (["mlflow-server", "--port", "{port}", "--backend-store", "{tmp}/db", "--artifacts", "{text}"], "--artifacts"),
+        (["mlflow-server", "--port", "{port}", "--backend-store", "{tmp}"], "is a folder; name a database file in it"),
+        (["train", "demo_st", *DIGITS, "--set", "tracking.tracking_uri=sqlite:///{tmp}"], "is a folder; name a"),
+    ],
+    ids=["backend-store-a-text-file", "artifacts-a-file", "backend-store-a-folder", "tracking-uri-a-folder"],
+)
+def test_a_tracking_store_that_is_no_database_is_refused_before_mlflow_starts(
+    tmp_path, capsys, digits_dir, argv, phrase
+):
+    from processes import free_port
+
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a database\n")
+    values = {"port": str(free_port()), "text": str(text_file), "tmp": str(tmp_path)}
+    values |= {"train": f"{digits_dir}/train.beton", "val": f"{digits_dir}/val.beton", "size": str(DIGITS_SIZE)}
+    code, text = _run(capsys, *[a.format(**values) for a in argv])
+    assert code == 2 and phrase in text, text

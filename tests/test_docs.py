@@ -118,3 +118,22 @@ def test_the_equal_compute_table_compares_whole_training_times():
     assert ct12[2:5] == ["12", "1.50x", "89.20 ± 0.28"]  # 12 x 42 s against 8 x 42 s (CT's mean epoch)
     st = next(line for line in lines if line.startswith("| full ST")).split(" | ")
     assert st[2:4] == ["8", "1.48x"]  # 8 x 62 s against 8 x 42 s
+
+
+def test_the_verdict_names_what_each_setting_misses_and_the_best_trade_off():
+    from doc_tables import cheap_st_verdict
+
+    study = _study(
+        st=[(0, 88.0, 86.0, 1.2, 83.0, 60.0), (1, 88.2, 86.4, 1.4, 83.4, 64.0)],
+        st_half_batch=[(0, 88.0, 86.0, 1.2, 83.0, 52.0), (1, 88.2, 86.2, 1.4, 83.4, 52.0)],
+        st_every3=[(0, 87.0, 85.0, 1.2, 83.0, 46.0), (1, 88.2, 86.4, 1.4, 83.4, 46.0)],
+    )
+    variants = [
+        {"variant": "ST, subnet_batch_fraction 0.5, eager NCHW", "time_over_ct": 1.22},
+        {"variant": "ST, subnet_every 3, eager NCHW", "time_over_ct": 1.14},
+    ]
+    text = cheap_st_verdict([study, {"variants": variants}])
+    assert "- ST, `subnet_batch_fraction: 0.5`: step time 1.22x of CT's, above 1.15x; meets every quality bound" in text
+    assert "- ST, `subnet_every: 3`: step time 1.14x of CT's, within 1.15x; misses sub-net mean -0.50" not in text
+    assert "misses main -0.50 (vs full ST)" in text  # mean -0.50 is on the bound: only the main net misses
+    assert "**Best trade-off: ST, `subnet_batch_fraction: 0.5`**, the cheapest setting that keeps" in text
