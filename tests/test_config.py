@@ -216,3 +216,11 @@ def test_progressive_resizing_follows_ffcv_imagenets_schedule():
 def test_bad_progressive_resizing_is_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo_st", overrides)
+
+
+@pytest.mark.parametrize("base", ["fashion_resnet20_st", "cifar100_resnet56_st", "imagenet_resnet50_st"])
+def test_a_cheap_st_recipe_is_its_full_st_recipe_with_the_cheaper_option(base):
+    full, cheap = load_config(base).flat(), load_config(f"{base}_cheap").flat()
+    differs = {key for key in full.keys() | cheap.keys() if full.get(key) != cheap.get(key)}
+    assert differs == {"method.subnet_batch_fraction", "run.name"}
+    assert cheap["method.subnet_batch_fraction"] == 0.5 and full["method.subnet_batch_fraction"] == 1.0
