@@ -27,7 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from doc_tables import demo_table, suite_tables  # noqa: E402
+from doc_tables import (  # noqa: E402
+    cheap_st_table,
+    cheap_st_verdict,
+    demo_table,
+    equal_compute_table,
+    speed_table,
+    suite_tables,
+)
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,23 @@ DEMO = ("benchmarks/results/demo/demo.json",)
 # What a training step's speed depends on: the models, the objectives, the sampler.
 STEP_CODE = ("st_scale/models", "st_scale/methods", "st_scale/sampling.py", "benchmarks/bench_speed.py")
 SPEED = {name: f"benchmarks/results/speed/{name}.json" for name in ("cifar_resnet20", "cifar_resnet56", "resnet50")}
+# What a study's figures depend on: the training and evaluation code and the recipes (not the config's
+# validation or the commands around it).
+TRAINING_CODE = (
+    "st_scale/models", "st_scale/methods", "st_scale/sampling.py", "st_scale/train_loop.py", "st_scale/engine.py",
+    "st_scale/schedule.py", "st_scale/evaluation.py", "st_scale/eval_pass.py", "st_scale/data", "st_scale/recipes",
+)  # fmt: skip
+CHEAP_STUDY = "benchmarks/results/fashion_st_cheap/study.json"
+CHEAP_SOURCES = (CHEAP_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_resnet56"])
 TABLES = {
     "demo": Table("README.md", DEMO, demo_table, ("st_scale",)),
     "demo-benchmarks": Table("BENCHMARKS.md", DEMO, demo_table, ("st_scale",)),
     "suite-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/suite_time.json",), suite_tables, SUITE_CODE),
     "test-fast-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/test_fast.json",), suite_tables, SUITE_CODE),
+    **{f"speed-{name}": Table("BENCHMARKS.md", (path,), speed_table, STEP_CODE) for name, path in SPEED.items()},
+    "cheap-st": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_table, TRAINING_CODE),
+    "cheap-st-verdict": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_verdict, TRAINING_CODE),
+    "equal-compute": Table("RESULTS.md", (CHEAP_STUDY,), equal_compute_table, TRAINING_CODE),
 }
 
 
