@@ -473,7 +473,7 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
         figures["subnets.png"] = subnet_distribution(
             runs, f"{name}: every sub-network's top-1, CT vs ST (BN re-estimated)"
         )
-    if points:
+    if any(r.stage_depths is not None for r in runs):  # a sub-network's architecture trained alone: loafing
         figures["loafing.png"] = loafing_figure(
             points, f"{name}: loafing (sub-network inside the trained net vs alone)"
         )
