@@ -86,27 +86,23 @@ def _spread(values: list[float]) -> str:
     return mean_sd(values, signed=True)
 
 
+# The quality figures the goal bounds, and the metric each is read from.
+QUALITY = {
+    "main": "val/main_top1",
+    "mean": "val/subnets_mean_top1",
+    "std": "val/subnets_std_top1",
+    "worst": "val/subnets_min_top1",
+}
+
+
 def cheap_quality(study: dict) -> list[dict]:
     """Per group: each figure over the seeds, and its difference from full ST of the same seed."""
+    reference = {k: _by_seed(study, "st", metric) for k, metric in QUALITY.items()}
     rows = []
     for group in CHEAP_GROUPS:
-        figures = {
-            "main": _by_seed(study, group, "val/main_top1"),
-            "mean": _by_seed(study, group, "val/subnets_mean_top1"),
-            "std": _by_seed(study, group, "val/subnets_std_top1"),
-            "worst": _by_seed(study, group, "val/subnets_min_top1"),
-        }
+        figures = {k: _by_seed(study, group, metric) for k, metric in QUALITY.items()}
         if not figures["main"]:
             continue
-        reference = {
-            k: _by_seed(study, "st", m)
-            for k, m in (
-                ("main", "val/main_top1"),
-                ("mean", "val/subnets_mean_top1"),
-                ("std", "val/subnets_std_top1"),
-                ("worst", "val/subnets_min_top1"),
-            )
-        }
         deltas = {k: [v - reference[k][s] for s, v in figures[k].items() if s in reference[k]] for k in figures}
         ratios = [v / reference["std"][s] for s, v in figures["std"].items() if s in reference["std"]]
         rows.append(
@@ -135,13 +131,15 @@ def meets_goal(row: dict) -> bool:
 
 
 def epoch_ratio(study: dict, group: str) -> float | None:
-    times = {r["group"]: [] for r in study["runs"]}
-    for r in study["runs"]:
-        if r["status"] == "FINISHED" and r["epoch_time_s"]:
-            times[r["group"]].append(r["epoch_time_s"])
-    if not times.get(group) or not times.get("ct"):
-        return None
-    return statistics.fmean(times[group]) / statistics.fmean(times["ct"])
+    """The group's mean time per epoch over CT's, from the finished runs."""
+
+    def mean_time(name: str) -> float | None:
+        times = [r["epoch_time_s"] for r in study["runs"] if r["group"] == name and r["status"] == "FINISHED"]
+        times = [t for t in times if t]
+        return statistics.fmean(times) if times else None
+
+    group_time, ct_time = mean_time(group), mean_time("ct")
+    return group_time / ct_time if group_time and ct_time else None
 
 
 def step_ratio(speed: dict, variant: str | None) -> float | None:
