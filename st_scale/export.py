@@ -73,7 +73,7 @@ def standalone_subnet(model: ElasticNet, num_classes: int, depths, calibration: 
     `calibration`, BN statistics re-estimated for it; in eval mode. The elastic model is left as it was."""
     try:
         depths = model.check_depths(depths)
-        shell = create_model(model.name, num_classes, stage_depths=depths)
+        shell = create_model(model.registry_name, num_classes, stage_depths=depths)
     except ValueError as error:
         raise ConfigError(f"--subnet: {error}") from None
     with preserved_bn(model):

@@ -46,6 +46,19 @@ def test_the_exported_network_is_the_sub_network(name, depths, size, tmp_path):
         assert torch.equal(program(images), expected)
 
 
+def test_a_model_built_shallower_exports_its_sub_networks():
+    """A run of `model.stage_depths` trains the family's shallower net (named after its depths): its
+    sub-networks are that family's, built by the family's name."""
+    model = create_model("cifar_resnet20", 10, stage_depths=(2, 2, 2))
+    assert (model.name, model.registry_name) == ("cifar_resnet20[2-2-2]", "cifar_resnet20")
+    perturb_bn(model, 16)
+    calibration, val = random_batches(2, 8, 16, seed=1), random_batches(1, 8, 16, seed=2)
+    for depths in ((2, 2, 2), (1, 2, 1)):
+        standalone = standalone_subnet(model, 10, depths, calibration)
+        assert [len(getattr(standalone, f"layer{s + 1}")) for s in range(3)] == list(depths)
+        check_same_outputs(model, depths, standalone, val, calibration)
+
+
 def test_a_network_that_disagrees_is_not_written():
     model = create_model("cifar_resnet20", 10)
     perturb_bn(model, 16)

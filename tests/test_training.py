@@ -430,6 +430,43 @@ def test_eval_command_logs_into_the_checkpoints_run(reference, workspace, capsys
     }
 
 
+COMPAT_FIXTURE = Path(__file__).parent / "data" / "checkpoint_v1"
+COMPAT_ROOT = Path("/tmp/st_scale_compat_v1")  # where the fixture's run was written: its files name it
+COMPAT_RUN_ID = "265ada1fbbc6426d994db81793337f47"
+
+
+def test_a_checkpoint_of_the_first_format_evaluates_and_resumes(workspace, capsys):
+    """A run folder written by st-scale's first checkpoint format (tests/data/checkpoint_v1, epoch 1
+    of 2), put back where it was written: `st-scale eval` scores it as training did and logs into its
+    MLflow run; the same run started again resumes it there and trains epoch 2."""
+    import shutil
+
+    from st_scale.cli import main
+    from st_scale.config import Config
+    from st_scale.data.commands import convert
+
+    shutil.rmtree(COMPAT_ROOT, ignore_errors=True)
+    shutil.copytree(COMPAT_FIXTURE, COMPAT_ROOT, ignore=shutil.ignore_patterns("README.md"))
+    convert("digits", None, COMPAT_ROOT / "data", image_size=DIGITS_SIZE, quiet=True)
+    (folder,) = [p for p in (COMPAT_ROOT / "runs" / "compat-v1").glob("checkpoint_*") if p.is_dir()]
+
+    assert main(["eval", str(folder), "--max-subnets", "4"]) == 0
+    assert COMPAT_RUN_ID in capsys.readouterr().out
+    store = mlflow.MlflowClient(f"sqlite:///{COMPAT_ROOT / 'mlflow.db'}")
+    metrics = store.get_run(COMPAT_RUN_ID).data.metrics
+    assert metrics["eval/main_top1"] == pytest.approx(metrics["val/main_top1"])
+    assert metrics["eval/ema/main_top1"] == pytest.approx(metrics["val/ema/main_top1"])
+    assert metrics["eval/num_subnets"] == 4
+
+    cfg = Config.model_validate(checkpoint.read_run(folder).config)
+    cfg.run.stop_after_epochs = None
+    summary = train(cfg)
+    assert (summary.mlflow_run_id, summary.epochs) == (COMPAT_RUN_ID, 2)
+    history = store.get_metric_history(COMPAT_RUN_ID, "val/main_top1")
+    assert [m.step for m in history] == [22, 44]  # epoch 1 from the fixture, epoch 2 resumed from it
+    shutil.rmtree(COMPAT_ROOT, ignore_errors=True)
+
+
 def test_export_writes_a_sub_network_that_scores_what_training_measured(reference, workspace, tmp_path, capsys):
     """`st-scale export` of sub-network 1-2-3: its accuracy on the validation set is the one the
     run's own epoch-2 evaluation (the prefix-sharing tree, in the workers) recorded for it; the

@@ -62,7 +62,9 @@ def create_model(name: str, num_classes: int, *, stage_depths=None) -> ElasticNe
     depths = model.check_depths(stage_depths)
     for prefixes, truncated in _TRUNCATIONS:
         if name.startswith(prefixes):
-            return truncated(model, depths)
+            shallower = truncated(model, depths)
+            shallower.registry_name = name
+            return shallower
     raise ValueError(f"model.stage_depths={list(stage_depths)}: supported for {STANDALONE_FAMILIES}, not {name}")
 
 

@@ -52,6 +52,9 @@ class ElasticNet(nn.Module):
     ):
         super().__init__()
         self.name = name
+        # The name `create_model` knows it by: a model built with `stage_depths` is named after its
+        # depths ("cifar_resnet20[2-2-2]"), and its sub-networks are built from the family's full name.
+        self.registry_name = name
         self.net = net
         # A plain tuple: the modules are registered once, under self.net.
         self._segments = tuple(segments)
