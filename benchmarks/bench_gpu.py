@@ -89,8 +89,8 @@ def loader_throughput(cfg, device, epochs: int) -> float:
 def train_throughput(cfg, device, steps: int, warmup: int, loader=None) -> dict:
     from st_scale.assembly import build_model_and_objective, speed_up
     from st_scale.data.loaders import BatchPreparer, memory_format
-    from st_scale.engine import build_engine, resolve_ds_config, set_lr
     from st_scale.models.utilisation import mfu, peak_bf16_flops, training_flops_per_image
+    from st_scale.train.engine import build_engine, resolve_ds_config, set_lr
 
     torch.manual_seed(0)
     model, _, objective = build_model_and_objective(cfg)

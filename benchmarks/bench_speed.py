@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from st_scale.memory import SavedTensorBytes
 from st_scale.methods import build_objective
 from st_scale.models import create_model
 from st_scale.models.regional_compile import compile_blocks
 from st_scale.provenance import provenance, write_raw
 from st_scale.sampling import SubnetSampler, SubnetSpace
+from st_scale.train.memory import SavedTensorBytes
 
 LAYOUTS = {
     "eager NCHW": (torch.contiguous_format, False),

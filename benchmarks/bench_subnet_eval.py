@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from st_scale.evaluation import evaluate_subnets, evaluate_subnets_naive
+from st_scale.evaluate.subnets import evaluate_subnets, evaluate_subnets_naive
 from st_scale.models import create_model
 from st_scale.provenance import provenance, write_raw
 from st_scale.sampling import SubnetSpace

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from st_scale.memory import SavedTensorBytes
 from st_scale.methods import build_objective
 from st_scale.models import create_model
 from st_scale.models.complexity import MacCounter
 from st_scale.provenance import provenance, write_raw
 from st_scale.sampling import SubnetSampler, SubnetSpace
+from st_scale.train.memory import SavedTensorBytes
 
 
 def expected_subnet_macs(model, sampler, counter, shared: bool) -> float:

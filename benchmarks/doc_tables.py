@@ -8,7 +8,7 @@ import statistics
 
 from suite_time import markdown as suite_time_tables
 
-from st_scale.study import mean_sd
+from st_scale.sweep.study import mean_sd
 
 # The cheaper-ST study's groups (tune/fashion_st_cheap.yaml), their names and the option that makes
 # each; `bench_speed.py` names its variants after the same options.

@@ -54,8 +54,8 @@ SPEED = {name: f"benchmarks/results/speed/{name}.json" for name in ("cifar_resne
 # counted: the commands around them, and st_scale/config.py, which holds the defaults (changed rarely,
 # and said in a commit when they are) beside its validation (changed often).
 TRAINING_CODE = (
-    "st_scale/models", "st_scale/methods", "st_scale/sampling.py", "st_scale/train_loop.py", "st_scale/engine.py",
-    "st_scale/schedule.py", "st_scale/evaluation.py", "st_scale/eval_pass.py", "st_scale/data",
+    "st_scale/models", "st_scale/methods", "st_scale/sampling.py", "st_scale/train/loop.py", "st_scale/train/engine.py",
+    "st_scale/train/schedule.py", "st_scale/evaluate/subnets.py", "st_scale/evaluate/passes.py", "st_scale/data",
     "st_scale/recipes/fashion_resnet20_ct.yaml", "st_scale/recipes/fashion_resnet20_st.yaml",
 )  # fmt: skip
 CHEAP_STUDY = "benchmarks/results/fashion_st_cheap/study.json"

@@ -1,10 +1,12 @@
 """A run's parts as every command builds them: the elastic model, its sub-network space, the training
-objective and the recipe's compilation. Below the driver (`launch`), the worker (`train_loop`), sweeps
-and `st-scale eval`/`export`, so that none of them reaches up into another to build a model."""
+objective and the recipe's compilation, and the driver's check that they fit together. Below training
+(`train.driver`, `train.loop`), sweeps and `st-scale eval`/`export`, so that none of them reaches up
+into another to build a model. (The DeepSpeed engine is training's alone: `train.engine`.)"""
 
 from __future__ import annotations
 
 from .config import Config
+from .errors import ConfigError
 from .methods import build_objective
 from .models import ElasticNet, create_model
 from .models.regional_compile import compile_blocks
@@ -47,3 +49,13 @@ def speed_up(model: ElasticNet, cfg: Config) -> None:
     ZeRO keeps them as views of its flat buffers, neither of which takes another layout."""
     if cfg.model.compile:
         compile_blocks(model)
+
+
+def check_buildable(cfg: Config) -> None:
+    """Build the model, its sub-network space and the objective once on the driver: a recipe whose
+    parts do not fit together (sampling.max_dropped against the model's stages, stage depths, method
+    options) fails here, before Ray starts, instead of in every worker (and every retry)."""
+    try:
+        build_model_and_objective(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -8,6 +8,10 @@ import sys
 
 from . import __version__
 from .errors import ConfigError, RunFailedError, RunStoppedError
+from .provenance import provenance
+from .schema import checked_name
+from .storage import check_writable
+from .tracking import serve_mlflow
 
 EPILOG = """examples:
   st-scale demo                                   CT vs ST on the bundled digits, local Ray, 2 CPU workers
@@ -367,14 +371,13 @@ def internal_error(command: str, error: BaseException) -> str:
 def _check_summary_path(args) -> None:
     """--summary-json is written after the run: a path that cannot be written fails now, not then."""
     if args.summary_json:
-        from .launch import check_writable
-
         check_writable(args.summary_json, "--summary-json")
 
 
 def cmd_recipes(args) -> int:
     from importlib import resources
 
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
     from .config import recipe_names
 
     for name in recipe_names():
@@ -386,9 +389,10 @@ def cmd_recipes(args) -> int:
 def cmd_train(args) -> int:
     import yaml
 
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
     from .config import load_config
-    from .launch import train, write_summary_json
-    from .provenance import provenance
+    from .train.driver import train, write_summary_json
+    from .train.summary import print_summaries
 
     started = provenance()
     cfg = load_config(args.recipe, args.overrides)
@@ -397,8 +401,6 @@ def cmd_train(args) -> int:
         return 0
     _check_summary_path(args)
     summary = train(cfg, address=args.address, verbose=args.verbose)
-    from .report import print_summaries
-
     print_summaries([summary], cfg)
     if args.summary_json:
         write_summary_json(args.summary_json, [summary], started)
@@ -406,6 +408,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
     from .sweep.spec import check_spec, load_spec
 
     if args.check:
@@ -415,7 +418,7 @@ def cmd_sweep(args) -> int:
             f"objective {checked.spec.objective.describe()} ({checked.spec.objective.mode}): OK"
         )
         return 0
-    from .provenance import provenance
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
     from .sweep.driver import print_sweep, run_sweep, write_sweep_json
 
     started = provenance()
@@ -428,14 +431,13 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_mlflow_server(args) -> int:
-    from .tracking import serve_mlflow
-
     return serve_mlflow(
         host=args.host, port=args.port, backend_store=args.backend_store, artifacts=args.artifacts, workers=args.workers
     )
 
 
 def cmd_demo(args) -> int:
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
     from .demo import run_demo
 
     _check_summary_path(args)
@@ -452,8 +454,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
     from .data.commands import convert
-    from .launch import check_writable
 
     convert(
         args.source,
@@ -473,7 +475,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint_eval import evaluate_checkpoint
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
+    from .evaluate.trained import evaluate_checkpoint
 
     evaluate_checkpoint(
         args.checkpoint,
@@ -487,9 +490,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import FORMATS, export_checkpoint, parse_count
-    from .launch import check_writable
-    from .schema import checked_name
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
+    from .evaluate.export import FORMATS, export_checkpoint, parse_count
 
     # What the export writes is checked before the checkpoint is read and the sub-network measured.
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
@@ -516,7 +518,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .study import report
+    # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
+    from .sweep.study import report
 
     report(args.sweep, args.out)
     return 0

@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .methods import METHODS, MethodOptions
 from .models import FIXED_IMAGE_SIZES, MODEL_NAMES
 from .schema import NAME_RULE, Section, checked_name, one_of
+from .storage import check_storage_fields
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -328,7 +329,6 @@ class RunSection(Section):
 
     @model_validator(mode="after")
     def _storage(self) -> RunSection:
-        from .storage import check_storage_fields
 
         check_storage_fields(self.storage_path, self.storage_endpoint)
         return self

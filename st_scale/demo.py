@@ -7,17 +7,18 @@ import time
 from pathlib import Path
 
 from .config import load_config
+from .data.commands import convert
 from .data.integrity import DatasetFileError, verify_beton
-from .launch import check_writable, train, write_summary_json
 from .provenance import provenance
-from .report import print_summaries
+from .storage import check_writable
+from .train.driver import train, write_summary_json
+from .train.summary import print_summaries
 
 DEMO_RECIPES = ("demo_ct", "demo_st")
 
 
 def ensure_digits(data_dir: Path, image_size: int = 32) -> None:
     """Convert the bundled digits set unless a verified copy is already there."""
-    from .data.commands import convert
 
     try:
         for split in ("train", "val"):

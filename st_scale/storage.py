@@ -275,3 +275,20 @@ def checkpoint_upload(deadline_s: float):
         )
 
     return upload
+
+
+def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
+    """Refuse before any work starts a path st-scale will write later (a summary file, a storage
+    folder): one under a regular file, a folder where a file goes, or no write permission."""
+    path = Path(path).expanduser().resolve()
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{what}: {path} is {'a file' if folder else 'a folder'}; give a {kind} path")
+    parent = path if path.exists() and folder else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what}: {path} cannot be created because {parent} is a file; give a {kind} path elsewhere")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {parent} is not writable; give a {kind} path you can write to")
+    return path

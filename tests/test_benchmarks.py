@@ -103,9 +103,9 @@ def test_the_mutation_score_counts_what_did_not_run_and_what_only_looks_equivale
     and a mutant that never ran is named rather than scored."""
     listing = tmp_path / "listing.txt"
     listing.write_text(
-        "st_scale.schedule.x_lr_at__mutmut_1: killed\n"
-        "st_scale.schedule.x_lr_at__mutmut_2: survived\n"
-        "st_scale.schedule.x_lr_at__mutmut_3: timeout\n"
+        "st_scale.train.schedule.x_lr_at__mutmut_1: killed\n"
+        "st_scale.train.schedule.x_lr_at__mutmut_2: survived\n"
+        "st_scale.train.schedule.x_lr_at__mutmut_3: timeout\n"
         "st_scale.checkpoint.x_rng_state__mutmut_8: survived\n"  # [untestable]: CUDA only
         "st_scale.checkpoint.x_load__mutmut_26: survived\n"  # [equivalent]
         "st_scale.sampling.x_step_rng__mutmut_1: not checked\n"
@@ -122,7 +122,7 @@ def test_the_mutation_score_counts_what_did_not_run_and_what_only_looks_equivale
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in done.stdout.splitlines()
             if line.startswith("| st_scale") or line.startswith("| **all**")}  # fmt: skip
     # mutants | killed | survived | timed out | untestable | equivalent | not run | score
-    assert rows["st_scale/schedule.py"] == ["3", "1", "1", "1", "0", "0", "0", "33.3%"]
+    assert rows["st_scale/train/schedule.py"] == ["3", "1", "1", "1", "0", "0", "0", "33.3%"]
     assert rows["st_scale/checkpoint.py"] == ["2", "0", "0", "0", "1", "1", "0", "0.0%"]
     assert rows["st_scale/sampling.py"] == ["1", "0", "0", "0", "0", "0", "1", "-"]
     assert rows["**all**"] == ["6", "1", "1", "1", "1", "1", "1", "25.0%"]

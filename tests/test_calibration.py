@@ -10,7 +10,7 @@ from st_scale.config import DataSection
 from st_scale.data.commands import convert
 from st_scale.data.digits import load_digits_splits
 from st_scale.data.loaders import BatchPreparer, calibration_batches, calibration_indices, eval_loader, materialise
-from st_scale.evaluation import evaluate_main
+from st_scale.evaluate.subnets import evaluate_main
 from st_scale.models import create_model
 
 

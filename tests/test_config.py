@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from st_scale.config import load_config, recipe_names
-from st_scale.engine import resolve_ds_config
 from st_scale.errors import ConfigError
+from st_scale.train.engine import resolve_ds_config
 
 DIGITS = ["data.train=/nonexistent/train.beton", "data.val=/nonexistent/val.beton"]
 
@@ -143,7 +143,7 @@ def test_version_is_the_installed_packages(capsys):
 def test_an_elastic_group_keeps_the_global_batch_on_every_number_of_workers():
     """[min, max] workers: the DeepSpeed config is resolved for the full group, and a worker restates
     the batch sizes for the number it trains with; the global batch is the recipe's in every case."""
-    from st_scale.engine import batch_sizes
+    from st_scale.train.engine import batch_sizes
 
     with pytest.raises(ConfigError, match=r"\(3 workers\)"):
         load_config("demo_st", ["scaling.num_workers=[1, 4]"])

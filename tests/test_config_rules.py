@@ -142,7 +142,7 @@ def test_an_export_that_cannot_be_written_is_refused_before_the_checkpoint_is_re
 
 
 def test_a_budget_takes_its_suffix_in_either_case():
-    from st_scale.export import parse_count
+    from st_scale.evaluate.export import parse_count
 
     assert parse_count("20m", "--budget-macs") == parse_count("20M", "--budget-macs") == 20_000_000
     assert parse_count("1.5g", "--budget-macs") == 1_500_000_000 and parse_count("3e8", "--budget-macs") == 300_000_000

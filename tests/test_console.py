@@ -6,9 +6,9 @@ from ray.train import ControllerError, WorkerGroupError
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
 from st_scale.config import load_config
-from st_scale.console import epoch_line, format_duration
-from st_scale.failures import RecurringWorkerError
-from st_scale.launch import describe_failure
+from st_scale.train.console import epoch_line, format_duration
+from st_scale.train.driver import describe_failure
+from st_scale.train.failures import RecurringWorkerError
 
 METRICS = {
     "epoch": 3,

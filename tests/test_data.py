@@ -155,7 +155,7 @@ def test_metadata_of_another_file_is_caught(digits_dir, tmp_path):
 
 
 def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path):
-    from st_scale.launch import validate_inputs
+    from st_scale.train.driver import validate_inputs
 
     path = _copy(digits_dir, tmp_path)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
@@ -174,7 +174,7 @@ def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path)
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_every_split_with_more_classes_than_the_model_is_refused(digits_dir, tmp_path, split):
     """A 20-class file under a 10-class head would train and report figures that mean nothing."""
-    from st_scale.launch import validate_inputs
+    from st_scale.train.driver import validate_inputs
 
     rng = np.random.default_rng(0)
     wide = tmp_path / "wide.beton"

@@ -15,10 +15,10 @@ from st_scale.assembly import build_model_and_objective, speed_up
 from st_scale.checkpoint import load as load_checkpoint
 from st_scale.checkpoint import save as save_checkpoint
 from st_scale.config import load_config
-from st_scale.engine import build_engine, parameter_groups, resolve_ds_config, set_lr
 from st_scale.errors import ConfigError
 from st_scale.models import create_model
-from st_scale.schedule import lr_at
+from st_scale.train.engine import build_engine, parameter_groups, resolve_ds_config, set_lr
+from st_scale.train.schedule import lr_at
 
 # One gloo process group for the whole session: DeepSpeed caches its groups, so a group torn down
 # and made again (a module fixture run twice when tests are selected out of order) breaks it.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import perturb_bn, random_batches
 
-from st_scale.evaluation import (
+from st_scale.evaluate.subnets import (
     destruction_tests,
     evaluate_main,
     evaluate_plan,
@@ -168,7 +168,7 @@ def test_report_statistics_and_table():
 
 
 def test_the_pareto_front_and_the_pick_within_a_budget_match_a_brute_force_search():
-    from st_scale.evaluation import SubnetReport, SubnetRow
+    from st_scale.evaluate.subnets import SubnetReport, SubnetRow
 
     g = torch.Generator().manual_seed(0)
     draws = [torch.randint(low, high, (60,), generator=g).tolist() for low, high in ((1, 30), (1, 30), (0, 20), (1, 9))]
@@ -313,7 +313,7 @@ def test_an_evaluation_pass_leaves_the_model_and_its_shared_figures_describe_the
     left, measured independently on an untouched copy; the model's buffers are unchanged."""
     import copy
 
-    from st_scale.eval_pass import SHARED, main_metrics, subnet_metrics, subnet_reports
+    from st_scale.evaluate.passes import SHARED, main_metrics, subnet_metrics, subnet_reports
 
     model = create_model("cifar_resnet20", 10)
     perturb_bn(model, 16)
@@ -336,8 +336,8 @@ def test_an_evaluation_pass_leaves_the_model_and_its_shared_figures_describe_the
 
 
 def test_destruction_is_reported_with_and_without_reestimation():
-    from st_scale.eval_pass import destruction_metrics, run_destruction
-    from st_scale.evaluation import RECALIBRATED, SHARED_STATS, destruction_csv
+    from st_scale.evaluate.passes import destruction_metrics, run_destruction
+    from st_scale.evaluate.subnets import RECALIBRATED, SHARED_STATS, destruction_csv
 
     model = create_model("cifar_resnet20", 10)
     perturb_bn(model, 16)

@@ -9,8 +9,15 @@ import torch
 from conftest import perturb_bn, random_batches
 
 from st_scale.errors import ConfigError
-from st_scale.evaluation import evaluate_plan
-from st_scale.export import check_onnx, check_same_outputs, parse_count, parse_depths, standalone_subnet, write_formats
+from st_scale.evaluate.export import (
+    check_onnx,
+    check_same_outputs,
+    parse_count,
+    parse_depths,
+    standalone_subnet,
+    write_formats,
+)
+from st_scale.evaluate.subnets import evaluate_plan
 from st_scale.models import create_model
 
 

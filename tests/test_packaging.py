@@ -28,7 +28,7 @@ def test_a_wheel_installed_outside_the_repository_finds_its_configs(tmp_path):
     subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=600)
     probe = (
         "import json, st_scale; from st_scale.config import load_config; "
-        "from st_scale.engine import DS_CONFIG_DIR, resolve_ds_config; "
+        "from st_scale.train.engine import DS_CONFIG_DIR, resolve_ds_config; "
         "cfg = load_config('demo_st', ['scaling.num_workers=2', 'deepspeed.config=cpu_zero1_fp32.json']); "
         "print(json.dumps({'package': st_scale.__file__, 'configs': str(DS_CONFIG_DIR), "
         "'names': sorted(p.name for p in DS_CONFIG_DIR.glob('*.json')), 'ds': resolve_ds_config(cfg)}))"

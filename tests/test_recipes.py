@@ -15,8 +15,8 @@ import torch
 
 from st_scale.config import load_config, recipe_names
 from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
-from st_scale.launch import validate_inputs
-from st_scale.train_loop import build_worker_context, evaluate_epoch, train_epoch
+from st_scale.train.driver import validate_inputs
+from st_scale.train.loop import build_worker_context, evaluate_epoch, train_epoch
 
 # Slow: about 3 minutes of test time for the 24 (a DenseNet-264 and a ViT-B/16 at 224 px among them).
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("gloo_process_group")]

@@ -10,12 +10,12 @@ import torch
 
 from st_scale.config import load_config
 from st_scale.data.loaders import BatchPreparer
-from st_scale.evaluation import evaluate_subnets
+from st_scale.evaluate.subnets import evaluate_subnets
 from st_scale.methods import StimulativeTraining
 from st_scale.models import create_model
 from st_scale.models.regional_compile import GRAPHS_PER_BLOCK_SHAPE, block_shapes, compile_blocks
 from st_scale.sampling import SubnetSampler, SubnetSpace
-from st_scale.step_window import NonFiniteLossError, StepWindow
+from st_scale.train.step_window import NonFiniteLossError, StepWindow
 
 
 def _ffcv_like_batch(n=6, size=16, seed=0):
@@ -228,7 +228,7 @@ def test_compiled_blocks_train_through_deepspeed_zero1_like_eager():
     """Compiled before DeepSpeed takes the module (as a worker does): ZeRO-1 re-points the weights into
     its flat buffers afterwards, and the compiled blocks train exactly as the eager ones."""
     from st_scale.assembly import build_model_and_objective
-    from st_scale.engine import build_engine, resolve_ds_config, set_lr
+    from st_scale.train.engine import build_engine, resolve_ds_config, set_lr
 
     losses, backend = {}, CountingBackend()
     for compiled in (False, True):

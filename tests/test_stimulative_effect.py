@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from st_scale.data.digits import load_digits_splits, to_batches
-from st_scale.evaluation import evaluate_main, evaluate_subnets
+from st_scale.evaluate.subnets import evaluate_main, evaluate_subnets
 from st_scale.methods import build_objective
 from st_scale.models import create_model
 from st_scale.sampling import SubnetSampler, SubnetSpace

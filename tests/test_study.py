@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from st_scale.cli import main
-from st_scale.study import load_runs, loafing_points, report
+from st_scale.sweep.study import load_runs, loafing_points, report
 
 SUBNETS = [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
 

@@ -22,8 +22,8 @@ from st_scale import checkpoint
 from st_scale.checkpoint import RUN_FILE
 from st_scale.config import load_config
 from st_scale.errors import ConfigError, RunFailedError
-from st_scale.launch import connect_ray, train
 from st_scale.storage import resolve
+from st_scale.train.driver import connect_ray, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -139,7 +139,7 @@ def test_a_run_is_tracked_in_mlflow(reference, workspace):
     # The final model, loaded back from MLflow, scores the run's last main-net figure on the whole validation set.
     import mlflow.pytorch
 
-    from st_scale.checkpoint_eval import open_checkpoint
+    from st_scale.evaluate.trained import open_checkpoint
 
     model_id = run.data.tags["st_scale.final_model_uri"].removeprefix("models:/")
     final = mlflow.pytorch.load_model(c.get_logged_model(model_id).artifact_location)  # this run's store
@@ -362,7 +362,7 @@ def test_a_swin_trains_with_st_under_adamw_and_logs_itself_as_a_plain_swin(works
 
     import mlflow.pytorch
 
-    from st_scale.checkpoint_eval import open_checkpoint
+    from st_scale.evaluate.trained import open_checkpoint
     from st_scale.models import create_model
     from st_scale.models.complexity import MacCounter
 

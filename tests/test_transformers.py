@@ -13,7 +13,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from st_scale.config import load_config
 from st_scale.errors import ConfigError
-from st_scale.evaluation import evaluate_subnets, evaluate_subnets_naive, recalibrate_bn
+from st_scale.evaluate.subnets import evaluate_subnets, evaluate_subnets_naive, recalibrate_bn
 from st_scale.models import create_model
 from st_scale.models.complexity import MacCounter
 from st_scale.sampling import SubnetSpace
@@ -140,7 +140,7 @@ def test_a_vit_takes_only_its_own_image_size(tmp_path):
 
 
 def test_the_sub_network_figure_says_a_layernorm_network_has_no_statistics():
-    from st_scale.plots import subnet_figure
+    from st_scale.evaluate.plots import subnet_figure
 
     model = _trained_like("cifar_vit")
     report = evaluate_subnets(model, [(1, 1, 1), (3, 3, 3)], random_batches(1, 4, 32, seed=3), _NoBatches())
@@ -150,7 +150,7 @@ def test_the_sub_network_figure_says_a_layernorm_network_has_no_statistics():
 
 def test_the_printed_summary_says_what_the_accuracies_were_measured_on():
     from st_scale.models import has_batch_norm
-    from st_scale.report import statistics_note
+    from st_scale.train.summary import statistics_note
 
     assert [has_batch_norm(n) for n in ("cifar_vit", "swin_t", "densenet121", "cifar_resnet20")] == [0, 0, 1, 1]
     assert "LayerNorm" in statistics_note(load_config("demo_swin_st"))
@@ -159,7 +159,7 @@ def test_the_printed_summary_says_what_the_accuracies_were_measured_on():
 
 
 def test_a_layernorm_network_is_evaluated_once_not_again_on_shared_statistics():
-    from st_scale.eval_pass import reported_metrics, subnet_reports
+    from st_scale.evaluate.passes import reported_metrics, subnet_reports
 
     model = _trained_like("cifar_swin")
     val = random_batches(1, 4, 32, seed=3)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import digits, fashion
 from .integrity import write_sidecars
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
@@ -154,10 +155,9 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, origin: str) -> None:
 
 
 def digits_source(image_size: int = 32) -> dict[str, tuple[ArrayDataset, dict]]:
-    from .digits import NUM_CLASSES, load_digits_splits
 
-    train, val = load_digits_splits(image_size)
-    meta = {"source": "sklearn.load_digits", "num_classes": NUM_CLASSES, "image_size": image_size}
+    train, val = digits.load_digits_splits(image_size)
+    meta = {"source": "sklearn.load_digits", "num_classes": digits.NUM_CLASSES, "image_size": image_size}
     return {split: (ArrayDataset(s.images, s.labels), meta) for split, s in (("train", train), ("val", val))}
 
 
@@ -195,19 +195,18 @@ def fashion_mnist_source(
 ) -> dict[str, tuple[ArrayDataset, dict]]:
     """Fashion-MNIST from its IDX files (default: where Debian's package puts them), 28 x 28 grey
     as RGB; optional seeded, class-proportional subsets of either split."""
-    from .fashion import NUM_CLASSES, load_fashion_mnist, seeded_subset
 
     out = {}
-    for split, (images, labels) in load_fashion_mnist(directory).items():
+    for split, (images, labels) in fashion.load_fashion_mnist(directory).items():
         size = train_subset if split == "train" else val_subset
-        keep = seeded_subset(labels, size, seed)
+        keep = fashion.seeded_subset(labels, size, seed)
         x, y = np.ascontiguousarray(images[keep]), labels[keep]
         _check_arrays(x, y, f"fashion-mnist {split}")
         out[split] = (
             ArrayDataset(x, y),
             {
                 "source": "fashion-mnist",
-                "num_classes": NUM_CLASSES,
+                "num_classes": fashion.NUM_CLASSES,
                 "image_size": 28,
                 "subset": {"size": len(y), "of": len(labels), "seed": seed},
             },

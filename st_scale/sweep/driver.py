@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..interrupts import sigterm_as_ctrl_c
-from ..launch import connect_ray, copies_that_fit, validate_inputs
 from ..provenance import write_raw
+from ..train.driver import connect_ray, copies_that_fit, validate_inputs
+from ..train.interrupts import sigterm_as_ctrl_c
 from .parent import CloseChildRuns, TrialRow, finish_parent_run, open_parent_run, trial_rows
 from .spec import CheckedSweep, check_spec, load_spec
 from .trial import OBJECTIVE_KEY, run_trial

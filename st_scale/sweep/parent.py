@@ -182,7 +182,8 @@ def finish_parent_run(
     import matplotlib.pyplot as plt
     import mlflow
 
-    from ..plots import sweep_figure
+    # lazy: matplotlib loads only where a figure is drawn
+    from ..evaluate.plots import sweep_figure
 
     client = mlflow.MlflowClient(uri)
     spec = checked.spec

@@ -25,17 +25,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from ..assembly import check_buildable
 from ..config import (
     Config,
     ConfigError,
     Section,
+    apply_override,
     assign,
     build_config,
     explain_validation_error,
     flatten,
     load_recipe_tree,
+    parse_yaml,
 )
-from ..eval_pass import reported_metrics
+from ..evaluate.passes import reported_metrics
 from ..schema import checked_name
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -350,7 +353,6 @@ class CheckedSweep:
 
 
 def check_spec(spec: SweepSpec) -> CheckedSweep:
-    from ..launch import check_buildable
 
     for key in spec.set:
         _check_field(f"set.{key}", key)
@@ -429,7 +431,6 @@ def spec_path(spec: str) -> Path:
 def load_spec(spec: str, overrides: list[str] = ()) -> SweepSpec:
     """The spec file, with `--set` overrides of its own keys: num_samples=4, scheduler.grace_period=2,
     set.optimizer.epochs=2, 'space.method.kl_weight={loguniform: [0.5, 2]}'."""
-    from ..config import apply_override, parse_yaml
 
     path = spec_path(spec)
     tree = parse_yaml(path.read_text(), f"sweep spec {path}") or {}

@@ -9,6 +9,7 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..config import build_config
+from ..train.driver import build_trainer, validate_inputs
 from .spec import Objective, trial_assignments, trial_labels, with_assignments
 
 OBJECTIVE_KEY = "objective"  # the Tune metric every trial reports
@@ -33,8 +34,6 @@ def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     """The Tune function trainable. `sweep` holds the resolved base config tree, the objective, the
     parent MLflow run and where the trials' training runs live (all absolute: trials run elsewhere)."""
     import ray.tune
-
-    from ..launch import build_trainer, validate_inputs
 
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{sweep['name']}-{trial_id}"

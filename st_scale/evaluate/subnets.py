@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import Depths, ElasticNet, Plan, batchnorm_layers, preserved_mode
-from .models.complexity import MacCounter
+from ..models import Depths, ElasticNet, Plan, batchnorm_layers, preserved_mode
+from ..models.complexity import MacCounter
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

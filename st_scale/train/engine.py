@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config, OptimizerSection, set_dotted
-from .errors import ConfigError
-from .methods import Objective
-from .models import ElasticNet
+from ..config import Config, OptimizerSection, set_dotted
+from ..errors import ConfigError
+from ..methods import Objective
+from ..models import ElasticNet
 
 # The package's ds_configs/: in a source tree a link to the top-level folder, in a wheel a copy of it.
-DS_CONFIG_DIR = (Path(__file__).resolve().parent / "ds_configs").resolve()
+DS_CONFIG_DIR = (Path(__file__).resolve().parent.parent / "ds_configs").resolve()
 
 
 # ------------------------------------------------------------------------------------ DS config

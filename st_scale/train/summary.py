@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .launch import RunSummary
+from ..models import has_batch_norm
+from ..tracking import DEFAULT_UI, redacted, resolve_tracking_uri, sqlite_path, training_view_url
+from .driver import RunSummary
 
 
 def _pct(value: float | None) -> str:
@@ -27,7 +29,6 @@ def summary_table(summaries: Sequence[RunSummary]) -> str:
 
 def statistics_note(cfg) -> str:
     """What the accuracies were measured on, BatchNorm-wise."""
-    from .models import has_batch_norm
 
     if not has_batch_norm(cfg.model.name):
         return f"{cfg.model.name} has LayerNorm: no statistics to re-estimate"
@@ -37,7 +38,6 @@ def statistics_note(cfg) -> str:
 
 
 def print_summaries(summaries: Sequence[RunSummary], cfg) -> None:
-    from .tracking import DEFAULT_UI, redacted, resolve_tracking_uri, sqlite_path, training_view_url
 
     print()
     print(summary_table(summaries))

@@ -17,10 +17,12 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .eval_pass import SHARED, calibration_suffix
-from .evaluation import RECALIBRATED, DestructionRow
-from .provenance import provenance, write_raw
+from ..errors import ConfigError
+from ..evaluate.passes import SHARED, calibration_suffix
+from ..evaluate.subnets import RECALIBRATED, DestructionRow
+from ..provenance import provenance, write_raw
+from .parent import STATE_FILE
+from .spec import load_spec
 
 SEED_LABEL = "run.seed"
 METHOD_ORDER = ("ct", "layer_supervision", "stage_supervision", "self_distillation", "stochastic_depth", "st")
@@ -65,12 +67,9 @@ class GroupRow:
 
 def sweep_state(sweep: str) -> tuple[Path, dict]:
     """The sweep folder and its state file (parent run, tracking store), from a spec or a folder."""
-    from .sweep.parent import STATE_FILE
 
     path = Path(sweep).expanduser()
     if not path.is_dir():  # a spec: its results are in storage_path/name
-        from .sweep.spec import load_spec
-
         spec = load_spec(sweep)
         path = Path(spec.storage_path).expanduser().resolve() / spec.name
     state_file = path / STATE_FILE

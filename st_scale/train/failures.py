@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from ray.train import ControllerError, UserCallback
 
-from .data.integrity import DatasetFileError
-from .errors import ConfigError
+from ..data.integrity import DatasetFileError
+from ..errors import ConfigError
+from .step_window import NonFiniteLossError
 
 
 class RecurringWorkerError(RuntimeError):
@@ -16,7 +17,6 @@ class RecurringWorkerError(RuntimeError):
 
 
 def _recurring_kinds() -> tuple[type[BaseException], ...]:
-    from .step_window import NonFiniteLossError
 
     return (ConfigError, DatasetFileError, NonFiniteLossError)
 

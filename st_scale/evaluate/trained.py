@@ -11,14 +11,28 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .config import Config
-from .ema import weights_applied
-from .errors import ConfigError
-from .evaluation import Batch
-from .models import ElasticNet
-from .sampling import SubnetSpace
-from .storage import Location, check_object_store, check_storage_fields, is_object_store, resolve
+from .. import checkpoint
+from ..assembly import build_model_and_objective
+from ..config import Config
+from ..data.integrity import DatasetFileError, read_metadata, verify_beton
+from ..data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format
+from ..ema import weights_applied
+from ..errors import ConfigError
+from ..models import ElasticNet
+from ..sampling import SubnetSpace
+from ..storage import Location, check_object_store, check_storage_fields, is_object_store, resolve
+from ..tracking import RunTracker
+from .passes import (
+    destruction_metrics,
+    first_images,
+    log_destruction,
+    log_subnet_reports,
+    main_metrics,
+    run_destruction,
+    subnet_metrics,
+    subnet_reports,
+)
+from .subnets import Batch
 
 
 @dataclass
@@ -37,7 +51,6 @@ class TrainedCheckpoint:
 
     def tracker(self):
         """The training run's own MLflow run, reopened."""
-        from .tracking import RunTracker
 
         return RunTracker(
             self.info.tracking_uri,
@@ -56,9 +69,6 @@ def open_checkpoint(
     """Open the checkpoint folder `directory`, a local path or an s3:// URI (reached through
     `storage_endpoint`, else $AWS_ENDPOINT_URL; its weights are copied here first), with the data of
     the run that wrote it. `command` names the caller in errors."""
-    from .assembly import build_model_and_objective
-    from .data.integrity import DatasetFileError, read_metadata, verify_beton
-    from .data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format
 
     check_storage_fields(str(directory), storage_endpoint, field="checkpoint", endpoint_field="--storage-endpoint")
     if is_object_store(directory):
@@ -113,16 +123,6 @@ def evaluate_checkpoint(
 ) -> dict:
     """Evaluate the checkpoint folder `directory` (a local path or an s3:// URI) and log the results
     into its run."""
-    from .eval_pass import (
-        destruction_metrics,
-        first_images,
-        log_destruction,
-        log_subnet_reports,
-        main_metrics,
-        run_destruction,
-        subnet_metrics,
-        subnet_reports,
-    )
 
     trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=recalibrate, command="eval")
     info, cfg, model, val, calibration = trained.info, trained.cfg, trained.model, trained.val, trained.calibration

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .config import OptimizerSection
+from ..config import OptimizerSection
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, opt: OptimizerSection) -> float:

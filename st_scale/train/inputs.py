@@ -1,5 +1,5 @@
 """What the driver hands each Ray Train worker: one typed object, built by keyword in one place
-(`launch.validate_inputs`), after every input was checked on the driver."""
+(`train.driver.validate_inputs`), after every input was checked on the driver."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .evaluation import Accuracy
+from .subnets import Accuracy
 
 
 def is_distributed() -> bool:

@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .evaluation import Batch, evaluate_plan, preserved_bn, recalibrate_bn
-from .models import ElasticNet, create_model
+from ..errors import ConfigError
+from ..models import ElasticNet, create_model
+from .passes import subnet_reports
+from .subnets import Batch, _Counts, evaluate_plan, preserved_bn, recalibrate_bn
+from .trained import open_checkpoint
 
 FORMATS = ("state_dict", "pt2", "torchscript", "onnx")
 DEFAULT_FORMATS = ("state_dict", "pt2", "torchscript")
@@ -159,7 +161,6 @@ def pick_subnet(
     """The most accurate of the run's evaluated sub-networks (its `eval.max_subnets`, seeded as
     `st-scale eval` samples them) within the budgets, on the BN statistics `calibration` gives them;
     a latency budget times them here first."""
-    from .eval_pass import subnet_reports
 
     cfg = trained.cfg
     subnets = trained.space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed)
@@ -191,8 +192,6 @@ def check_onnx(path: str, standalone: nn.Module, val: list[Batch]) -> tuple[floa
     import numpy as np
     import onnxruntime
 
-    from .evaluation import _Counts
-
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     counts, worst = _Counts(), 0.0
@@ -223,7 +222,6 @@ def export_checkpoint(
     storage_endpoint: str | None = None,
     register: str | None = None,
 ) -> ExportedSubnet:
-    from .checkpoint_eval import open_checkpoint
 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:

@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from ..models import Depths, ElasticNet, batchnorm_layers, has_batch_norm
+from ..models.complexity import measure_latency_ms
 from .distributed import gather_lists, rank_and_world, sum_accuracy
-from .evaluation import (
+from .subnets import (
     Batch,
     DestructionRow,
     SubnetReport,
@@ -27,7 +29,6 @@ from .evaluation import (
     evaluate_subnets,
     summarise_destruction,
 )
-from .models import Depths, ElasticNet, batchnorm_layers, has_batch_norm
 
 SUBNET_STATS = ("mean_top1", "std_top1", "min_top1", "max_top1")
 SHARED = "_shared_stats"  # suffix of every figure measured on the shared running statistics
@@ -87,7 +88,6 @@ def subnet_reports(
 
 def _timings(model: ElasticNet, subnets: Sequence[Depths], batch: torch.Tensor) -> dict:
     """{depths: (ms for one image, images per second at the batch's size)}."""
-    from .models.complexity import measure_latency_ms
 
     timed = {}
     for depths in subnets:
@@ -152,6 +152,7 @@ def log_subnet_reports(
     """Each report as `<tables>/<stem><suffix>.csv` and `<figures>/<stem><suffix>.png`."""
     import matplotlib.pyplot as plt
 
+    # lazy: matplotlib loads only where a figure is drawn
     from .plots import subnet_figure
 
     for suffix, report in reports.items():
@@ -167,6 +168,7 @@ def log_destruction(
     """`<tables>/destruction.csv` and `<figures>/destruction.png`."""
     import matplotlib.pyplot as plt
 
+    # lazy: matplotlib loads only where a figure is drawn
     from .plots import destruction_figure
 
     tracker.log_text(destruction_csv(rows), f"{tables}/destruction.csv")

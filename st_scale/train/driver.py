@@ -11,14 +11,20 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .config import Config
-from .data.integrity import DatasetFileError, verify_beton
+from .. import checkpoint
+from ..assembly import check_buildable
+from ..config import Config
+from ..data.integrity import DatasetFileError, verify_beton
+from ..errors import ConfigError, RunFailedError
+from ..provenance import write_raw
+from ..storage import Location, check_object_store, check_writable, is_object_store, ray_storage, resolve
+from ..tracking import check_tracking_uri, resolve_tracking_uri
+from .console import ConsoleView, quiet_logs
 from .engine import resolve_ds_config
-from .errors import ConfigError, RunFailedError
+from .failures import FailOnRecurringErrors, recurring_cause
+from .inputs import FaultInjection, WorkerInputs
 from .interrupts import sigterm_as_ctrl_c, stopped
-from .storage import Location, check_object_store, is_object_store, ray_storage, resolve
-from .tracking import check_tracking_uri, resolve_tracking_uri
-from .worker_inputs import FaultInjection, WorkerInputs
+from .loop import train_worker
 
 LOCAL_RAY_TEMP_DIR = "/tmp/st_scale_ray"  # short: Ray's unix sockets have a ~107 character path limit
 
@@ -128,18 +134,6 @@ def check_cluster_fits(cfg: Config) -> None:
     )
 
 
-def check_buildable(cfg: Config) -> None:
-    """Build the model, its sub-network space and the objective once on the driver: a recipe whose
-    parts do not fit together (sampling.max_dropped against the model's stages, stage depths, method
-    options) fails here, before Ray starts, instead of in every worker (and every retry)."""
-    from .assembly import build_model_and_objective
-
-    try:
-        build_model_and_objective(cfg)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
 def validate_inputs(cfg: Config) -> WorkerInputs:
     """Driver-side checks; returns what every worker is handed (paths made absolute in `cfg` first)."""
     metadata = {}
@@ -186,7 +180,6 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
 def _check_resumable(cfg: Config, ds_config: dict) -> None:
     """A run that resumes does so from its newest complete checkpoint: one that cannot be loaded by
     this number of workers is refused here rather than in every worker."""
-    from . import checkpoint
 
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if cfg.scaling.elastic and stage >= 3:
@@ -232,9 +225,6 @@ def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .failures import FailOnRecurringErrors
-    from .train_loop import train_worker
-
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
     return TorchTrainer(
@@ -261,8 +251,6 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
     """Run (or resume, if `run.name` exists under `run.storage_path`) one training run: its progress
     drawn on this console, a failure raised as a RunFailedError that says what failed and where."""
     from ray.train import TrainingFailedError
-
-    from .console import ConsoleView, quiet_logs
 
     if not verbose:
         quiet_logs()
@@ -307,34 +295,14 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
 
 
 def write_summary_json(path: str | Path, summaries: list[RunSummary], started: dict) -> None:
-    from .provenance import write_raw
 
     write_raw(path, started, {"runs": [asdict(s) for s in summaries]})
-
-
-def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
-    """Refuse before any work starts a path st-scale will write later (a summary file, a storage
-    folder): one under a regular file, a folder where a file goes, or no write permission."""
-    path = Path(path).expanduser().resolve()
-    kind = "folder" if folder else "file"
-    if path.exists() and path.is_dir() != folder:
-        raise ConfigError(f"{what}: {path} is {'a file' if folder else 'a folder'}; give a {kind} path")
-    parent = path if path.exists() and folder else path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{what}: {path} cannot be created because {parent} is a file; give a {kind} path elsewhere")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what}: {parent} is not writable; give a {kind} path you can write to")
-    return path
 
 
 def describe_failure(error: BaseException, cfg: Config) -> str:
     """A failed run in a few lines: which worker failed with what, where Ray keeps the full log, and
     how to continue. Ray's own exception nests the worker's traceback several levels deep."""
     from ray.train import ControllerError, WorkerGroupError
-
-    from .failures import recurring_cause
 
     if isinstance(error, WorkerGroupError) and error.worker_failures:
         rank, cause = min(error.worker_failures.items())

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 import yaml
 
-from . import checkpoint
-from .assembly import build_model_and_objective, speed_up
-from .config import Config
-from .console import ProgressPoster, quiet_logs
-from .distributed import barrier
-from .ema import WeightEma
-from .engine import batch_sizes, build_engine, set_lr
-from .eval_pass import (
+from .. import checkpoint
+from ..assembly import build_model_and_objective, speed_up
+from ..config import Config
+from ..data.integrity import read_metadata
+from ..data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format, train_loader
+from ..ema import WeightEma
+from ..evaluate.distributed import barrier
+from ..evaluate.export import log_network, standalone_subnet
+from ..evaluate.passes import (
     calibration_suffix,
     first_images,
     log_destruction,
@@ -33,14 +34,17 @@ from .eval_pass import (
     subnet_reports,
     with_suffix,
 )
-from .evaluation import Batch, preserved_bn, recalibrate_bn
+from ..evaluate.subnets import Batch, preserved_bn, recalibrate_bn
+from ..models import ElasticNet, has_standalone_subnets
+from ..models.utilisation import peak_bf16_flops, training_flops_per_image
+from ..storage import checkpoint_upload, with_retries
+from ..tracking import RUN_KEY_TAG, RunTracker
+from .console import ProgressPoster, quiet_logs
+from .engine import batch_sizes, build_engine, set_lr
+from .inputs import FaultInjection, WorkerInputs
 from .memory import SavedTensorBytes
-from .models import ElasticNet, has_standalone_subnets
-from .models.utilisation import peak_bf16_flops, training_flops_per_image
 from .schedule import lr_at
 from .step_window import StepWindow
-from .storage import checkpoint_upload, with_retries
-from .worker_inputs import FaultInjection, WorkerInputs
 
 
 @dataclass
@@ -187,8 +191,6 @@ def _setup_process(cfg: Config, local_rank: int) -> torch.device:
 
 
 def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int, device: torch.device) -> WorkerData:
-    from .data.integrity import read_metadata
-    from .data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format, train_loader
 
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     preparer = BatchPreparer(cfg.data, device, dtype, cfg.run.seed, rank, memory_format=memory_format(cfg.model))
@@ -242,7 +244,6 @@ def _resume(engine, cfg: Config, rank: int, world: int, found: Any) -> ResumeSta
 
 
 def _open_tracker(cfg: Config, inputs: WorkerInputs, run_id: str | None):
-    from .tracking import RUN_KEY_TAG, RunTracker
 
     tracker = RunTracker(
         inputs.tracking_uri,
@@ -493,8 +494,6 @@ def _log_final_model(ctx: WorkerContext) -> None:
         ctx.tracker.log_file(path, "model")
     # A stochastic-depth net scales its branches at test time, which the plain network does not.
     if has_standalone_subnets(model.name) and not model.has_branch_scales:
-        from .export import log_network, standalone_subnet
-
         network = standalone_subnet(model, ctx.cfg.model.num_classes, model.full_depths, calibration)
         size = ctx.cfg.data.val_image_size or ctx.cfg.data.image_size
         example = calibration[0][0][:2] if calibration else torch.zeros(2, 3, size, size)

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .evaluation import RECALIBRATED, DestructionRow, SubnetReport  # noqa: E402
+from .subnets import RECALIBRATED, DestructionRow, SubnetReport  # noqa: E402
 
 
 def subnet_figure(report: SubnetReport, title: str):
