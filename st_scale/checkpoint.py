@@ -1,13 +1,18 @@
 """The checkpoint format: the only module that knows what a checkpoint folder holds.
 
     <checkpoint>/
-      st_scale_config.json     the run: resolved config, epoch, step, MLflow run and experiment (rank 0)
-      checkpoint/              DeepSpeed's engine state: model, optimizer (sharded under ZeRO) and
-                               st-scale's client state (epoch, step, MLflow run id, last metrics)
+      st_scale_config.json     the run: resolved config, MLflow tracking URI and experiment (rank 0)
+      train_state.json         where training stands (`TrainState`: epochs done, global step, MLflow
+                               run, the last epoch's report), stored here only (rank 0)
+      checkpoint/              DeepSpeed's engine state: model, optimizer (sharded under ZeRO)
       rng.rank<r>.pt           each rank's torch / numpy / python (and CUDA) RNG state
       ema.pt                   the weights' moving average, fp32 (rank 0; runs with optimizer.ema_decay)
       COMMITTED.rank<r>        written last by each rank, naming the number of ranks that wrote the
                                folder: a folder without every one of their markers is incomplete
+
+A folder of the first format (before `train_state.json`) kept epoch and step in the run file, the
+markers and DeepSpeed's client state, and the last report in the client state: `load` and `read_run`
+read it from there.
 
 Every rank calls `save` and `load` (DeepSpeed's are collective). A checkpoint resumes on any number
 of workers: without ZeRO rank 0 saved the whole optimizer state; under ZeRO-1/2 each rank saved its
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ from .storage import Location, resolve
 
 ENGINE_TAG = "checkpoint"  # DeepSpeed's tag: the sub-folder of the engine state
 RUN_FILE = "st_scale_config.json"
+STATE_FILE = "train_state.json"
 EMA_FILE = "ema.pt"
 # DeepSpeed's file of the (unsharded) module weights inside the tag folder, under ZeRO 0-2.
 _MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -67,15 +73,23 @@ def set_rng_state(state: dict) -> None:
 
 
 @dataclass
+class TrainState:
+    """Where training stands at a checkpoint: what a resumed run continues from."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # the global step after them
+    mlflow_run_id: str | None = None  # the run a resume keeps logging into
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch's report (reported again if nothing is left)
+
+
+@dataclass
 class RunInfo:
-    """What rank 0 records about the run in every checkpoint."""
+    """What rank 0 records about the run in every checkpoint; `read_run` adds the checkpoint's state."""
 
     config: dict[str, Any]
-    epoch: int
-    step: int
-    mlflow_run_id: str | None
     tracking_uri: str
     experiment_id: str
+    state: TrainState = field(default_factory=TrainState)
 
     def config_model(self) -> Config:
         return Config.model_validate(self.config)
@@ -86,24 +100,29 @@ def save(
     directory: Path,
     rank: int,
     world_size: int,
-    client_state: dict,
+    state: TrainState,
     run_info: RunInfo | None = None,
     ema_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Every rank of the `world_size` that write the checkpoint calls this. Rank 0 writes the run info
-    (and the weights' average) first; each rank then writes its engine shard, its RNG state and, last,
-    its commit marker."""
+    """Every rank of the `world_size` that write the checkpoint calls this. Rank 0 writes the run info,
+    the training state (and the weights' average) first; each rank then writes its engine shard, its
+    RNG state and, last, its commit marker."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if run_info is not None:
-        (directory / RUN_FILE).write_text(json.dumps(run_info.__dict__, indent=1))
+        run = {
+            "config": run_info.config,
+            "tracking_uri": run_info.tracking_uri,
+            "experiment_id": run_info.experiment_id,
+        }
+        (directory / RUN_FILE).write_text(json.dumps(run, indent=1))
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     if ema_state is not None:
         torch.save(ema_state, directory / EMA_FILE)
-    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, client_state=client_state)
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, client_state={})
     torch.save(rng_state(), _rng_file(directory, rank))
-    _commit_marker(directory, rank).write_text(
-        json.dumps({"epoch": client_state["epoch"], "step": client_state["step"], "world_size": world_size})
-    )
+    _commit_marker(directory, rank).write_text(json.dumps({"world_size": world_size}))
 
 
 def committed_ranks(directory: Path | Location) -> list[int]:
@@ -146,6 +165,21 @@ def check_reshardable(zero_stage: int, directory: Path | Location, written_by: i
     )
 
 
+def check_resumable(run_dir: Path | Location, *, zero_stage: int, num_workers: int | tuple[int, int]) -> None:
+    """The rule for resuming a run: from its newest complete checkpoint, which this group of workers
+    (`scaling.num_workers`: a number, or an elastic [min, max]) must be able to load. Refused on the
+    driver, before any worker starts."""
+    elastic = isinstance(num_workers, tuple)
+    if elastic and zero_stage >= 3:
+        raise ConfigError(
+            f"scaling.num_workers={list(num_workers)} with ZeRO-{zero_stage}: an elastic group resumes on another "
+            f"number of workers, and ZeRO-3 checkpoints cannot be re-sharded; use ZeRO-0/1/2 or a fixed count"
+        )
+    found = latest(run_dir)
+    if found is not None:  # (a range was refused above where re-sharding matters)
+        check_reshardable(zero_stage, found, writer_world_size(found), max(num_workers) if elastic else num_workers)
+
+
 def latest(run_dir: Path | Location) -> Location | None:
     """The newest complete checkpoint folder of a run (what Ray Train resumes from), if any; the run
     folder may be local or on the object store."""
@@ -159,10 +193,10 @@ def latest(run_dir: Path | Location) -> Location | None:
     return None
 
 
-def load(engine, directory: Path, rank: int, world_size: int) -> dict:
-    """Restore engine, optimizer and this rank's RNG state; return the client state. A checkpoint of
-    another number of ranks is re-sharded (see the module's note); a rank the writer did not have keeps
-    the RNG state it was seeded with."""
+def load(engine, directory: Path, rank: int, world_size: int) -> TrainState:
+    """Restore engine, optimizer and this rank's RNG state; return where training stands. A checkpoint
+    of another number of ranks is re-sharded (see the module's note); a rank the writer did not have
+    keeps the RNG state it was seeded with."""
     directory = Path(directory)
     written_by = writer_world_size(directory)
     check_reshardable(engine.zero_optimization_stage(), directory, written_by, world_size)
@@ -178,7 +212,9 @@ def load(engine, directory: Path, rank: int, world_size: int) -> dict:
         reshard_zero_state(engine.optimizer, _zero_shards(directory, written_by))
     if rank < written_by:
         set_rng_state(torch.load(_rng_file(directory, rank), weights_only=False))
-    return client_state
+    if (directory / STATE_FILE).is_file():
+        return TrainState(**json.loads((directory / STATE_FILE).read_text()))
+    return TrainState(**{k: client_state[k] for k in ("epoch", "step", "mlflow_run_id", "metrics")})  # first format
 
 
 def read_ema(directory: Path) -> dict[str, torch.Tensor] | None:
@@ -276,7 +312,12 @@ def read_run(directory: Path | Location) -> RunInfo:
         writer_world_size(directory)
     except RuntimeError as error:
         raise ConfigError(f"{error}; give an earlier checkpoint_* folder") from None
-    return RunInfo(**json.loads(info_file.read_text()))
+    run = json.loads(info_file.read_text())
+    if (directory / STATE_FILE).is_file():
+        state = TrainState(**json.loads((directory / STATE_FILE).read_text()))
+    else:  # the first format: the state in the run file, the last report only in DeepSpeed's client state
+        state = TrainState(run.pop("epoch"), run.pop("step"), run.pop("mlflow_run_id"))
+    return RunInfo(run["config"], run["tracking_uri"], run["experiment_id"], state)
 
 
 def local_weights(directory: Path | Location, into: Path) -> Path:
@@ -289,7 +330,7 @@ def local_weights(directory: Path | Location, into: Path) -> Path:
     if not directory.remote:
         return Path(directory.path)
     markers = [m.name for m in directory.children(f"{_MARKER_PREFIX}*")]
-    wanted = [RUN_FILE, *markers, f"{ENGINE_TAG}/{_MODEL_STATES}", EMA_FILE]
+    wanted = [RUN_FILE, STATE_FILE, *markers, f"{ENGINE_TAG}/{_MODEL_STATES}", EMA_FILE]
     return directory.download([name for name in wanted if (directory / name).is_file()], into)
 
 

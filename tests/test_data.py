@@ -155,7 +155,7 @@ def test_metadata_of_another_file_is_caught(digits_dir, tmp_path):
 
 
 def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path):
-    from st_scale.train.driver import validate_inputs
+    from st_scale.train.driver import resolve_inputs
 
     path = _copy(digits_dir, tmp_path)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
@@ -168,13 +168,13 @@ def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path)
         ],
     )
     with pytest.raises(ConfigError, match="data.val: .*val.beton does not match its checksum"):
-        validate_inputs(cfg)
+        resolve_inputs(cfg)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_every_split_with_more_classes_than_the_model_is_refused(digits_dir, tmp_path, split):
     """A 20-class file under a 10-class head would train and report figures that mean nothing."""
-    from st_scale.train.driver import validate_inputs
+    from st_scale.train.driver import resolve_inputs
 
     rng = np.random.default_rng(0)
     wide = tmp_path / "wide.beton"
@@ -194,7 +194,7 @@ def test_every_split_with_more_classes_than_the_model_is_refused(digits_dir, tmp
         ],
     )
     with pytest.raises(ConfigError, match=rf"data.{split}: .*wide.beton has 20 classes but model.num_classes=10"):
-        validate_inputs(cfg)
+        resolve_inputs(cfg)
 
 
 def test_a_source_that_raises_fails_fast_instead_of_hanging(tmp_path):

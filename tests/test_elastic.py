@@ -130,8 +130,11 @@ def _checkpoints(s3, prefix: str) -> list[tuple[int, int]]:
         markers = [key for key in keys if key.startswith(f"{prefix}{folder}/COMMITTED.rank")]
         if markers and f"{prefix}{folder}/st_scale_config.json" in keys:
             stated = json.loads(s3.client().get_object(Bucket=BUCKET, Key=markers[0])["Body"].read())
+            state = json.loads(
+                s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}{folder}/train_state.json")["Body"].read()
+            )
             if len(markers) == stated["world_size"]:
-                found.append((stated["epoch"], stated["world_size"]))
+                found.append((state["epoch"], stated["world_size"]))
     return found
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from st_scale.assembly import build_model_and_objective, speed_up
+from st_scale.checkpoint import TrainState
 from st_scale.checkpoint import load as load_checkpoint
 from st_scale.checkpoint import save as save_checkpoint
 from st_scale.config import load_config
@@ -266,13 +267,13 @@ def test_checkpoint_restores_weights_optimizer_and_rng(tmp_path):
     images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
     for step in range(3):
         _step(engine, step, images, labels)
-    save_checkpoint(engine, tmp_path / "ckpt", 0, 1, {"epoch": 1, "step": 3})
+    save_checkpoint(engine, tmp_path / "ckpt", 0, 1, TrainState(epoch=1, step=3))
     expected_rng = torch.rand(3)
     continued = [_step(engine, 3 + s, images, labels) for s in range(2)]
 
     _, _, fresh = _engine()
     state = load_checkpoint(fresh, tmp_path / "ckpt", 0, 1)
-    assert state["epoch"] == 1 and state["step"] == 3
+    assert (state.epoch, state.step) == (1, 3)
     assert torch.equal(torch.rand(3), expected_rng)
     assert [_step(fresh, 3 + s, images, labels) for s in range(2)] == continued
 
@@ -287,7 +288,7 @@ def test_each_rank_gets_its_own_rng_state_back(tmp_path):
     expected = {}
     for rank, seed in ((0, 11), (1, 22)):
         torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
-        save_checkpoint(engine, tmp_path / "ckpt", rank, 2, {"epoch": 1, "step": 0})
+        save_checkpoint(engine, tmp_path / "ckpt", rank, 2, TrainState(epoch=1, step=0))
         expected[rank] = _draws()
     assert expected[0] != expected[1]
     for rank in (1, 0):
@@ -301,14 +302,16 @@ def test_a_checkpoint_gives_back_its_run_info_and_weights(tmp_path):
 
     cfg, model, engine = _engine()
     _step(engine, 0, torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
-    info = RunInfo(cfg.model_dump(mode="json"), 2, 7, "run-id", "sqlite:////x.db", "3")
+    info = RunInfo(cfg.model_dump(mode="json"), "sqlite:////x.db", "3")
+    state = TrainState(epoch=2, step=7, mlflow_run_id="run-id", metrics={"val/main_top1": 12.5})
     folder = tmp_path / "run" / "checkpoint_000001"  # its parent does not exist yet
-    save_checkpoint(engine, folder, 0, 2, {"epoch": 2, "step": 7}, info)
-    save_checkpoint(engine, folder, 1, 2, {"epoch": 2, "step": 7})
+    save_checkpoint(engine, folder, 0, 2, state, info)
+    save_checkpoint(engine, folder, 1, 2, state)
     assert committed_ranks(folder) == [0, 1]
     for rank in (0, 1):  # what each rank committed
-        assert json.loads((folder / f"COMMITTED.rank{rank}").read_text()) == {"epoch": 2, "step": 7, "world_size": 2}
-    assert read_run(folder) == info and read_run(folder).config_model() == cfg
+        assert json.loads((folder / f"COMMITTED.rank{rank}").read_text()) == {"world_size": 2}
+    assert read_run(folder) == RunInfo(info.config, info.tracking_uri, info.experiment_id, state)
+    assert read_run(folder).config_model() == cfg
     weights = model_weights(folder)
     assert weights.keys() == model.state_dict().keys()
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
@@ -327,10 +330,10 @@ def test_a_checkpoint_gives_back_the_weights_average_it_was_saved_with(tmp_path)
 
     _, model, engine = _engine()
     average = {name: torch.randn_like(value, dtype=torch.float32) for name, value in model.state_dict().items()}
-    save_checkpoint(engine, tmp_path / "with", 0, 1, {"epoch": 1, "step": 1}, ema_state=average)
+    save_checkpoint(engine, tmp_path / "with", 0, 1, TrainState(epoch=1, step=1), ema_state=average)
     read = read_ema(tmp_path / "with")
     assert read.keys() == average.keys() and all(torch.equal(read[k], v) for k, v in average.items())
-    save_checkpoint(engine, tmp_path / "without", 0, 1, {"epoch": 1, "step": 1})
+    save_checkpoint(engine, tmp_path / "without", 0, 1, TrainState(epoch=1, step=1))
     assert read_ema(tmp_path / "without") is None
 
 
@@ -374,7 +377,7 @@ def test_weights_saved_in_bf16_are_read_back_as_fp32(tmp_path):
 
 def test_an_incomplete_checkpoint_is_refused(tmp_path):
     _, _, engine = _engine()
-    save_checkpoint(engine, tmp_path / "ckpt", 0, 1, {"epoch": 1, "step": 0})
+    save_checkpoint(engine, tmp_path / "ckpt", 0, 1, TrainState(epoch=1, step=0))
     shutil.copytree(tmp_path / "ckpt", tmp_path / "partial")
     (tmp_path / "partial" / "COMMITTED.rank0").unlink()
     with pytest.raises(RuntimeError, match=r"is incomplete \(no commit markers\)"):
@@ -392,11 +395,11 @@ def test_a_checkpoint_interrupted_while_saving_is_passed_over_for_the_one_before
     from st_scale.checkpoint import RunInfo, latest
 
     cfg, _, engine = _engine()
-    info = RunInfo(cfg.model_dump(mode="json"), 1, 4, None, "sqlite:////x.db", "0")
+    info = RunInfo(cfg.model_dump(mode="json"), "sqlite:////x.db", "0")
     older, newer = tmp_path / "checkpoint_2026-01-01_00-00-00", tmp_path / "checkpoint_2026-01-01_00-10-00"
     for folder in (older, newer):
         for rank in (0, 1):
-            save_checkpoint(engine, folder, rank, 2, {"epoch": 1, "step": 4}, info if rank == 0 else None)
+            save_checkpoint(engine, folder, rank, 2, TrainState(epoch=1, step=4), info if rank == 0 else None)
     assert latest(tmp_path).path == str(newer)
     (newer / "COMMITTED.rank1").unlink()  # rank 1 died before its marker
     assert latest(tmp_path).path == str(older)
@@ -449,12 +452,12 @@ def _write_zero1(rank, world, folder):
     state = _full_zero_state(engine)
     if rank == 0:
         torch.save(state, folder / "gathered.pt")
-    save_checkpoint(engine, folder / "ckpt", rank, world, {"epoch": 1, "step": 2})
+    save_checkpoint(engine, folder / "ckpt", rank, world, TrainState(epoch=1, step=2))
 
 
 def _read_zero1(rank, world, folder):
     _, _, engine = _engine("cpu_zero1_fp32.json", workers=world)
-    assert load_checkpoint(engine, folder / "ckpt", rank, world)["step"] == 2
+    assert load_checkpoint(engine, folder / "ckpt", rank, world).step == 2
     expected, restored = torch.load(folder / "gathered.pt"), _full_zero_state(engine)
     assert expected.keys() == restored.keys()
     for name, (weight, momentum) in expected.items():
@@ -472,7 +475,7 @@ def test_a_zero1_checkpoint_of_another_parameter_layout_is_refused(tmp_path):
     from st_scale.checkpoint import _zero_shards, reshard_zero_state
 
     _, _, engine = _engine("cpu_zero1_fp32.json")
-    save_checkpoint(engine, tmp_path, 0, 1, {"epoch": 1, "step": 0})
+    save_checkpoint(engine, tmp_path, 0, 1, TrainState(epoch=1, step=0))
     shards = _zero_shards(tmp_path, 1)
     assert shards[0]["param_alignment_paddings"] == engine.optimizer.round_robin_bit16_padding
     shards[0]["param_alignment_paddings"] = [[p + 4 for p in group] for group in shards[0]["param_alignment_paddings"]]

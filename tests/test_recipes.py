@@ -15,7 +15,7 @@ import torch
 
 from st_scale.config import load_config, recipe_names
 from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
-from st_scale.train.driver import validate_inputs
+from st_scale.train.driver import resolve_inputs
 from st_scale.train.loop import build_worker_context, evaluate_epoch, train_epoch
 
 # Slow: about 3 minutes of test time for the 24 (a DenseNet-264 and a ViT-B/16 at 224 px among them).
@@ -97,7 +97,7 @@ def test_every_recipe_takes_two_steps_and_evaluates(recipe, recipe_data, tmp_pat
     root = tmp_path_factory.mktemp(recipe)
     local = (f"run.storage_path={root / 'runs'}", f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}")
     cfg = load_config(recipe, [*recipe_data(load_config(recipe)), *LAPTOP, *local])
-    inputs = validate_inputs(cfg)
+    inputs = resolve_inputs(cfg)
     ctx, resumed = build_worker_context(inputs, rank=0, world=1, local_rank=0)
     assert resumed.epoch == 0 and ctx.tracker is not None
     try:

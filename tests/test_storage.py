@@ -69,7 +69,7 @@ def test_the_newest_complete_checkpoint_is_found_in_an_object_store_as_in_a_fold
     newest = checkpoint.latest(remote)
     assert newest.uri == f"s3://{BUCKET}/found/run/checkpoint_2026-01-01_00-10-00.000000"
     assert checkpoint.committed_ranks(newest) == [0, 1] and checkpoint.writer_world_size(newest) == 2
-    assert checkpoint.read_run(newest).epoch == 2
+    assert checkpoint.read_run(newest).state.epoch == 2  # a folder of the first format
     with pytest.raises(ConfigError, match=r"no commit marker from ranks \[1\] of the 2"):
         checkpoint.read_run(remote / "checkpoint_2026-01-01_00-20-00.000000")
     with pytest.raises(ConfigError, match="is not an st-scale checkpoint folder"):

@@ -19,7 +19,7 @@ from digits_data import DIGITS_SIZE, digits_overrides
 from processes import serve_s3, wait_for
 
 from st_scale import checkpoint
-from st_scale.checkpoint import RUN_FILE
+from st_scale.checkpoint import RUN_FILE, STATE_FILE
 from st_scale.config import load_config
 from st_scale.errors import ConfigError, RunFailedError
 from st_scale.storage import resolve
@@ -163,10 +163,10 @@ def test_checkpoints_are_complete_and_pruned(reference, workspace):
     assert len(checkpoints) == 2  # num_to_keep
     last = Path(summary.checkpoint)
     assert last == checkpoints[-1]
-    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", "ema.pt", RUN_FILE} <= {
+    assert {"COMMITTED.rank0", "COMMITTED.rank1", "rng.rank0.pt", "rng.rank1.pt", "ema.pt", RUN_FILE, STATE_FILE} <= {
         p.name for p in last.iterdir()
     }
-    assert json.loads((last / RUN_FILE).read_text())["epoch"] == 2
+    assert json.loads((last / STATE_FILE).read_text())["epoch"] == 2
 
 
 def test_a_worker_failure_is_restarted_from_the_last_checkpoint(reference, workspace, digits_dir, monkeypatch):
@@ -329,7 +329,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace,
     assert "full log: " in str(failed.value) and "resume" in str(failed.value)
     (checkpoint,) = [p for p in (Path(workspace) / "ray" / "diverges").glob("checkpoint_*") if p.is_dir()]
     assert {"COMMITTED.rank0", "COMMITTED.rank1"} <= {p.name for p in checkpoint.iterdir()}
-    assert json.loads((checkpoint / RUN_FILE).read_text())["epoch"] == 1
+    assert json.loads((checkpoint / STATE_FILE).read_text())["epoch"] == 1
 
 
 def test_a_densenet_trains_with_st_and_evaluates_its_subnetworks(workspace, digits_dir):

@@ -260,7 +260,7 @@ def export_checkpoint(
     result.mlflow_model_uri = _log_model(trained, standalone, example, result, register)
     Path(out, f"{stem}.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
     print(
-        f"{name} from {trained.location} (epoch {trained.info.epoch}): top-1 {top1:.2f} on {len(trained.val)} "
+        f"{name} from {trained.location} (epoch {trained.info.state.epoch}): top-1 {top1:.2f} on {len(trained.val)} "
         f"validation batches, equal to the trained sub-network's; written to {Path(out).expanduser()}; "
         f"logged to MLflow as {result.mlflow_model_uri}"
     )
@@ -296,6 +296,6 @@ def _log_model(trained, standalone: nn.Module, example: torch.Tensor, result: Ex
     tracker = trained.tracker()
     artifact_name = f"subnet-{'-'.join(map(str, result.depths))}"
     uri = log_network(standalone, example, artifact_name, register)
-    tracker.log_metrics({f"export/{artifact_name}/top1": result.top1}, step=trained.info.step)
+    tracker.log_metrics({f"export/{artifact_name}/top1": result.top1}, step=trained.info.state.step)
     tracker.finish("FINISHED")
     return uri

@@ -55,7 +55,7 @@ class TrainedCheckpoint:
         return RunTracker(
             self.info.tracking_uri,
             self.info.experiment_id,
-            run_id=self.info.mlflow_run_id,
+            run_id=self.info.state.mlflow_run_id,
             run_name=None,
             params={},
             tags={},
@@ -151,19 +151,19 @@ def evaluate_checkpoint(
         stem="subnets",
         tables="eval",
         figures="eval",
-        title=f"{title} (checkpoint, epoch {info.epoch})",
+        title=f"{title} (checkpoint, epoch {info.state.epoch})",
     )
     if destruction:
         rows = run_destruction(model, first_images(val, cfg.eval.destruction_images), calibration)
         metrics.update(destruction_metrics("eval", rows))
         log_destruction(tracker, rows, tables="eval", figures="eval", title=f"{title}: network destruction")
-    tracker.log_metrics(metrics, step=info.step)
+    tracker.log_metrics(metrics, step=info.state.step)
     tracker.finish("FINISHED")
     s = reports[""].stats
     average = f" (EMA {metrics['eval/ema/main_top1']:.2f})" if "eval/ema/main_top1" in metrics else ""
     print(
-        f"{title}, epoch {info.epoch}: main top-1 {metrics['eval/main_top1']:.2f}{average}, "
+        f"{title}, epoch {info.state.epoch}: main top-1 {metrics['eval/main_top1']:.2f}{average}, "
         f"{int(s['num_subnets'])} sub-nets {s['mean_top1']:.2f} ± {s['std_top1']:.2f} (min {s['min_top1']:.2f}); "
-        f"logged to MLflow run {info.mlflow_run_id}"
+        f"logged to MLflow run {info.state.mlflow_run_id}"
     )
     return metrics

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..provenance import write_raw
-from ..train.driver import connect_ray, copies_that_fit, validate_inputs
+from ..train.driver import connect_ray, copies_that_fit, resolve_inputs
 from ..train.interrupts import sigterm_as_ctrl_c
 from .parent import CloseChildRuns, TrialRow, finish_parent_run, open_parent_run, trial_rows
 from .spec import CheckedSweep, check_spec, load_spec
@@ -136,8 +136,8 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
     """Run the sweep, or resume it if `storage_path/name` holds an interrupted one."""
     checked = check_spec(load_spec(spec_name, overrides))
     spec, base = checked.spec, checked.base
-    inputs = validate_inputs(base)  # data checksums, DeepSpeed config, tracking store: before any trial
-    base.tracking.tracking_uri = inputs.tracking_uri
+    inputs = resolve_inputs(base)  # data checksums, DeepSpeed config, tracking store: before any trial
+    checked.base = base = inputs.config
     checked.base_tree = base.model_dump(mode="json")  # absolute paths: trials run in their own folders
     sweep_dir = Path(spec.storage_path).expanduser().resolve() / spec.name
     connect_ray(address)

@@ -9,7 +9,7 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..config import build_config
-from ..train.driver import build_trainer, validate_inputs
+from ..train.driver import build_trainer, resolve_inputs
 from .spec import Objective, trial_assignments, trial_labels, with_assignments
 
 OBJECTIVE_KEY = "objective"  # the Tune metric every trial reports
@@ -44,7 +44,7 @@ def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
         "tracking.run_name": name,
     }
     cfg = build_config(with_assignments(sweep["base_tree"], trial_assignments(trial_config) | own))
-    inputs = validate_inputs(cfg)  # cheap here: the driver verified the data and created the experiment
+    inputs = resolve_inputs(cfg)  # cheap here: the driver verified the data and created the experiment
     tags = {
         "mlflow.parentRunId": sweep["parent_run_id"],
         "st_scale.sweep": sweep["name"],
@@ -52,7 +52,7 @@ def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     }
     tags |= {f"st_scale.sweep.{label}": str(value) for label, value in trial_labels(trial_config).items()}
     trainer = build_trainer(
-        cfg,
+        inputs.config,
         replace(inputs, tags=tags),
         callbacks=[ObjectiveReportCallback(Objective.model_validate(sweep["objective"]))],
     )

@@ -134,8 +134,11 @@ def check_cluster_fits(cfg: Config) -> None:
     )
 
 
-def validate_inputs(cfg: Config) -> WorkerInputs:
-    """Driver-side checks; returns what every worker is handed (paths made absolute in `cfg` first)."""
+def resolve_inputs(cfg: Config) -> WorkerInputs:
+    """Every check of a run that can be made on the driver; returns what every worker is handed. Its
+    `config` is `cfg` resolved: data and storage paths absolute, the object store's endpoint and the
+    tracking URI filled in. `cfg` itself is left as it was."""
+    cfg = cfg.model_copy(deep=True)
     metadata = {}
     for field in ("train", "val"):
         path = str(Path(getattr(cfg.data, field)).expanduser().resolve())
@@ -160,13 +163,17 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
     check_buildable(cfg)
     ds_config = resolve_ds_config(cfg)
     _resolve_storage(cfg)
-    _check_resumable(cfg, ds_config)
-    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    experiment_id = check_tracking_uri(tracking_uri, cfg.tracking.experiment)
+    checkpoint.check_resumable(
+        run_folder(cfg),
+        zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        num_workers=cfg.scaling.num_workers,
+    )
+    cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    experiment_id = check_tracking_uri(cfg.tracking.tracking_uri, cfg.tracking.experiment)
     return WorkerInputs(
-        config=cfg.model_dump(mode="json"),
+        config=cfg,
         ds_config=ds_config,
-        tracking_uri=tracking_uri,
+        tracking_uri=cfg.tracking.tracking_uri,
         experiment_id=experiment_id,
         datasets={
             field: {"path": getattr(cfg.data, field)}
@@ -175,21 +182,6 @@ def validate_inputs(cfg: Config) -> WorkerInputs:
         },
         fault=_fault_from_env(cfg),
     )
-
-
-def _check_resumable(cfg: Config, ds_config: dict) -> None:
-    """A run that resumes does so from its newest complete checkpoint: one that cannot be loaded by
-    this number of workers is refused here rather than in every worker."""
-
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    if cfg.scaling.elastic and stage >= 3:
-        raise ConfigError(
-            f"scaling.num_workers={list(cfg.scaling.num_workers)} with ZeRO-{stage}: an elastic group resumes on "
-            f"another number of workers, and ZeRO-3 checkpoints cannot be re-sharded; use ZeRO-0/1/2 or a fixed count"
-        )
-    found = checkpoint.latest(run_folder(cfg))
-    if found is not None:  # (a range was refused above where re-sharding matters)
-        checkpoint.check_reshardable(stage, found, checkpoint.writer_world_size(found), cfg.scaling.max_workers)
 
 
 def _resolve_storage(cfg: Config) -> None:
@@ -221,7 +213,7 @@ def _fault_from_env(cfg: Config) -> FaultInjection | None:
 
 
 def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
-    """The TorchTrainer of one run, its workers handed `inputs` (what `validate_inputs` returned)."""
+    """The TorchTrainer of one run, its workers handed `inputs` (what `resolve_inputs` returned)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -254,7 +246,8 @@ def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> 
 
     if not verbose:
         quiet_logs()
-    inputs = validate_inputs(cfg)
+    inputs = resolve_inputs(cfg)
+    cfg = inputs.config
     connect_ray(address)
     check_cluster_fits(cfg)
     view = ConsoleView(f"{cfg.method.name} {cfg.run.name}")

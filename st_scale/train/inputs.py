@@ -1,10 +1,12 @@
 """What the driver hands each Ray Train worker: one typed object, built by keyword in one place
-(`train.driver.validate_inputs`), after every input was checked on the driver."""
+(`train.driver.resolve_inputs`), after every input was checked on the driver."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..config import Config
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,7 @@ class FaultInjection:
 
 @dataclass(frozen=True)
 class WorkerInputs:
-    config: dict[str, Any]  # the validated Config as JSON, every path absolute
+    config: Config  # validated once, on the driver, and resolved there: every path absolute
     ds_config: dict[str, Any]  # the resolved DeepSpeed config (batch sizes filled in)
     tracking_uri: str  # absolute: workers and trials do not share the driver's cwd
     experiment_id: str

@@ -60,15 +60,6 @@ class WorkerData:
 
 
 @dataclass
-class ResumeState:
-    epoch: int = 0
-    step: int = 0
-    run_id: str | None = None
-    metrics: dict = field(default_factory=dict)
-    ema_state: dict | None = None  # the weights' moving average, if the checkpoint holds one
-
-
-@dataclass
 class WorkerContext:
     """Everything one worker's epochs need, built once by `train_worker`."""
 
@@ -125,11 +116,11 @@ def train_worker(loop_config: dict) -> None:
 
 def build_worker_context(
     inputs: WorkerInputs, *, rank: int, world: int, local_rank: int, resume_from: Any = None
-) -> tuple[WorkerContext, ResumeState]:
+) -> tuple[WorkerContext, checkpoint.TrainState]:
     """Everything rank `rank` of `world` trains with (the process group must exist), resumed from
     `resume_from` (a Ray Train checkpoint) when one is given; rank 0 opens the MLflow run. Needs no Ray:
     the recipe tests build it in one process."""
-    cfg = Config.model_validate(inputs.config)
+    cfg = inputs.config
     device = _setup_process(cfg, local_rank)
     model, space, objective = build_model_and_objective(cfg, rank)
     mfu_scales = _mfu_scales(model, cfg, device, world)  # on the plain CPU model, before compiling and moving it
@@ -140,12 +131,12 @@ def build_worker_context(
     )
     engine = build_engine(model, objective, cfg, ds_config)
     data = _setup_data(cfg, inputs, engine, rank, world, device)
-    resumed = _resume(engine, cfg, rank, world, resume_from)
+    resumed, ema_state = _resume(engine, cfg, rank, world, resume_from)
     ema = None
     if cfg.optimizer.ema_decay:  # from the trained weights, or the average the checkpoint kept
         ema = WeightEma(model, cfg.optimizer.ema_decay)
-        if resumed.ema_state is not None:
-            ema.load_state_dict(resumed.ema_state)
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
     ctx = WorkerContext(
         cfg=cfg,
         inputs=inputs,
@@ -159,10 +150,10 @@ def build_worker_context(
         images_per_step=engine.train_micro_batch_size_per_gpu() * world,
         mfu_scales=mfu_scales,
         ema=ema,
-        run_id=resumed.run_id,
+        run_id=resumed.mlflow_run_id,
     )
     if rank == 0:
-        ctx.tracker = _open_tracker(cfg, inputs, resumed.run_id)
+        ctx.tracker = _open_tracker(cfg, inputs, resumed.mlflow_run_id)
         ctx.run_id = ctx.tracker.run_id
         ctx.progress = ProgressPoster(inputs.progress)
     return ctx, resumed
@@ -225,10 +216,11 @@ def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int
     return WorkerData(preparer, train, val_shard, val_full, calibration, other)
 
 
-def _resume(engine, cfg: Config, rank: int, world: int, found: Any) -> ResumeState:
-    """The state of Ray Train checkpoint `found` loaded into `engine`; a fresh start without one."""
+def _resume(engine, cfg: Config, rank: int, world: int, found: Any) -> tuple[checkpoint.TrainState, dict | None]:
+    """Ray Train checkpoint `found` loaded into `engine`: where training stands and the weights'
+    moving average, if the checkpoint holds one; a fresh start without a checkpoint."""
     if found is None:
-        return ResumeState()
+        return checkpoint.TrainState(), None
     from pyarrow.fs import LocalFileSystem
 
     with tempfile.TemporaryDirectory(prefix="st_scale_resume_") as directory:
@@ -240,7 +232,7 @@ def _resume(engine, cfg: Config, rank: int, world: int, found: Any) -> ResumeSta
             )
         state = checkpoint.load(engine, Path(local), rank, world)
         ema_state = checkpoint.read_ema(Path(local))
-    return ResumeState(state["epoch"], state["step"], state["mlflow_run_id"], state["metrics"], ema_state)
+    return state, ema_state
 
 
 def _open_tracker(cfg: Config, inputs: WorkerInputs, run_id: str | None):
@@ -371,20 +363,17 @@ def _checkpoint(ctx: WorkerContext, epoch: int, step: int, metrics: dict) -> Non
     import ray.train
     from ray.train import Checkpoint
 
-    client_state = {"epoch": epoch + 1, "step": step, "mlflow_run_id": ctx.run_id, "metrics": metrics}
+    state = checkpoint.TrainState(epoch=epoch + 1, step=step, mlflow_run_id=ctx.run_id, metrics=metrics)
     run_info = None
     if ctx.rank == 0:
         run_info = checkpoint.RunInfo(
             config=ctx.cfg.model_dump(mode="json"),
-            epoch=epoch + 1,
-            step=step,
-            mlflow_run_id=ctx.run_id,
             tracking_uri=ctx.inputs.tracking_uri,
             experiment_id=ctx.inputs.experiment_id,
         )
     with tempfile.TemporaryDirectory(prefix="st_scale_ckpt_") as directory:
         ema_state = ctx.ema.state_dict() if ctx.ema is not None and ctx.rank == 0 else None
-        checkpoint.save(ctx.engine, Path(directory), ctx.rank, ctx.world, client_state, run_info, ema_state)
+        checkpoint.save(ctx.engine, Path(directory), ctx.rank, ctx.world, state, run_info, ema_state)
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(directory),
