@@ -51,9 +51,13 @@ class WeightEma:
         weights = [p.detach().float() for p in model.parameters()]
         torch._foreach_lerp_(self.average, weights, 1 - self.decay)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The averaged weights by parameter name: the average itself, on the model's device."""
+        return dict(zip(self.names, self.average, strict=True))
+
     def applied(self, model: nn.Module):
         """`model` holding the averaged weights inside the block, its own after."""
-        return weights_applied(model, dict(zip(self.names, self.average, strict=True)))
+        return weights_applied(model, self.weights())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: a.cpu() for name, a in zip(self.names, self.average, strict=True)}

@@ -185,6 +185,76 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[start : start + 100])
 
 
+class Store:
+    """One MLflow tracking store, for what st-scale reads and writes beside a training run's own
+    `RunTracker`: a sweep's parent run and its children, the study report's reading of them, the
+    status of runs a command ends. Every other module reaches MLflow through here."""
+
+    def __init__(self, uri: str):
+        import mlflow
+
+        self.uri = uri
+        self.client = mlflow.MlflowClient(uri)
+
+    def create_run(self, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+        return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end_run(self, run_id: str, status: str) -> None:
+        """Close a run as FINISHED, KILLED or FAILED."""
+        self.client.set_terminated(run_id, status)
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        log_params(self.client, run_id, params)
+
+    def log_metric(self, run_id: str, key: str, value: float, step: int = 0) -> None:
+        self.client.log_metric(run_id, key, value, step=step)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in metrics.items()])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def find_run(self, experiment_id: str, tags: dict[str, str]) -> str | None:
+        return find_run(self.client, experiment_id, tags)
+
+    def child_runs(self, experiment_id: str, parent_run_id: str) -> list:
+        """Every run nested under `parent_run_id` (MLflow's `Run` objects: info, data.params/metrics/tags)."""
+        return self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10_000
+        )
+
+    def metric_history(self, run_id: str, key: str) -> list[float]:
+        return [m.value for m in self.client.get_metric_history(run_id, key)]
+
+    def artifact_paths(self, run_id: str, folder: str) -> set[str]:
+        return {a.path for a in self.client.list_artifacts(run_id, folder)}
+
+    def read_text(self, run_id: str, path: str) -> str:
+        with tempfile.TemporaryDirectory() as directory:
+            return Path(self.client.download_artifacts(run_id, path, directory)).read_text()
+
+
 class RunTracker:
     def __init__(
         self,
@@ -258,6 +328,30 @@ class RunTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
+
+    def log_network(self, network, example, name: str, register: str | None = None) -> str:
+        """`mlflow.pytorch.log_model` of a plain torch network into this run, with an input example
+        and signature (and in the model registry as `register`); returns the model's URI. MLflow saves
+        it with torch.export, traced on the example: an example of one image would fix the batch size
+        at 1, so it holds two."""
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        example = example.detach().float().cpu().contiguous()
+        if example.shape[0] < 2:
+            example = torch.cat([example, example])
+        with torch.no_grad():
+            signature = infer_signature(example.numpy(), network(example).numpy())
+        info = mlflow.pytorch.log_model(
+            network,
+            name=name,
+            input_example=example.numpy(),
+            signature=signature,
+            registered_model_name=register,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+        return info.model_uri
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

@@ -136,3 +136,15 @@ def test_an_import_inside_a_function_says_why():
         if not before.startswith("#"):
             unexplained.append(f"{path.relative_to(PACKAGE.parent)}:{line}")
     assert unexplained == [], "imports inside a function without a comment above them:\n" + "\n".join(unexplained)
+
+
+def test_mlflow_is_reached_through_tracking_alone():
+    """One module speaks to MLflow: the others call `tracking`'s RunTracker and Store."""
+    speaking = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name == "mlflow" or name.startswith("mlflow.") for name in names):
+                speaking.append(str(path.relative_to(PACKAGE.parent)))
+    assert sorted(set(speaking)) == ["st_scale/tracking.py"]

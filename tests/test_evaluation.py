@@ -335,6 +335,39 @@ def test_an_evaluation_pass_leaves_the_model_and_its_shared_figures_describe_the
     assert reports[""].row((3, 3, 3)).top1 == main["val/main_top1"]
 
 
+def test_one_evaluation_measures_each_network_as_its_parts_do_and_leaves_the_model():
+    """`evaluate`, the pass of training's epochs and of `st-scale eval`: the main net, the weights'
+    average on statistics re-estimated for it, the sub-networks, the other calibration protocol and
+    the destruction tests, each the figure its own part computes; the model's weights and buffers
+    are as they were."""
+    from st_scale.evaluate.passes import EvalData, EvalOptions, evaluate
+
+    model = create_model("cifar_resnet20", 10)
+    perturb_bn(model, 16)
+    model.eval()
+    val, calibration, other = (random_batches(2, 16, 16, seed=s) for s in (1, 2, 3))
+    average = {name: p.detach() + 0.5 * torch.randn_like(p) for name, p in model.named_parameters()}
+    before = _state(model)
+    data = EvalData(lambda: val, lambda: val, calibration, torch.device("cpu"), other, "_calib_train")
+    options = EvalOptions("eval", shared_stats=True, subnets=[(1, 1, 1), (3, 3, 3)], destruction=True)
+    result = evaluate(model, data, options, averaged=average)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    m = result.metrics
+    assert m["eval/main_top1"] == evaluate_main(model, val, calibration).top1
+    assert m["eval/main_top1_shared_stats"] == evaluate_main(model, val).top1
+    assert m["eval/main_top1_calib_train"] == evaluate_main(model, val, other).top1
+    assert m["eval/subnets_min_top1_calib_train"] == result.reports["_calib_train"].stats["min_top1"]
+    assert set(result.reports) == {"", "_shared_stats", "_calib_train"} and result.other_suffix == "_calib_train"
+    averaged = create_model("cifar_resnet20", 10)
+    averaged.load_state_dict(model.state_dict())
+    averaged.load_state_dict(average, strict=False)
+    assert m["eval/ema/main_top1"] == evaluate_main(averaged.eval(), val, calibration).top1
+    assert m["eval/destruction/intact/0"] == m["eval/main_top1"] and len(result.destruction) > 0
+    # Without re-estimated statistics the average is not measured: its weights have none of their own.
+    plain = evaluate(model, EvalData(lambda: val, lambda: val, None, torch.device("cpu")), options, averaged=average)
+    assert "eval/ema/main_top1" not in plain.metrics and "eval/main_top1_calib_train" not in plain.metrics
+
+
 def test_destruction_is_reported_with_and_without_reestimation():
     from st_scale.evaluate.passes import destruction_metrics, run_destruction
     from st_scale.evaluate.subnets import RECALIBRATED, SHARED_STATS, destruction_csv

@@ -127,6 +127,23 @@ def calibration_indices(num_samples: int, count: int, seed: int) -> np.ndarray:
     return rng.choice(num_samples, size=min(count, num_samples), replace=False)
 
 
+def other_protocol(protocol: str) -> str:
+    """The calibration protocol a run compares its own with (`eval.compare_calibration`)."""
+    return "train" if protocol == "eval" else "eval"
+
+
+def calibration_sets(
+    data: DataSection, preparer: BatchPreparer, *, compare: bool, **read
+) -> tuple[list[Batch], list[Batch] | None]:
+    """The calibration batches of the run's protocol and, with `compare`, those of the other protocol
+    (`read`: what `calibration_batches` takes besides the data and the preparer)."""
+    own = calibration_batches(data, preparer, **read)
+    if not compare:
+        return own, None
+    other = data.model_copy(update={"calibration_protocol": other_protocol(data.calibration_protocol)})
+    return own, calibration_batches(other, preparer, **read)
+
+
 def calibration_batches(
     data: DataSection, preparer: BatchPreparer, *, num_samples: int, seed: int, num_workers: int, device: torch.device
 ) -> list[Batch]:

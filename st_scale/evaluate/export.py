@@ -267,35 +267,11 @@ def export_checkpoint(
     return result
 
 
-def log_network(standalone: nn.Module, example: torch.Tensor, name: str, register: str | None = None) -> str:
-    """`mlflow.pytorch.log_model` of a plain network into the active MLflow run, with an input example
-    and signature (and in the model registry as `register`); returns the model's URI. MLflow saves it
-    with torch.export, traced on the example: an example of one image would fix the batch size at 1,
-    so it holds two."""
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
-    example = example.detach().float().cpu().contiguous()
-    if example.shape[0] < 2:
-        example = torch.cat([example, example])
-    with torch.no_grad():
-        signature = infer_signature(example.numpy(), standalone(example).numpy())
-    info = mlflow.pytorch.log_model(
-        standalone,
-        name=name,
-        input_example=example.numpy(),
-        signature=signature,
-        registered_model_name=register,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
-    return info.model_uri
-
-
 def _log_model(trained, standalone: nn.Module, example: torch.Tensor, result: ExportedSubnet, register) -> str:
     """The network under the training run (and in the model registry as `register`)."""
     tracker = trained.tracker()
     artifact_name = f"subnet-{'-'.join(map(str, result.depths))}"
-    uri = log_network(standalone, example, artifact_name, register)
+    uri = tracker.log_network(standalone, example, artifact_name, register)
     tracker.log_metrics({f"export/{artifact_name}/top1": result.top1}, step=trained.info.state.step)
     tracker.finish("FINISHED")
     return uri

@@ -1,5 +1,6 @@
-"""One evaluation pass, as the per-epoch evaluation and `st-scale eval` both run it: which networks
-are measured on which BatchNorm statistics, the metric names, and the tables and figures logged.
+"""One evaluation pass, as the per-epoch evaluation and `st-scale eval` both run it (`evaluate`): which
+networks are measured on which BatchNorm statistics, the metric names, and the tables and figures
+logged (`log_evaluation`, under the names of `artifacts`).
 
 Every figure comes in up to two versions: on each network's own re-estimated BN statistics (the
 headline, when calibration batches are given) and on the shared running statistics that training
@@ -13,11 +14,15 @@ rank's shard of the validation set and summed, the sub-networks are split over t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from ..data.loaders import other_protocol
+from ..ema import weights_applied
 from ..models import Depths, ElasticNet, batchnorm_layers, has_batch_norm
 from ..models.complexity import measure_latency_ms
+from .artifacts import ArtifactLayout
 from .distributed import gather_lists, rank_and_world, sum_accuracy
 from .subnets import (
     Batch,
@@ -111,10 +116,6 @@ def calibration_suffix(protocol: str) -> str:
     return f"_calib_{protocol}"
 
 
-def other_protocol(protocol: str) -> str:
-    return "train" if protocol == "eval" else "eval"
-
-
 def with_suffix(metrics: dict[str, float], suffix: str) -> dict[str, float]:
     return {k if k.endswith("/num_subnets") else k + suffix: v for k, v in metrics.items()}
 
@@ -146,35 +147,105 @@ def destruction_metrics(prefix: str, rows: Sequence[DestructionRow]) -> dict[str
     return {f"{prefix}/destruction/{k}": v for k, v in summarise_destruction(rows).items()}
 
 
-def log_subnet_reports(
-    tracker, reports: dict[str, SubnetReport], *, stem: str, title: str, tables: str = "subnets", figures: str = "plots"
-) -> None:
-    """Each report as `<tables>/<stem><suffix>.csv` and `<figures>/<stem><suffix>.png`."""
+@dataclass
+class EvalData:
+    """What an evaluation measures on. The main net runs on this process's share of the validation
+    set (summed over the ranks); the sub-networks on the whole set (split over the ranks); the
+    destruction tests on the whole set, on rank 0."""
+
+    val_shard: BatchesFn
+    val_full: BatchesFn
+    calibration: Sequence[Batch] | None  # None: every network on the shared running statistics
+    device: torch.device
+    # the same networks again, BN re-estimated under the other calibration protocol (eval.compare_calibration)
+    other_calibration: Sequence[Batch] | None = None
+    other_suffix: str = ""
+
+
+@dataclass
+class EvalOptions:
+    prefix: str  # the metrics' prefix: "val" (training's evaluation) or "eval" (a checkpoint's)
+    shared_stats: bool  # also every figure on the shared running statistics (suffix _shared_stats)
+    subnets: Sequence[Depths] = ()  # the sub-networks to evaluate; none: the main net only
+    latency: bool = False  # each sub-network's latency and throughput
+    destruction: bool = False  # the destruction tests
+    destruction_images: int | None = None  # on the first this many validation images (None: all)
+
+
+@dataclass
+class Evaluation:
+    """One evaluation's figures (`metrics`), its sub-network reports by suffix, and its destruction rows."""
+
+    metrics: dict[str, float]
+    reports: dict[str, SubnetReport] = field(default_factory=dict)
+    destruction: list[DestructionRow] | None = None
+    other_suffix: str = ""  # the suffix among `reports` measured under the other calibration protocol
+
+
+def evaluate(
+    model: ElasticNet, data: EvalData, options: EvalOptions, *, averaged: dict[str, torch.Tensor] | None = None
+) -> Evaluation:
+    """The evaluation pass of training's epochs and of `st-scale eval`: the main net, the weights'
+    moving average (`averaged`, on BN statistics re-estimated for it), the sub-networks, the other
+    calibration protocol and the destruction tests, as `options` and `data` ask. The model is left as
+    it was."""
+    prefix = options.prefix
+    metrics = main_metrics(
+        model, data.val_shard, data.calibration, data.device, prefix=prefix, shared_stats=options.shared_stats
+    )
+    if averaged is not None and data.calibration is not None:  # the average has no BN statistics of its own
+        with weights_applied(model, averaged):
+            metrics.update(
+                main_metrics(
+                    model, data.val_shard, data.calibration, data.device, prefix=f"{prefix}/ema", shared_stats=False
+                )
+            )
+    result = Evaluation(metrics, other_suffix=data.other_suffix if data.other_calibration is not None else "")
+    if options.subnets:
+        result.reports = subnet_reports(
+            model,
+            options.subnets,
+            data.val_full,
+            data.calibration,
+            shared_stats=options.shared_stats,
+            latency=options.latency,
+        )
+        metrics.update(subnet_metrics(prefix, result.reports))
+    if data.other_calibration is not None:
+        other_main = main_metrics(
+            model, data.val_shard, data.other_calibration, data.device, prefix=prefix, shared_stats=False
+        )
+        metrics.update(with_suffix(other_main, data.other_suffix))
+        if options.subnets:
+            other = subnet_reports(model, options.subnets, data.val_full, data.other_calibration, shared_stats=False)
+            metrics.update(with_suffix(subnet_metrics(prefix, other), data.other_suffix))
+            result.reports[data.other_suffix] = other[""]
+    if options.destruction and rank_and_world()[0] == 0:  # the other ranks wait at the next collective
+        val = first_images(data.val_full(), options.destruction_images)
+        result.destruction = run_destruction(model, val, data.calibration)
+        metrics.update(destruction_metrics(prefix, result.destruction))
+    return result
+
+
+def log_evaluation(tracker, result: Evaluation, layout: ArtifactLayout, title: str) -> None:
+    """An evaluation's tables and figures, named by `layout`: each sub-network report as CSV and
+    figure, and the destruction tests."""
     import matplotlib.pyplot as plt
 
     # lazy: matplotlib loads only where a figure is drawn
-    from .plots import subnet_figure
+    from .plots import destruction_figure, subnet_figure
 
-    for suffix, report in reports.items():
-        tracker.log_text(report.to_csv(), f"{tables}/{stem}{suffix}.csv")
-        figure = subnet_figure(report, title)
-        tracker.log_figure(figure, f"{figures}/{stem}{suffix}.png")
+    for suffix, report in result.reports.items():
+        tracker.log_text(report.to_csv(), layout.subnets_csv(suffix))
+        named = f"{title}, {suffix[1:]}" if suffix and suffix == result.other_suffix else title
+        figure = subnet_figure(report, named)
+        tracker.log_figure(figure, layout.subnets_png(suffix))
         plt.close(figure)
-
-
-def log_destruction(
-    tracker, rows: Sequence[DestructionRow], *, title: str, tables: str = "destruction", figures: str = "plots"
-) -> None:
-    """`<tables>/destruction.csv` and `<figures>/destruction.png`."""
-    import matplotlib.pyplot as plt
-
-    # lazy: matplotlib loads only where a figure is drawn
-    from .plots import destruction_figure
-
-    tracker.log_text(destruction_csv(rows), f"{tables}/destruction.csv")
-    figure = destruction_figure(rows, title)
-    tracker.log_figure(figure, f"{figures}/destruction.png")
-    plt.close(figure)
+    if result.destruction is not None:
+        tracker.log_text(destruction_csv(result.destruction), layout.destruction_csv())
+        figure = destruction_figure(result.destruction, f"{title}: network destruction")
+        tracker.log_figure(figure, layout.destruction_png())
+        plt.close(figure)
 
 
 def reported_metrics(cfg) -> tuple[set[str], set[str]]:

@@ -15,23 +15,14 @@ from .. import checkpoint
 from ..assembly import build_model_and_objective
 from ..config import Config
 from ..data.integrity import DatasetFileError, read_metadata, verify_beton
-from ..data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format
-from ..ema import weights_applied
+from ..data.loaders import BatchPreparer, calibration_sets, eval_loader, memory_format, other_protocol
 from ..errors import ConfigError
 from ..models import ElasticNet
 from ..sampling import SubnetSpace
 from ..storage import Location, check_object_store, check_storage_fields, is_object_store, resolve
 from ..tracking import RunTracker
-from .passes import (
-    destruction_metrics,
-    first_images,
-    log_destruction,
-    log_subnet_reports,
-    main_metrics,
-    run_destruction,
-    subnet_metrics,
-    subnet_reports,
-)
+from .artifacts import CHECKPOINT_LAYOUT
+from .passes import EvalData, EvalOptions, calibration_suffix, evaluate, log_evaluation
 from .subnets import Batch
 
 
@@ -48,6 +39,7 @@ class TrainedCheckpoint:
     val: list[Batch]
     calibration: list[Batch] | None
     ema: dict[str, torch.Tensor] | None = None  # the weights' moving average, if the run kept one
+    other_calibration: list[Batch] | None = None  # eval.compare_calibration: the other protocol's batches
 
     def tracker(self):
         """The training run's own MLflow run, reopened."""
@@ -64,12 +56,12 @@ class TrainedCheckpoint:
 
 
 def open_checkpoint(
-    directory: str | Path, *, storage_endpoint: str | None, recalibrate: bool, command: str
+    directory: str | Path, *, storage_endpoint: str | None, recalibrate: bool, command: str, compare: bool = False
 ) -> TrainedCheckpoint:
     """Open the checkpoint folder `directory`, a local path or an s3:// URI (reached through
     `storage_endpoint`, else $AWS_ENDPOINT_URL; its weights are copied here first), with the data of
-    the run that wrote it. `command` names the caller in errors."""
-
+    the run that wrote it. `command` names the caller in errors; with `compare`, the other calibration
+    protocol's batches too when the run compared them (`eval.compare_calibration`)."""
     check_storage_fields(str(directory), storage_endpoint, field="checkpoint", endpoint_field="--storage-endpoint")
     if is_object_store(directory):
         storage_endpoint = check_object_store(str(directory), storage_endpoint, field="checkpoint", write=False)
@@ -93,11 +85,12 @@ def open_checkpoint(
     device = torch.device("cpu")
     threads = torch.get_num_threads()
     preparer = BatchPreparer(cfg.data, device, torch.float32, cfg.run.seed, 0, memory_format=memory_format(cfg.model))
-    calibration = None
+    calibration = other_calibration = None
     if recalibrate:
-        calibration = calibration_batches(
+        calibration, other_calibration = calibration_sets(
             cfg.data,
             preparer,
+            compare=compare and cfg.eval.compare_calibration,
             num_samples=read_metadata(cfg.data.train)["num_samples"],
             seed=cfg.run.seed,
             num_workers=threads,
@@ -109,7 +102,7 @@ def open_checkpoint(
             eval_loader(cfg.data, cfg.data.val, indices=None, num_workers=threads, device=device)
         )
     ]
-    return TrainedCheckpoint(location, info, cfg, model, space, val, calibration, ema)
+    return TrainedCheckpoint(location, info, cfg, model, space, val, calibration, ema, other_calibration)
 
 
 def evaluate_checkpoint(
@@ -123,40 +116,35 @@ def evaluate_checkpoint(
 ) -> dict:
     """Evaluate the checkpoint folder `directory` (a local path or an s3:// URI) and log the results
     into its run."""
-
-    trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=recalibrate, command="eval")
-    info, cfg, model, val, calibration = trained.info, trained.cfg, trained.model, trained.val, trained.calibration
-    subnets = trained.space.sample_subset(max_subnets or cfg.eval.max_subnets, seed=cfg.run.seed)
-    reports = subnet_reports(
-        model,
-        subnets,
-        lambda: val,
-        calibration,
-        shared_stats=cfg.eval.shared_stats,
-        latency=latency or cfg.eval.latency,
+    trained = open_checkpoint(
+        directory, storage_endpoint=storage_endpoint, recalibrate=recalibrate, command="eval", compare=True
     )
-    device = torch.device("cpu")
-    metrics = {
-        **main_metrics(model, lambda: val, calibration, device, prefix="eval", shared_stats=cfg.eval.shared_stats),
-        **subnet_metrics("eval", reports),
-    }
-    if trained.ema is not None and calibration is not None:  # the average needs BN statistics of its own
-        with weights_applied(model, trained.ema):
-            metrics.update(main_metrics(model, lambda: val, calibration, device, prefix="eval/ema", shared_stats=False))
+    info, cfg, model, val = trained.info, trained.cfg, trained.model, trained.val
+    compare = trained.other_calibration is not None
+    result = evaluate(
+        model,
+        EvalData(
+            val_shard=lambda: val,
+            val_full=lambda: val,
+            calibration=trained.calibration,
+            device=torch.device("cpu"),
+            other_calibration=trained.other_calibration,
+            other_suffix=calibration_suffix(other_protocol(cfg.data.calibration_protocol)) if compare else "",
+        ),
+        EvalOptions(
+            prefix="eval",
+            shared_stats=cfg.eval.shared_stats,
+            subnets=trained.space.sample_subset(max_subnets or cfg.eval.max_subnets, seed=cfg.run.seed),
+            latency=latency or cfg.eval.latency,
+            destruction=destruction,
+            destruction_images=cfg.eval.destruction_images,
+        ),
+        averaged=trained.ema,
+    )
+    metrics, reports = result.metrics, result.reports
     tracker = trained.tracker()
     title = f"{cfg.method.name} {cfg.model.name}"
-    log_subnet_reports(
-        tracker,
-        reports,
-        stem="subnets",
-        tables="eval",
-        figures="eval",
-        title=f"{title} (checkpoint, epoch {info.state.epoch})",
-    )
-    if destruction:
-        rows = run_destruction(model, first_images(val, cfg.eval.destruction_images), calibration)
-        metrics.update(destruction_metrics("eval", rows))
-        log_destruction(tracker, rows, tables="eval", figures="eval", title=f"{title}: network destruction")
+    log_evaluation(tracker, result, CHECKPOINT_LAYOUT, f"{title} (checkpoint, epoch {info.state.epoch})")
     tracker.log_metrics(metrics, step=info.state.step)
     tracker.finish("FINISHED")
     s = reports[""].stats

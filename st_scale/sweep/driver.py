@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..provenance import write_raw
+from ..tracking import Store
 from ..train.driver import connect_ray, copies_that_fit, resolve_inputs
 from ..train.interrupts import sigterm_as_ctrl_c
 from .parent import CloseChildRuns, TrialRow, finish_parent_run, open_parent_run, trial_rows
@@ -166,11 +167,7 @@ def run_sweep(spec_name: str, overrides: list[str] = (), *, address: str | None 
         with sigterm_as_ctrl_c():  # a SIGTERM too: Tune saves the sweep's state, the same command resumes it
             tuner.fit()  # returns (rather than raises) when interrupted with Ctrl+C, after saving the experiment
     except BaseException as error:  # the parent shows why the sweep ended; running it again resumes it
-        import mlflow
-
-        mlflow.MlflowClient(uri).set_terminated(
-            parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        )
+        Store(uri).end_run(parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     rows = trial_rows(sweep_dir, uri, experiment_id, parent_run_id, base.optimizer.epochs)
     if any(r.outcome == "unfinished" for r in rows):

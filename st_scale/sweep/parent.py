@@ -19,7 +19,7 @@ import yaml
 from ray.tune import Callback
 
 from ..provenance import provenance
-from ..tracking import find_run, log_params, redacted
+from ..tracking import Store, redacted
 from .spec import CheckedSweep, flat_spec_params, trial_labels
 from .trial import OBJECTIVE_KEY
 
@@ -41,20 +41,18 @@ class TrialRow:
 
 def open_parent_run(uri: str, experiment_id: str, checked: CheckedSweep, sweep_dir: Path) -> tuple[str, bool]:
     """Create the sweep's parent run, or reopen the one recorded in the sweep folder. Returns (id, resumed)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
+    store = Store(uri)
     state = sweep_dir / STATE_FILE
     if state.is_file():
         run_id = json.loads(state.read_text())["parent_run_id"]
-        client.update_run(run_id, status="RUNNING")
+        store.reopen(run_id)
         return run_id, True
     spec = checked.spec
     code = provenance()
-    run = client.create_run(
+    run_id = store.create_run(
         experiment_id,
-        run_name=spec.name,
-        tags={
+        spec.name,
+        {
             "st_scale.commit": code["commit"],  # what the study report names as the code its figures ran on
             "st_scale.dirty": str(code["dirty"]).lower(),
             "st_scale.kind": "sweep",
@@ -63,17 +61,16 @@ def open_parent_run(uri: str, experiment_id: str, checked: CheckedSweep, sweep_d
             "st_scale.objective": spec.objective.describe(),
         },
     )
-    run_id = run.info.run_id
-    log_params(client, run_id, flat_spec_params(spec))
-    client.log_text(run_id, redacted(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)), "sweep/spec.yaml")
-    client.log_text(run_id, yaml.safe_dump(spec.space, sort_keys=False), "sweep/search_space.yaml")
+    store.log_params(run_id, flat_spec_params(spec))
+    store.log_text(run_id, redacted(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)), "sweep/spec.yaml")
+    store.log_text(run_id, yaml.safe_dump(spec.space, sort_keys=False), "sweep/search_space.yaml")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     state.write_text(json.dumps({"parent_run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}) + "\n")
     return run_id, False
 
 
-def child_run_id(client, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
-    return find_run(client, experiment_id, {"mlflow.parentRunId": parent_run_id, "st_scale.trial_id": trial_id})
+def child_run_id(store: Store, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
+    return store.find_run(experiment_id, {"mlflow.parentRunId": parent_run_id, "st_scale.trial_id": trial_id})
 
 
 def outcome_of(last_result: dict, epochs: int, tune_status: str) -> str:
@@ -101,28 +98,25 @@ class CloseChildRuns(Callback):
         self.close(trial.trial_id, trial.last_result or {}, "ERROR")
 
     def close(self, trial_id: str, last_result: dict, tune_status: str) -> None:
-        import mlflow
-
-        client = mlflow.MlflowClient(self.uri)
-        run_id = child_run_id(client, self.experiment_id, self.parent_run_id, trial_id)
+        store = Store(self.uri)
+        run_id = child_run_id(store, self.experiment_id, self.parent_run_id, trial_id)
         if run_id is None:  # failed before rank 0 opened its run
             return
         outcome = outcome_of(last_result, self.epochs, tune_status)
         if OBJECTIVE_KEY in last_result:
-            client.log_metric(
+            store.log_metric(
                 run_id, "sweep/objective", float(last_result[OBJECTIVE_KEY]), step=int(last_result.get("step", 0))
             )
-        client.set_tag(run_id, "st_scale.trial_outcome", outcome)
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, self.STATUS[outcome])
+        store.set_tag(run_id, "st_scale.trial_outcome", outcome)
+        if store.status(run_id) == "RUNNING":
+            store.end_run(run_id, self.STATUS[outcome])
 
 
 def trial_rows(sweep_dir: Path, uri: str, experiment_id: str, parent_run_id: str, epochs: int) -> list[TrialRow]:
     """Every trial of the sweep as Tune saved it (including those of earlier, interrupted drivers)."""
-    import mlflow
     from ray.tune import ExperimentAnalysis
 
-    client = mlflow.MlflowClient(uri)
+    store = Store(uri)
     rows = []
     for trial in ExperimentAnalysis(str(sweep_dir)).trials:
         m = trial.last_result or {}
@@ -135,7 +129,7 @@ def trial_rows(sweep_dir: Path, uri: str, experiment_id: str, parent_run_id: str
                 m.get("val/main_top1"),
                 m.get("val/subnets_mean_top1"),
                 trial_labels(trial.config or {}),
-                child_run_id(client, experiment_id, parent_run_id, trial.trial_id),
+                child_run_id(store, experiment_id, parent_run_id, trial.trial_id),
                 trial.config or {},
             )
         )
@@ -180,31 +174,27 @@ def finish_parent_run(
 ) -> TrialRow | None:
     """Best trial (tags, metric, its resolved config), the trials table and the comparison plot."""
     import matplotlib.pyplot as plt
-    import mlflow
 
     # lazy: matplotlib loads only where a figure is drawn
     from ..evaluate.plots import sweep_figure
 
-    client = mlflow.MlflowClient(uri)
+    store = Store(uri)
     spec = checked.spec
     best = best_row(rows, spec.objective.mode)
-    client.log_text(parent_run_id, rows_csv(rows), "sweep/trials.csv")
+    store.log_text(parent_run_id, rows_csv(rows), "sweep/trials.csv")
     if rows:
         figure = sweep_figure(rows, checked.dimensions, f"{spec.name}: {spec.objective.describe()} per trial")
-        client.log_figure(parent_run_id, figure, "plots/objective_vs_search_space.png")
+        store.log_figure(parent_run_id, figure, "plots/objective_vs_search_space.png")
         plt.close(figure)
     counts = {o: sum(r.outcome == o for r in rows) for o in ("completed", "stopped early", "failed", "unfinished")}
-    client.log_batch(
-        parent_run_id,
-        metrics=[mlflow.entities.Metric(f"trials/{o.replace(' ', '_')}", n, 0, 0) for o, n in counts.items()],
-    )
+    store.log_metrics(parent_run_id, {f"trials/{o.replace(' ', '_')}": n for o, n in counts.items()})
     if best is not None:
-        client.log_metric(parent_run_id, "best/objective", best.objective)
+        store.log_metric(parent_run_id, "best/objective", best.objective)
         for key, value in {"best_trial_id": best.trial_id, "best_run_id": best.run_id or ""}.items():
-            client.set_tag(parent_run_id, f"st_scale.{key}", value)
+            store.set_tag(parent_run_id, f"st_scale.{key}", value)
         for label, value in best.labels.items():
-            client.set_tag(parent_run_id, f"best.{label}", str(value))
-        client.log_text(
+            store.set_tag(parent_run_id, f"best.{label}", str(value))
+        store.log_text(
             parent_run_id,
             json.dumps(
                 {
@@ -221,6 +211,6 @@ def finish_parent_run(
         )
         best_config = checked.trial_config(best.config).model_dump(mode="json")
         best_yaml = redacted(yaml.safe_dump(best_config, sort_keys=False))
-        client.log_text(parent_run_id, best_yaml, "sweep/best_config.yaml")
-    client.set_terminated(parent_run_id, status)
+        store.log_text(parent_run_id, best_yaml, "sweep/best_config.yaml")
+    store.end_run(parent_run_id, status)
     return best

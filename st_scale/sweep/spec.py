@@ -45,7 +45,7 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 FAMILY_KEY = "family"  # the option name inside a family's trial value
 
 
-class Objective(Section):
+class SweepObjective(Section):
     """One reported metric, or a weighted sum of several (declared here, recorded in MLflow)."""
 
     metric: str | None = None
@@ -53,7 +53,7 @@ class Objective(Section):
     mode: Literal["max", "min"] = "max"
 
     @model_validator(mode="after")
-    def _one_of(self) -> Objective:
+    def _one_of(self) -> SweepObjective:
         if (self.metric is None) == (self.weights is None):
             raise ValueError(
                 "give exactly one of metric (e.g. val/subnets_mean_top1) or weights "
@@ -107,7 +107,7 @@ class SweepSpec(Section):
     recipe: str = Field(description="packaged recipe name or .yaml path every trial starts from")
     set: dict[str, Any] = Field(default_factory=dict, description="fixed dotted overrides for every trial")
     space: dict[str, Any] = Field(description="dotted config field -> distribution, or label -> {family: options}")
-    objective: Objective
+    objective: SweepObjective
     scheduler: Scheduler = Scheduler()
     search: SearchSection = SearchSection()
     num_samples: int = Field(8, ge=1, description="trials (times each grid point)")

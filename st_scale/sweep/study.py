@@ -12,28 +12,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..evaluate.artifacts import epoch_layout
 from ..evaluate.passes import SHARED, calibration_suffix
 from ..evaluate.subnets import RECALIBRATED, DestructionRow
+from ..methods import METHOD_NAMES, METHODS
 from ..provenance import provenance, write_raw
+from ..tracking import Store
 from .parent import STATE_FILE
 from .spec import load_spec
 
 SEED_LABEL = "run.seed"
-METHOD_ORDER = ("ct", "layer_supervision", "stage_supervision", "self_distillation", "stochastic_depth", "st")
-PAPER_NAMES = {
-    "ct": "CT",
-    "layer_supervision": "CT + layer supervision",
-    "stage_supervision": "CT + stage supervision",
-    "self_distillation": "self-distillation",
-    "stochastic_depth": "stochastic depth",
-    "st": "ST",
-}
+METHOD_ORDER = METHOD_NAMES  # the registry's order is the paper's
+PAPER_NAMES = {name: method.title for name, method in METHODS.items()}
 
 
 @dataclass
@@ -84,9 +79,7 @@ def sweep_state(sweep: str) -> tuple[Path, dict]:
 def study_provenance(state: dict) -> dict:
     """The report's provenance, naming the commit its runs trained on when the sweep recorded it (the
     report itself may run on later code)."""
-    import mlflow
-
-    tags = mlflow.MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"]).data.tags
+    tags = Store(state["tracking_uri"]).tags(state["parent_run_id"])
     block = provenance(commit=tags.get("st_scale.commit"))
     if "st_scale.dirty" in tags:
         block["dirty"] = tags["st_scale.dirty"] == "true"
@@ -100,53 +93,34 @@ def run_record(run: StudyRun) -> dict:
     return record
 
 
-def _final_subnets_csv(client, run_id: str) -> str | None:
-    """The last epoch's sub-network table on per-network statistics (subnets/subnets_epochNNN.csv)."""
-    names = [a.path for a in client.list_artifacts(run_id, "subnets")]
-    plain = sorted(p for p in names if re.fullmatch(r"subnets/subnets_epoch\d+\.csv", p))
-    return plain[-1] if plain else None
-
-
-def _read_text(client, run_id: str, path: str) -> str:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as directory:
-        return Path(client.download_artifacts(run_id, path, directory)).read_text()
-
-
 def load_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[StudyRun]:
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    children = client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10_000
-    )
+    store = Store(uri)
     runs = []
-    for child in children:
+    for child in store.child_runs(experiment_id, parent_run_id):
         labels = {
             k.removeprefix("st_scale.sweep."): v for k, v in child.data.tags.items() if k.startswith("st_scale.sweep.")
         }
         group = "/".join(v for k, v in sorted(labels.items()) if k != SEED_LABEL)
         depths = child.data.params.get("model.stage_depths")
-        history = client.get_metric_history(child.info.run_id, "train/epoch_time_s")
+        history = store.metric_history(child.info.run_id, "train/epoch_time_s")
         run = StudyRun(
             group=group,
             seed=int(child.data.params.get("run.seed", 0)),
             run_id=child.info.run_id,
             status=child.info.status,
             metrics=dict(child.data.metrics),
-            epoch_time_s=statistics.fmean(m.value for m in history) if history else None,
+            epoch_time_s=statistics.fmean(history) if history else None,
             stage_depths=tuple(json.loads(depths)) if depths and depths != "None" else None,
             destruction_images=_optional_int(child.data.params.get("eval.destruction_images")),
             epochs=_optional_int(child.data.params.get("optimizer.epochs")),
         )
-        table = _final_subnets_csv(client, run.run_id)
-        if table:
-            for row in csv.DictReader(io.StringIO(_read_text(client, run.run_id, table))):
+        final = epoch_layout(run.epochs or 1)  # the files of the last epoch: its sub-networks, the destruction tests
+        if final.subnets_csv() in store.artifact_paths(run.run_id, final.tables):
+            for row in csv.DictReader(io.StringIO(store.read_text(run.run_id, final.subnets_csv()))):
                 depths_key = tuple(int(d) for d in row["depths"].split("-"))
                 run.subnets[depths_key] = {"top1": float(row["top1"]), "macs": float(row["macs"])}
-        if any(a.path == "destruction/destruction.csv" for a in client.list_artifacts(run.run_id, "destruction")):
-            for row in csv.DictReader(io.StringIO(_read_text(client, run.run_id, "destruction/destruction.csv"))):
+        if final.destruction_csv() in store.artifact_paths(run.run_id, final.destruction_tables):
+            for row in csv.DictReader(io.StringIO(store.read_text(run.run_id, final.destruction_csv()))):
                 run.destruction.append(
                     DestructionRow(
                         row["test"], int(row["damage"]), row["detail"], float(row["top1"]), row["statistics"]
@@ -432,7 +406,6 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
     """Print the study table, write table.md, runs.csv, study.json and the figures to `out` (default:
     <sweep folder>/report) and log them to the sweep's parent MLflow run under study/."""
     import matplotlib.pyplot as plt
-    import mlflow
 
     sweep_dir, state = sweep_state(sweep)
     runs = load_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
@@ -479,9 +452,9 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
     for filename, figure in figures.items():
         figure.savefig(out / filename, dpi=110)
         plt.close(figure)
-    client = mlflow.MlflowClient(state["tracking_uri"])
+    store = Store(state["tracking_uri"])
     for path in sorted(out.iterdir()):
-        client.log_artifact(state["parent_run_id"], str(path), "study")
+        store.log_file(state["parent_run_id"], path, "study")
     print(f"{name}: {len(runs)} runs ({sum(r.status == 'FINISHED' for r in runs)} finished)\n\n{text}")
     print(f"files in {out}; logged to MLflow run {state['parent_run_id']} under study/")
     return summary

@@ -10,7 +10,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..config import build_config
 from ..train.driver import build_trainer, resolve_inputs
-from .spec import Objective, trial_assignments, trial_labels, with_assignments
+from .spec import SweepObjective, trial_assignments, trial_labels, with_assignments
 
 OBJECTIVE_KEY = "objective"  # the Tune metric every trial reports
 
@@ -18,7 +18,7 @@ OBJECTIVE_KEY = "objective"  # the Tune metric every trial reports
 class ObjectiveReportCallback(TuneReportCallback):
     """Forwards rank 0's report to Tune with the sweep's objective computed from it."""
 
-    def __init__(self, objective: Objective):
+    def __init__(self, objective: SweepObjective):
         super().__init__()
         self.objective = objective
 
@@ -54,6 +54,6 @@ def run_trial(trial_config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     trainer = build_trainer(
         inputs.config,
         replace(inputs, tags=tags),
-        callbacks=[ObjectiveReportCallback(Objective.model_validate(sweep["objective"]))],
+        callbacks=[ObjectiveReportCallback(SweepObjective.model_validate(sweep["objective"]))],
     )
     trainer.fit()

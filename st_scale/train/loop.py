@@ -18,22 +18,12 @@ from .. import checkpoint
 from ..assembly import build_model_and_objective, speed_up
 from ..config import Config
 from ..data.integrity import read_metadata
-from ..data.loaders import BatchPreparer, calibration_batches, eval_loader, memory_format, train_loader
+from ..data.loaders import BatchPreparer, calibration_sets, eval_loader, memory_format, other_protocol, train_loader
 from ..ema import WeightEma
+from ..evaluate.artifacts import epoch_layout
 from ..evaluate.distributed import barrier
-from ..evaluate.export import log_network, standalone_subnet
-from ..evaluate.passes import (
-    calibration_suffix,
-    first_images,
-    log_destruction,
-    log_subnet_reports,
-    main_metrics,
-    other_protocol,
-    run_destruction,
-    subnet_metrics,
-    subnet_reports,
-    with_suffix,
-)
+from ..evaluate.export import standalone_subnet
+from ..evaluate.passes import EvalData, EvalOptions, calibration_suffix, evaluate, log_evaluation
 from ..evaluate.subnets import Batch, preserved_bn, recalibrate_bn
 from ..models import ElasticNet, has_standalone_subnets
 from ..models.utilisation import peak_bf16_flops, training_flops_per_image
@@ -196,13 +186,14 @@ def _setup_data(cfg: Config, inputs: WorkerInputs, engine, rank: int, world: int
     n_train, n_val = read_metadata(cfg.data.train)["num_samples"], read_metadata(cfg.data.val)["num_samples"]
     calibration = other = None
     if cfg.eval.recalibrate:
-        calibration = calibration_batches(
-            cfg.data, preparer, num_samples=n_train, seed=cfg.run.seed, num_workers=threads, device=device
-        )
-    if cfg.eval.recalibrate and cfg.eval.compare_calibration:
-        data = cfg.data.model_copy(update={"calibration_protocol": other_protocol(cfg.data.calibration_protocol)})
-        other = calibration_batches(
-            data, preparer, num_samples=n_train, seed=cfg.run.seed, num_workers=threads, device=device
+        calibration, other = calibration_sets(
+            cfg.data,
+            preparer,
+            compare=cfg.eval.compare_calibration,
+            num_samples=n_train,
+            seed=cfg.run.seed,
+            num_workers=threads,
+            device=device,
         )
     val_shard = eval_loader(
         cfg.data, cfg.data.val, indices=range(rank, n_val, world), num_workers=threads, device=device
@@ -294,68 +285,38 @@ def _close_run(ctx: WorkerContext, stop_at: int) -> None:
 def evaluate_epoch(ctx: WorkerContext, epoch: int) -> dict[str, float]:
     """Main net every epoch (on BN statistics re-estimated for it, as the reference does), and the
     weights' average with `optimizer.ema_decay`; all sub-networks every `eval.subnets_every` epochs and
-    at the end. The model is left as it was."""
+    at the end; after the last epoch, the other calibration protocol (`eval.compare_calibration`) and
+    the destruction tests. Rank 0 logs the tables and figures. The model is left as it was."""
     cfg, model, data = ctx.cfg, ctx.model, ctx.data
     final = epoch + 1 == cfg.optimizer.epochs
-    model.eval()
-
-    def main_net(prefix: str, shared_stats: bool) -> dict[str, float]:
-        def val_shard():
-            return data.preparer.eval_batches(data.val_shard)
-
-        return main_metrics(model, val_shard, data.calibration, ctx.device, prefix=prefix, shared_stats=shared_stats)
-
-    metrics = main_net("val", cfg.eval.shared_stats)
-    if ctx.ema is not None:  # the averaged weights, on BN statistics re-estimated for them
-        with ctx.ema.applied(model):
-            metrics.update(main_net("val/ema", shared_stats=False))
     every = cfg.eval.subnets_every
-    if final or (every and (epoch + 1) % every == 0):
-        reports = subnet_reports(
-            model,
-            ctx.subnets,
-            lambda: data.preparer.eval_batches(data.val_full),
-            data.calibration,
+    model.eval()
+    compare = final and data.other_calibration is not None
+    result = evaluate(
+        model,
+        EvalData(
+            val_shard=lambda: data.preparer.eval_batches(data.val_shard),
+            val_full=lambda: data.preparer.eval_batches(data.val_full),
+            calibration=data.calibration,
+            device=ctx.device,
+            other_calibration=data.other_calibration if compare else None,
+            other_suffix=calibration_suffix(other_protocol(cfg.data.calibration_protocol)) if compare else "",
+        ),
+        EvalOptions(
+            prefix="val",
             shared_stats=cfg.eval.shared_stats,
+            subnets=ctx.subnets if final or (every and (epoch + 1) % every == 0) else (),
             latency=final and cfg.eval.latency,
+            destruction=final and cfg.eval.destruction,
+            destruction_images=cfg.eval.destruction_images,
+        ),
+        averaged=ctx.ema.weights() if ctx.ema is not None else None,
+    )
+    if ctx.tracker:
+        log_evaluation(
+            ctx.tracker, result, epoch_layout(epoch + 1), f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}"
         )
-        metrics.update(subnet_metrics("val", reports))
-        if ctx.tracker:
-            log_subnet_reports(
-                ctx.tracker,
-                reports,
-                stem=f"subnets_epoch{epoch + 1:03d}",
-                title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}",
-            )
-    if final and data.other_calibration is not None:  # the same networks, BN re-estimated under the other protocol
-        suffix = calibration_suffix(other_protocol(cfg.data.calibration_protocol))
-        val_shard, val_full = (
-            lambda: data.preparer.eval_batches(data.val_shard),
-            lambda: data.preparer.eval_batches(data.val_full),
-        )
-        metrics.update(
-            with_suffix(
-                main_metrics(model, val_shard, data.other_calibration, ctx.device, prefix="val", shared_stats=False),
-                suffix,
-            )
-        )
-        other = subnet_reports(model, ctx.subnets, val_full, data.other_calibration, shared_stats=False)
-        metrics.update(with_suffix(subnet_metrics("val", other), suffix))
-        if ctx.tracker:
-            log_subnet_reports(
-                ctx.tracker,
-                {suffix: other[""]},
-                stem=f"subnets_epoch{epoch + 1:03d}",
-                title=f"{cfg.method.name} {cfg.model.name}, epoch {epoch + 1}, {suffix[1:]}",
-            )
-    if final and cfg.eval.destruction and ctx.rank == 0:  # the other ranks wait at the next collective
-        val = first_images(data.preparer.eval_batches(data.val_full), cfg.eval.destruction_images)
-        log_destruction(
-            ctx.tracker,
-            run_destruction(model, val, data.calibration),
-            title=f"{cfg.method.name} {cfg.model.name}: network destruction",
-        )
-    return metrics
+    return result.metrics
 
 
 def _checkpoint(ctx: WorkerContext, epoch: int, step: int, metrics: dict) -> None:
@@ -486,5 +447,5 @@ def _log_final_model(ctx: WorkerContext) -> None:
         network = standalone_subnet(model, ctx.cfg.model.num_classes, model.full_depths, calibration)
         size = ctx.cfg.data.val_image_size or ctx.cfg.data.image_size
         example = calibration[0][0][:2] if calibration else torch.zeros(2, 3, size, size)
-        uri = log_network(network, example, "final-model")
+        uri = ctx.tracker.log_network(network, example, "final-model")
         ctx.tracker.set_tags({"st_scale.final_model_uri": uri})
