@@ -214,14 +214,16 @@ def test_st_learns_a_batch():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"kl_weight": -1.0}, "kl_weight=-1.0: must be a finite number >= 0"),
+        ({"kl_weight": -1.0}, "kl_weight=-1.0: must be >= 0"),
+        ({"kl_weight": float("inf")}, "kl_weight=inf: Input should be a finite number"),
         ({"temperature": 0.0}, "temperature=0.0: must be > 0"),
         ({"temperature": -2.0}, "temperature=-2.0: must be > 0"),
         ({"num_subnets": 0}, r"num_subnets=0: must be >= 1"),
-        ({"subnet_reduction": "max"}, "subnet_reduction='max': choose one of"),
+        ({"subnet_reduction": "max"}, "unknown subnet_reduction 'max'; choose one of: sum, mean"),
         ({"subnet_batch_fraction": 0.0}, r"subnet_batch_fraction=0.0: must be in \(0, 1\]"),
         ({"subnet_batch_fraction": 1.5}, r"subnet_batch_fraction=1.5: must be in \(0, 1\]"),
-        ({"subnet_every": 0}, r"subnet_every=0: must be an integer >= 1"),
+        ({"subnet_every": 0}, r"subnet_every=0: must be >= 1"),
+        ({"num_subnet": 2}, "num_subnet=2: Extra inputs are not permitted"),
     ],
 )
 def test_bad_st_options_are_named(options, message):
@@ -583,15 +585,14 @@ def test_st_trains_the_sub_networks_its_rank_draws():
 
 def test_the_st_constructors_defaults_are_the_recipes_defaults():
     """StimulativeTraining built directly (tests, notebooks) behaves as a recipe that sets nothing."""
-    import inspect
-
     from st_scale.methods import st
 
-    signature = inspect.signature(StimulativeTraining.__init__).parameters
-    for field, info in st.Options.model_fields.items():
-        if field in signature:
-            assert signature[field].default == info.default, field
     sampler = SubnetSampler(SubnetSpace.full((3, 3, 3)), seed=0)
+    assert StimulativeTraining(sampler).options == st.Options()  # the options model's defaults, declared once
+    built = StimulativeTraining(sampler, st.Options(kl_weight=0.5))
+    assert (built.kl_weight, built.options) == (0.5, st.Options(kl_weight=0.5))
+    with pytest.raises(ValueError, match=r"\['num_subnets'\] given beside the options model"):
+        StimulativeTraining(sampler, st.Options(), num_subnets=2)
     with pytest.raises(ValueError, match="logit_norm_amplitude=0: must be > 0"):
         StimulativeTraining(sampler, logit_norm_amplitude=0)
 
@@ -662,7 +663,7 @@ def test_auxiliary_heads_sit_where_their_method_says_on_unequal_stages(method):
     [
         ({"distill_alpha": 1.5}, r"distill_alpha=1.5: must be in \[0, 1\]"),
         ({"distill_alpha": -0.1}, r"distill_alpha=-0.1: must be in \[0, 1\]"),
-        ({"temperature": 0.0}, "temperature=0.0: must be > 0"),
+        ({"distill_temperature": 0.0}, "distill_temperature=0.0: must be > 0"),
     ],
 )
 def test_bad_self_distillation_options_are_named(options, message):

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from ..models import ElasticNet, preserved_mode
-from .base import BuildContext, CommonOptions, LossOutput, Objective, _require, distillation_kl
+from .base import BuildContext, CommonOptions, LossOutput, Objective, _require, distillation_kl, method_options
 
 
 class LayerSupervisionOptions(CommonOptions):
@@ -53,12 +53,18 @@ class AuxiliarySupervision(Objective):
     Be-Your-Own-Teacher style): (1 - alpha) * CE + alpha * T^2 * KL.
     """
 
-    def __init__(self, model: ElasticNet, *, per: str, distill_alpha: float = 0.0, temperature: float = 3.0, name: str):
+    def __init__(
+        self, model: ElasticNet, *, per: str, name: str, distill: SelfDistillationOptions | None = None, **fields
+    ):
+        """`distill`: self-distillation's options (or their fields as keyword arguments, the recipe's
+        defaults for the rest); without either, the heads learn from the labels alone."""
         super().__init__()
         _require(per in ("block", "stage"), f"per={per!r}: choose 'block' or 'stage'")
-        _require(0 <= distill_alpha <= 1, f"distill_alpha={distill_alpha}: must be in [0, 1]")
-        _require(temperature > 0, f"temperature={temperature}: must be > 0")
-        self.name, self.distill_alpha, self.temperature = name, distill_alpha, temperature
+        if distill is not None or fields:
+            distill = method_options(SelfDistillationOptions, distill, fields)
+        self.name = name
+        self.distill_alpha = distill.distill_alpha if distill else 0.0
+        self.temperature = distill.distill_temperature if distill else None
         channels, num_classes = _feature_channels(model)
         last = (model.num_stages - 1, model.stage_sizes[-1] - 1)
         if per == "block":
@@ -104,10 +110,4 @@ def build_stage_supervision(options: StageSupervisionOptions, ctx: BuildContext)
 
 
 def build_self_distillation(options: SelfDistillationOptions, ctx: BuildContext) -> AuxiliarySupervision:
-    return AuxiliarySupervision(
-        ctx.model,
-        per="stage",
-        name=options.name,
-        distill_alpha=options.distill_alpha,
-        temperature=options.distill_temperature,
-    )
+    return AuxiliarySupervision(ctx.model, per="stage", name=options.name, distill=options)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationError
 from torch import nn
 
 from ..models import ElasticNet
@@ -59,6 +60,47 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def method_options(options_model: type[Section], options: Section | None, fields: dict[str, Any]) -> Section:
+    """An objective's options: the options model it was given, or one made from keyword arguments
+    and checked by `options_model`, where a method's fields, defaults and bounds are declared, once.
+    A bad value is a ValueError naming the field, the value and what it must be."""
+    if options is not None:
+        if fields:
+            raise ValueError(f"{sorted(fields)} given beside the options model: set them in it")
+        return options
+    try:
+        return options_model(**fields)
+    except ValidationError as error:
+        raise ValueError(_described(options_model, error.errors()[0])) from None
+
+
+_OPERATORS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _described(options_model: type[Section], error: dict) -> str:
+    """One pydantic error as `field=value: must be ...`, the bound read from the field itself."""
+    if error["type"] == "value_error":  # a validator's own message, which names the field
+        return str(error["ctx"]["error"])
+    field = ".".join(str(part) for part in error["loc"])
+    value = error.get("input")
+    shown = f"{field}={value!r}" if isinstance(value, str) else f"{field}={value}"
+    info = options_model.model_fields.get(field)
+    bounds = {
+        name: getattr(constraint, name)
+        for constraint in (info.metadata if info else ())
+        for name in _OPERATORS
+        if getattr(constraint, name, None) is not None
+    }
+    if not bounds or error["type"] not in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{shown}: {error['msg']}"
+    low = f"({bounds['gt']}" if "gt" in bounds else f"[{bounds['ge']}" if "ge" in bounds else None
+    high = f"{bounds['lt']})" if "lt" in bounds else f"{bounds['le']}]" if "le" in bounds else None
+    if low and high:
+        return f"{shown}: must be in {low}, {high}"
+    name, bound = next(iter(bounds.items()))
+    return f"{shown}: must be {_OPERATORS[name]} {bound}"
 
 
 class Objective(nn.Module, abc.ABC):

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from ..models import Depths, Plan
 from ..sampling import STREAM_INPUT_SIZE, SubnetSampler, step_rng
 from ..schema import one_of
-from .base import BuildContext, CommonOptions, LossOutput, Objective, _require, distillation_kl
+from .base import BuildContext, CommonOptions, LossOutput, Objective, _require, distillation_kl, method_options
 
 SUBNET_REDUCTIONS = ("sum", "mean")
 
@@ -60,45 +60,18 @@ class StimulativeTraining(Objective):
 
     name = "st"
 
-    def __init__(
-        self,
-        sampler: SubnetSampler,
-        *,
-        kl_weight: float = 1.0,
-        temperature: float = 1.0,
-        num_subnets: int = 1,
-        subnet_reduction: str = "sum",
-        logit_norm: bool = False,
-        logit_norm_amplitude: float = 1.0,
-        small_inputs: bool = False,
-        small_input_min_fraction: float = 0.43,
-        share_prefix: bool = True,
-        subnet_batch_fraction: float = 1.0,
-        subnet_every: int = 1,
-        rank: int = 0,
-    ):
+    def __init__(self, sampler: SubnetSampler, options: Options | None = None, *, rank: int = 0, **fields):
+        """`options` (a recipe's), or its fields as keyword arguments: the defaults are the recipe's."""
         super().__init__()
-        _require(kl_weight >= 0 and math.isfinite(kl_weight), f"kl_weight={kl_weight}: must be a finite number >= 0")
-        _require(temperature > 0 and math.isfinite(temperature), f"temperature={temperature}: must be > 0")
-        _require(num_subnets >= 1, f"num_subnets={num_subnets}: must be >= 1 (K sub-networks per step)")
-        _require(
-            subnet_reduction in SUBNET_REDUCTIONS,
-            f"subnet_reduction={subnet_reduction!r}: choose one of {SUBNET_REDUCTIONS}",
-        )
-        _require(logit_norm_amplitude > 0, f"logit_norm_amplitude={logit_norm_amplitude}: must be > 0")
-        _require(
-            0 < small_input_min_fraction <= 1, f"small_input_min_fraction={small_input_min_fraction}: must be in (0, 1]"
-        )
-        self.sampler = sampler
-        self.kl_weight, self.temperature = kl_weight, temperature
-        self.num_subnets, self.subnet_reduction = num_subnets, subnet_reduction
-        self.logit_norm, self.logit_norm_amplitude = logit_norm, logit_norm_amplitude
-        self.small_inputs, self.small_input_min_fraction = small_inputs, small_input_min_fraction
-        _require(0 < subnet_batch_fraction <= 1, f"subnet_batch_fraction={subnet_batch_fraction}: must be in (0, 1]")
-        self.share_prefix, self.rank = share_prefix, rank
-        self.subnet_batch_fraction = subnet_batch_fraction
-        _require(subnet_every >= 1, f"subnet_every={subnet_every}: must be an integer >= 1 (every k-th step)")
-        self.subnet_every = subnet_every
+        o = self.options = method_options(Options, options, fields)
+        self.sampler, self.rank = sampler, rank
+        self.kl_weight, self.temperature = o.kl_weight, o.temperature
+        self.num_subnets, self.subnet_reduction = o.num_subnets, o.subnet_reduction
+        self.logit_norm, self.logit_norm_amplitude = o.logit_norm, o.logit_norm_amplitude
+        self.small_inputs, self.small_input_min_fraction = o.small_inputs, o.small_input_min_fraction
+        self.share_prefix = o.share_prefix
+        self.subnet_batch_fraction, self.subnet_every = o.subnet_batch_fraction, o.subnet_every
+        self.label_smoothing = o.label_smoothing
 
     def _normalise(self, logits: torch.Tensor) -> torch.Tensor:
         """ST++ "KL-": a parameter-free layer norm over classes aligns only the logits' direction."""
@@ -183,6 +156,4 @@ class StimulativeTraining(Objective):
 
 def build(options: Options, ctx: BuildContext) -> StimulativeTraining:
     _require(ctx.sampler is not None, "method 'st' needs a sub-network sampler")
-    return StimulativeTraining(
-        ctx.sampler, rank=ctx.rank, **options.model_dump(exclude={"name", *CommonOptions.model_fields})
-    )
+    return StimulativeTraining(ctx.sampler, options, rank=ctx.rank)

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from ..models import ElasticNet, Plan
 from ..sampling import STREAM_STOCHASTIC_DEPTH, step_rng
-from .base import BuildContext, CommonOptions, LossOutput, Objective, _require
+from .base import BuildContext, CommonOptions, LossOutput, Objective, method_options
 
 
 class Options(CommonOptions):
@@ -24,9 +24,12 @@ class StochasticDepth(Objective):
 
     name = "stochastic_depth"
 
-    def __init__(self, model: ElasticNet, *, final_survival: float = 0.5, seed: int = 0):
+    def __init__(self, model: ElasticNet, options: Options | None = None, *, seed: int = 0, **fields):
+        """`options` (a recipe's), or its fields as keyword arguments: the defaults are the recipe's."""
         super().__init__()
-        _require(0 < final_survival <= 1, f"final_survival={final_survival}: must be in (0, 1]")
+        self.options = method_options(Options, options, fields)
+        self.label_smoothing = self.options.label_smoothing
+        final_survival = self.options.final_survival
         self.seed = seed
         total = sum(model.stage_sizes)
         self.survival: dict[tuple[int, int], float] = {}
@@ -56,4 +59,4 @@ class StochasticDepth(Objective):
 
 
 def build(options: Options, ctx: BuildContext) -> StochasticDepth:
-    return StochasticDepth(ctx.model, final_survival=options.final_survival, seed=ctx.seed)
+    return StochasticDepth(ctx.model, options, seed=ctx.seed)
