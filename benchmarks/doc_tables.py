@@ -1,5 +1,6 @@
 """The tables `make docs` writes (benchmarks/docs.py), each rendered from the raw files it names: the
-demo, the suite's time, the speed switches and the cheaper-ST study. A renderer takes the raw files'
+demo, the suite's time, the speed switches, the sub-network evaluation, the training step and the
+cheaper-ST study. A renderer takes the raw files'
 contents in the order its table lists them and returns markdown."""
 
 from __future__ import annotations
@@ -70,6 +71,52 @@ def speed_table(raws: list[dict]) -> str:
             f"| {v['variant']} | {v['mean_step_s']:.3f} | {v['time_over_ct']:.2f}x | "
             f"{v['time_over_same_layout_ct']:.2f}x | {statistics.fmean(v['saved_bytes']) / ct_saved:.2f}x | "
             f"{v['warmup_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+MODEL_LABELS = {"cifar_resnet20": "CIFAR ResNet-20", "cifar_resnet56": "CIFAR ResNet-56", "resnet50": "ResNet-50"}
+
+
+def subnet_eval_table(raws: list[dict]) -> str:
+    """bench_subnet_eval.py's runs, one row a model: all sub-networks evaluated with per-network BN
+    re-estimation by the tree walk and one network at a time."""
+    lines = [
+        "| model | sub-networks | tree walk | one at a time | speed-up | identical results |",
+        "|---|---|---|---|---|---|",
+    ]
+    for raw in raws:
+        args = raw["args"]
+        label = f"{MODEL_LABELS.get(args['model'], args['model'])}, {args['image_size']} px"
+        lines.append(
+            f"| {label} | {raw['subnets']} | {raw['tree_s']:.1f} s | {raw['naive_s']:.1f} s | "
+            f"**{raw['naive_s'] / raw['tree_s']:.1f}x** | {'yes' if raw['identical_results'] else 'NO'} |"
+        )
+    args = raws[0]["args"]
+    lines += [
+        "",
+        f"{args['threads']} torch threads, {args['images']} calibration and {args['images']} validation images "
+        f"(random: only the time matters), batches of {args['batch_size']}.",
+    ]
+    return "\n".join(lines)
+
+
+def train_step_table(raws: list[dict]) -> str:
+    """bench_train_step.py's table: each objective's median step time, its MAC estimate and the
+    activations autograd saves, against CT's."""
+    raw = raws[0]
+    args = raw["args"]
+    lines = [
+        f"{MODEL_LABELS.get(args['model'], args['model'])}, batch {args['batch_size']}, {args['image_size']} px, "
+        f"{args['threads']} threads, median of {args['steps']} steps per objective.",
+        "",
+        "| objective | step time (s) | time / CT | MAC estimate / CT | saved activations (MiB) | memory / CT |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in raw["objectives"]:
+        lines.append(
+            f"| {row['objective']} | {row['median_step_s']:.3f} | {row['time_over_ct']:.2f}x | "
+            f"{row['mac_estimate_over_ct']:.2f}x | {row['saved_bytes'] / 2**20:.0f} | {row['memory_over_ct']:.2f}x |"
         )
     return "\n".join(lines)
 

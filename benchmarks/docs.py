@@ -33,7 +33,9 @@ from doc_tables import (  # noqa: E402
     demo_table,
     equal_compute_table,
     speed_table,
+    subnet_eval_table,
     suite_tables,
+    train_step_table,
 )
 
 
@@ -58,6 +60,10 @@ TRAINING_CODE = (
     "st_scale/train/schedule.py", "st_scale/evaluate/subnets.py", "st_scale/evaluate/passes.py", "st_scale/data",
     "st_scale/recipes/fashion_resnet20_ct.yaml", "st_scale/recipes/fashion_resnet20_st.yaml",
 )  # fmt: skip
+# What the sub-network evaluation's time depends on: the models and the evaluation's tree walk.
+EVAL_CODE = ("st_scale/models", "st_scale/evaluate/subnets.py", "benchmarks/bench_subnet_eval.py")
+SUBNET_EVAL = tuple(f"benchmarks/results/subnet_eval/{name}.json" for name in ("cifar_resnet56", "resnet50"))
+TRAIN_STEP = ("benchmarks/results/train_step/cifar_resnet56.json",)
 CHEAP_STUDY = "benchmarks/results/fashion_st_cheap/study.json"
 CHEAP_SOURCES = (CHEAP_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_resnet56"])
 TABLES = {
@@ -66,6 +72,13 @@ TABLES = {
     "suite-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/suite_time.json",), suite_tables, SUITE_CODE),
     "test-fast-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/test_fast.json",), suite_tables, SUITE_CODE),
     **{f"speed-{name}": Table("BENCHMARKS.md", (path,), speed_table, STEP_CODE) for name, path in SPEED.items()},
+    "subnet-eval": Table("BENCHMARKS.md", SUBNET_EVAL, subnet_eval_table, EVAL_CODE),
+    "train-step": Table(
+        "BENCHMARKS.md",
+        TRAIN_STEP,
+        train_step_table,
+        (*STEP_CODE[:-1], "st_scale/train/memory.py", "benchmarks/bench_train_step.py"),
+    ),
     "cheap-st": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_table, TRAINING_CODE),
     "cheap-st-verdict": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_verdict, TRAINING_CODE),
     "equal-compute": Table("RESULTS.md", (CHEAP_STUDY,), equal_compute_table, TRAINING_CODE),
