@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import ElasticNet, create_model
-from .passes import subnet_reports
+from .passes import EvalData, EvalOptions, evaluate
 from .subnets import Batch, _Counts, evaluate_plan, preserved_bn, recalibrate_bn
 from .trained import open_checkpoint
 
@@ -163,11 +163,18 @@ def pick_subnet(
     a latency budget times them here first."""
 
     cfg = trained.cfg
-    subnets = trained.space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed)
     timed = max_latency_ms is not None
-    report = subnet_reports(
-        trained.model, subnets, lambda: trained.val, calibration, shared_stats=False, latency=timed
-    )[""]
+    measured = evaluate(
+        trained.model,
+        EvalData(lambda: trained.val, lambda: trained.val, calibration, torch.device("cpu")),
+        EvalOptions(
+            prefix="export",
+            shared_stats=False,
+            subnets=trained.space.sample_subset(cfg.eval.max_subnets, seed=cfg.run.seed),
+            latency=timed,
+        ),
+    )
+    report = measured.reports[""]
     best = report.best_within(max_macs, max_params, max_latency_ms)
     if best is None:
         cheapest = min(report.rows, key=lambda r: (r.macs, r.params))
