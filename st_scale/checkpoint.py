@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-from .config import Config
+from .config import Config, ModelSection, explain_validation_error
 from .errors import ConfigError
 from .storage import Location, resolve
 
@@ -92,7 +93,7 @@ class RunInfo:
     state: TrainState = field(default_factory=TrainState)
 
     def config_model(self) -> Config:
-        return Config.model_validate(self.config)
+        return Config.model_validate(self.config)  # read_run checked that it validates
 
 
 def save(
@@ -138,7 +139,13 @@ def writer_world_size(directory: Path | Location) -> int:
     ranks = committed_ranks(directory)
     if not ranks:
         raise RuntimeError(f"checkpoint {directory} is incomplete (no commit markers): it was interrupted while saving")
-    stated = {json.loads(_commit_marker(directory, r).read_text()).get("world_size") for r in ranks}
+    try:
+        stated = {json.loads(_commit_marker(directory, r).read_text()).get("world_size") for r in ranks}
+    except (ValueError, AttributeError) as error:  # cut short while written, or not a marker st-scale wrote
+        raise RuntimeError(
+            f"checkpoint {directory} is incomplete (a commit marker is unreadable: {error}): it was interrupted while "
+            f"saving. Resume from an earlier checkpoint, or start a new run name"
+        ) from None
     stated.discard(None)
     if len(stated) > 1:
         raise RuntimeError(f"checkpoint {directory}: its commit markers disagree on the number of ranks ({stated})")
@@ -165,10 +172,16 @@ def check_reshardable(zero_stage: int, directory: Path | Location, written_by: i
     )
 
 
-def check_resumable(run_dir: Path | Location, *, zero_stage: int, num_workers: int | tuple[int, int]) -> None:
+def check_resumable(
+    run_dir: Path | Location,
+    *,
+    zero_stage: int,
+    num_workers: int | tuple[int, int],
+    model: ModelSection | None = None,
+) -> None:
     """The rule for resuming a run: from its newest complete checkpoint, which this group of workers
     (`scaling.num_workers`: a number, or an elastic [min, max]) must be able to load. Refused on the
-    driver, before any worker starts."""
+    driver, before any worker starts; with `model`, the checkpoint must hold that network."""
     elastic = isinstance(num_workers, tuple)
     if elastic and zero_stage >= 3:
         raise ConfigError(
@@ -178,6 +191,8 @@ def check_resumable(run_dir: Path | Location, *, zero_stage: int, num_workers: i
     found = latest(run_dir)
     if found is not None:  # (a range was refused above where re-sharding matters)
         check_reshardable(zero_stage, found, writer_world_size(found), max(num_workers) if elastic else num_workers)
+        if model is not None:
+            check_same_network(found, model)
 
 
 def latest(run_dir: Path | Location) -> Location | None:
@@ -312,12 +327,40 @@ def read_run(directory: Path | Location) -> RunInfo:
         writer_world_size(directory)
     except RuntimeError as error:
         raise ConfigError(f"{error}; give an earlier checkpoint_* folder") from None
-    run = json.loads(info_file.read_text())
-    if (directory / STATE_FILE).is_file():
-        state = TrainState(**json.loads((directory / STATE_FILE).read_text()))
-    else:  # the first format: the state in the run file, the last report only in DeepSpeed's client state
-        state = TrainState(run.pop("epoch"), run.pop("step"), run.pop("mlflow_run_id"))
-    return RunInfo(run["config"], run["tracking_uri"], run["experiment_id"], state)
+    damaged = f"{directory} is damaged: its {{}} cannot be read ({{}}); give an earlier checkpoint_* folder"
+    try:
+        run = json.loads(info_file.read_text())
+        if (directory / STATE_FILE).is_file():
+            state = TrainState(**json.loads((directory / STATE_FILE).read_text()))
+        else:  # the first format: the state in the run file, the last report only in DeepSpeed's client state
+            state = TrainState(run.pop("epoch"), run.pop("step"), run.pop("mlflow_run_id"))
+        info = RunInfo(run["config"], run["tracking_uri"], run["experiment_id"], state)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ConfigError(damaged.format(f"{RUN_FILE} or {STATE_FILE}", f"{type(error).__name__}: {error}")) from None
+    try:
+        info.config_model()
+    except ValidationError as error:
+        raise ConfigError(
+            f"{directory}: the config in its {RUN_FILE} is not one this version of st-scale reads "
+            f"({explain_validation_error(error, 'config')}); evaluate or resume it with the st-scale version "
+            f"that wrote it, or give another checkpoint"
+        ) from None
+    return info
+
+
+def check_same_network(found: Location, model: ModelSection) -> None:
+    """A run resumes into the network it trained: a recipe that builds another (other architecture,
+    depths or classes) under the same run name is refused, naming both."""
+    written = read_run(found).config_model().model
+    differs = [f for f in type(model).model_fields if getattr(written, f) != getattr(model, f)]
+    if differs:
+        shown = ", ".join(f"model.{f}={getattr(written, f)!r}" for f in differs)
+        wanted = ", ".join(f"model.{f}={getattr(model, f)!r}" for f in differs)
+        raise ConfigError(
+            f"run.name={found.uri.rstrip('/').split('/')[-2]!r} already holds checkpoints of another network ({shown} "
+            f"in {found}) than this recipe builds ({wanted}); give this run its own run.name, or remove that folder "
+            f"to start over"
+        )
 
 
 def local_weights(directory: Path | Location, into: Path) -> Path:

@@ -107,7 +107,13 @@ def _add_train(sub) -> None:
     _add_set(p, "override a recipe field, e.g. --set optimizer.epochs=5 (repeatable; value parsed as YAML)")
     _add_ray_address(p)
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="make every check a run makes before Ray starts (the data files against their contents, the model, "
+        "the DeepSpeed config, the run storage, the tracking store, a checkpoint to resume), print the resolved "
+        "config and exit; it creates the storage folder and the MLflow experiment if missing, and trains nothing",
+    )
     _add_verbose(p)
 
 
@@ -391,13 +397,13 @@ def cmd_train(args) -> int:
 
     # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
     from .config import load_config
-    from .train.driver import train, write_summary_json
+    from .train.driver import resolve_inputs, train, write_summary_json
     from .train.summary import print_summaries
 
     started = provenance()
     cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        print(yaml.safe_dump(resolve_inputs(cfg).config.model_dump(mode="json"), sort_keys=False))
         return 0
     _check_summary_path(args)
     summary = train(cfg, address=args.address, verbose=args.verbose)

@@ -19,6 +19,8 @@ import pytest
 from processes import free_port, serve_s3
 
 from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
+from st_scale.storage import resolve
+from st_scale.train.run_lock import RunLock
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +38,8 @@ TRAIN = [
     "tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
     "--set",
     "run.storage_path={tmp}/runs",
+    "--set",
+    "data.calibration_images=40",  # the files' size
 ]
 
 CASES = [
@@ -145,6 +149,22 @@ CASES = [
         2,
         "s3://st-scale/runs/demo-st/checkpoint_2026 is not an st-scale checkpoint folder",
     ),
+    ("val-a-copy-of-train", [*TRAIN, "--set", "data.val={tmp}/copy.beton"], 2, "holds the same samples as data.train"),
+    ("val-of-another-dataset", [*TRAIN, "--set", "data.val={three}"], 2, "has 3 classes but data.train 10"),
+    ("sidecar-count-edited", [*TRAIN, "--set", "data.val={edited}"], 2, "says num_samples=99999 but the file holds 40"),
+    (
+        "labels-beyond-the-classes",
+        [*TRAIN, "--set", "data.val={narrow}"],
+        2,
+        "says num_classes=5 but its labels reach 9",
+    ),
+    (
+        "calibration-beyond-the-file",
+        [*TRAIN, "--set", "data.calibration_images=100000"],
+        2,
+        "data.calibration_images=100000 but data.train holds 40 images",
+    ),
+    ("run-name-held-by-another-driver", [*TRAIN, "--set", "run.name=held"], 2, "run.name='held' is being trained by"),
     ("convert-jpeg-quality-out-of-range", ["convert", "digits", "--out", "{tmp}/d", "--jpeg-quality", "0"], 2, "0 is"),
 ]
 
@@ -155,11 +175,22 @@ def inputs(tmp_path_factory):
     folder with a truncated JPEG, a port something listens on and an S3 server with one bucket."""
     tmp = tmp_path_factory.mktemp("bad_input")
     rng = np.random.default_rng(0)
-    for name, classes in (("train", 10), ("val", 10), ("wide", 20)):
+    for name, classes, said in (
+        ("train", 10, 10),
+        ("val", 10, 10),
+        ("wide", 20, 20),
+        ("three", 3, 3),
+        ("narrow", 10, 5),
+    ):
         images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
         labels = np.arange(40) % classes
-        metadata = {"num_classes": classes, "image_size": 32, "source": "test"}
+        metadata = {"num_classes": said, "image_size": 32, "source": "test"}
         write_beton(ArrayDataset(images, labels), tmp / f"{name}.beton", WriteOptions(num_workers=1), metadata)
+    for suffix in ("", ".sha256", ".json"):  # the training file under another name; a sidecar edited by hand
+        (tmp / f"copy.beton{suffix}").write_bytes((tmp / f"train.beton{suffix}").read_bytes())
+        (tmp / f"edited.beton{suffix}").write_bytes((tmp / f"val.beton{suffix}").read_bytes())
+    edited = json.loads((tmp / "edited.beton.json").read_text()) | {"num_samples": 99999}
+    (tmp / "edited.beton.json").write_text(json.dumps(edited))
     (tmp / "plain").write_text("a regular file\n")
     from PIL import Image
 
@@ -186,8 +217,9 @@ def inputs(tmp_path_factory):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
+    held = RunLock(resolve(tmp / "runs" / "held"), "held").acquire()  # a driver training run 'held' meanwhile
     with serve_s3(tmp, buckets=("st-scale",)) as s3:
-        yield {name: tmp / f"{name}.beton" for name in ("train", "val", "wide")} | {
+        yield {name: tmp / f"{name}.beton" for name in ("train", "val", "wide", "three", "narrow", "edited")} | {
             "tmp": tmp,
             "plain": tmp / "plain",
             "busy_port": busy.getsockname()[1],
@@ -195,6 +227,7 @@ def inputs(tmp_path_factory):
             "s3_endpoint": s3.endpoint,
         }
     busy.close()
+    held.release()
 
 
 @pytest.mark.parametrize("arguments, code, phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

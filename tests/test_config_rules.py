@@ -63,9 +63,34 @@ def test_a_bad_field_is_named_with_what_to_do(capsys, overrides, phrase):
     assert "Traceback" not in text
 
 
-def test_a_number_as_a_name_is_its_text(capsys):
-    code, text = _run(capsys, "train", "demo_st", "--set", "run.name=2024", "--print-config")
-    assert code == 0 and "name: '2024'" in text
+def _checkable(digits_dir, tmp_path) -> list[str]:
+    """--set arguments that give a recipe the session's digits files, a tracking store and run storage:
+    --print-config makes every check a run makes before Ray starts."""
+    where = DIGITS + ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    where += ["--set", f"run.storage_path={tmp_path}/runs"]
+    return [a.format(train=digits_dir / "train.beton", val=digits_dir / "val.beton", size=DIGITS_SIZE) for a in where]
+
+
+def test_a_number_as_a_name_is_its_text(capsys, digits_dir, tmp_path):
+    checkable = _checkable(digits_dir, tmp_path)
+    code, text = _run(capsys, "train", "demo_st", *checkable, "--set", "run.name=2024", "--print-config")
+    assert code == 0 and "name: '2024'" in text, text
+
+
+@pytest.mark.parametrize(
+    "overrides, phrase",
+    [
+        (["data.val={tmp}/missing.beton"], "data.val: dataset file"),
+        (["sampling.space=restricted", "sampling.max_dropped=[9, 9, 9]"], "sampling.max_dropped[0]=9"),
+        (["deepspeed.config={tmp}/missing.json"], "deepspeed.config"),
+        (["data.calibration_images=100000"], "data.calibration_images=100000 but data.train holds 1438 images"),
+    ],
+    ids=["missing-data-file", "max-dropped-beyond-the-stages", "missing-deepspeed-json", "calibration-beyond-the-file"],
+)
+def test_print_config_makes_every_check_a_run_makes_before_ray(capsys, digits_dir, tmp_path, overrides, phrase):
+    sets = [a for o in overrides for a in ("--set", o.format(tmp=tmp_path))]
+    code, text = _run(capsys, "train", "demo_st", *_checkable(digits_dir, tmp_path), *sets, "--print-config")
+    assert code == 2 and phrase in text, text
 
 
 def test_a_key_given_twice_in_a_recipe_is_refused_with_both_lines(tmp_path, capsys):
@@ -81,11 +106,11 @@ def test_a_base_that_is_not_one_recipe_name_is_refused(tmp_path, capsys, base):
     assert code == 2 and "must name one recipe: a packaged recipe's name or a .yaml path" in text, text
 
 
-def test_a_relative_base_is_found_beside_its_recipe(tmp_path, capsys, monkeypatch):
+def test_a_relative_base_is_found_beside_its_recipe(tmp_path, capsys, monkeypatch, digits_dir):
     _write(tmp_path / "recipes" / "parent.yaml", "base: demo_st\nrun: {name: from-the-parent}\n")
     child = _write(tmp_path / "recipes" / "child.yaml", "base: parent.yaml\noptimizer: {lr: 0.05}\n")
     monkeypatch.chdir(tmp_path)  # not the recipes' folder
-    code, text = _run(capsys, "train", child, "--print-config")
+    code, text = _run(capsys, "train", child, *_checkable(digits_dir, tmp_path), "--print-config")
     assert code == 0 and "name: from-the-parent" in text and "lr: 0.05" in text
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import pickletools
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -17,7 +18,7 @@ from digits_data import DIGITS_SIZE, digits_overrides
 from st_scale.config import load_config
 from st_scale.data.commands import convert
 from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
-from st_scale.data.integrity import DatasetFileError, verify_beton
+from st_scale.data.integrity import DatasetFileError, verify_beton, verify_checksum
 from st_scale.data.loaders import BatchPreparer, eval_loader, train_loader
 from st_scale.errors import ConfigError
 
@@ -152,6 +153,52 @@ def test_metadata_of_another_file_is_caught(digits_dir, tmp_path):
     (tmp_path / "val.beton.json").write_text(json.dumps(train_meta | {"size_bytes": path.stat().st_size}))
     with pytest.raises(DatasetFileError, match=r"val.beton.json describes another file \(its sha256 differs"):
         verify_beton(path)
+
+
+@pytest.mark.parametrize(
+    "edit, phrase",
+    [
+        ({"num_samples": 99999}, "val.beton.json says num_samples=99999 but the file holds 359 samples"),
+        ({"num_classes": 5}, "val.beton.json says num_classes=5 but its labels reach 9"),
+        ({"num_classes": "10"}, "val.beton.json is damaged (num_classes missing or not int)"),
+        ({"sha256": None}, "val.beton.json is damaged (sha256 missing or not str)"),
+        ({"image_size": 32}, f"val.beton.json says image_size=32 but the file stores images with sides {DIGITS_SIZE}"),
+    ],
+    ids=["count", "classes", "classes-as-text", "no-checksum", "image-size"],
+)
+def test_a_sidecar_that_disagrees_with_the_file_is_refused_naming_both_values(digits_dir, tmp_path, edit, phrase):
+    """The loaders index a file by its count and the head is sized by its classes: both come from the
+    file itself (the FFCV header, the labels), the sidecar only describes them."""
+    path = _copy(digits_dir, tmp_path)
+    metadata = json.loads((tmp_path / "val.beton.json").read_text())
+    (tmp_path / "val.beton.json").write_text(json.dumps(metadata | edit))
+    with pytest.raises(DatasetFileError, match=re.escape(phrase) + ".*rebuild .* with `st-scale convert`"):
+        verify_beton(path)
+
+
+def test_the_facts_of_a_file_are_what_ffcv_itself_reads(digits_dir, tmp_path):
+    from ffcv.reader import Reader
+
+    from st_scale.data.integrity import read_facts
+
+    reader = Reader(str(digits_dir / "val.beton"))
+    facts = read_facts(digits_dir / "val.beton")
+    assert facts.num_samples == reader.num_samples == 359
+    assert facts.max_label == reader.metadata["f1"].max() == 9
+    assert facts.image_sides == tuple(np.unique(reader.metadata["f0"][["width", "height"]].tolist()))
+    (tmp_path / "not.beton").write_bytes(b"\x02\x00" + bytes(100))  # version 2, no fields
+    with pytest.raises(DatasetFileError, match="not an st-scale dataset file .*its fields are \\[\\]"):
+        read_facts(tmp_path / "not.beton")
+
+
+def test_a_written_file_is_described_by_what_it_stores(tmp_path):
+    """max_resolution shrinks what the writer stores: the sidecar's image size is the stored one."""
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    options = WriteOptions(num_workers=1, max_resolution=16)
+    described = {"image_size": 32, "num_classes": 3}
+    meta = write_beton(ArrayDataset(images, np.arange(6) % 3), tmp_path / "a.beton", options, described)
+    assert (meta["image_size"], meta["num_samples"]) == (16, 6)
+    assert verify_beton(tmp_path / "a.beton")["image_sides"] == [16]
 
 
 def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path):
@@ -492,10 +539,11 @@ def test_colour_augmentation_is_refused_where_it_would_be_ignored():
 
 
 def _file_with_sidecars(path: Path, size: int) -> Path:
+    """Random bytes with their sidecars: the checksum policy, apart from what an FFCV file holds."""
     from st_scale.data.integrity import write_sidecars
 
     path.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
-    write_sidecars(path, {"num_classes": 10})
+    write_sidecars(path, {"num_classes": 10, "num_samples": 1})
     return path
 
 
@@ -511,10 +559,10 @@ def _overwrite_keeping_mtime(path: Path, offset: int) -> None:
 
 def test_a_small_file_changed_in_place_with_its_mtime_kept_is_caught(tmp_path):
     path = _file_with_sidecars(tmp_path / "small.beton", 100_000)
-    verify_beton(path)
+    verify_checksum(path)
     _overwrite_keeping_mtime(path, 54_321)
     with pytest.raises(DatasetFileError, match="does not match its checksum"):
-        verify_beton(path)
+        verify_checksum(path)
 
 
 def test_a_large_file_changed_with_a_new_mtime_is_checked_in_full(tmp_path, monkeypatch):
@@ -526,12 +574,12 @@ def test_a_large_file_changed_with_a_new_mtime_is_checked_in_full(tmp_path, monk
     monkeypatch.setattr(integrity, "BLOCK_BYTES", 1000)
     monkeypatch.setattr(integrity, "SAMPLED_BLOCKS", 8)
     path = _file_with_sidecars(tmp_path / "large.beton", 80_000)
-    verify_beton(path)
+    verify_checksum(path)
     offsets = sorted(int(o) for o in json.loads((tmp_path / "large.beton.verified").read_text())["blocks"])
     _overwrite_keeping_mtime(path, offsets[1] + 2000)  # outside every sampled block
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     with pytest.raises(DatasetFileError, match="does not match its checksum"):
-        verify_beton(path)
+        verify_checksum(path)
 
 
 def test_a_file_smaller_than_a_block_is_stamped_with_one_block(tmp_path, monkeypatch):
@@ -540,7 +588,7 @@ def test_a_file_smaller_than_a_block_is_stamped_with_one_block(tmp_path, monkeyp
     monkeypatch.setattr(integrity, "FULL_CHECK_BYTES", 0)
     monkeypatch.setattr(integrity, "BLOCK_BYTES", 1000)
     path = _file_with_sidecars(tmp_path / "tiny.beton", 700)
-    verify_beton(path)
+    verify_checksum(path)
     assert list(json.loads((tmp_path / "tiny.beton.verified").read_text())["blocks"]) == ["0"]
 
 
@@ -552,20 +600,20 @@ def test_a_large_file_is_rechecked_by_sampled_blocks_and_in_full_when_its_stamp_
     monkeypatch.setattr(integrity, "SAMPLED_BLOCKS", 8)
     monkeypatch.setattr(integrity, "CHECKED_BLOCKS", 8)
     path = _file_with_sidecars(tmp_path / "large.beton", 80_000)
-    verify_beton(path)
+    verify_checksum(path)
     stamp_file = tmp_path / "large.beton.verified"
     stamp = json.loads(stamp_file.read_text())
     offsets = sorted(int(o) for o in stamp["blocks"])
     assert len(offsets) == 8 and offsets[0] == 0 and offsets[-1] == 79_000
     _overwrite_keeping_mtime(path, offsets[3] + 10)  # inside a sampled block
     with pytest.raises(DatasetFileError, match="does not match its checksum"):
-        verify_beton(path)
+        verify_checksum(path)
     _overwrite_keeping_mtime(path, offsets[3] + 10)  # restored
-    verify_beton(path)
+    verify_checksum(path)
     between = offsets[1] + 2000  # outside every sampled block: the accepted risk, until the stamp ages
     _overwrite_keeping_mtime(path, between)
-    verify_beton(path)
+    verify_checksum(path)
     stamp = json.loads(stamp_file.read_text())
     stamp_file.write_text(json.dumps(stamp | {"verified_at": stamp["verified_at"] - integrity.STAMP_MAX_AGE_S - 1}))
     with pytest.raises(DatasetFileError, match="does not match its checksum"):
-        verify_beton(path)
+        verify_checksum(path)

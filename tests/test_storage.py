@@ -189,3 +189,88 @@ def test_ray_train_gets_the_object_store_as_its_filesystem(s3, tmp_path):
     assert remote["storage_path"] == f"{BUCKET}/runs" and isinstance(remote["storage_filesystem"], S3FileSystem)
     assert remote["storage_filesystem"].get_file_info(BUCKET).type.name == "Directory"  # reaches the store
     assert ray_storage(resolve(tmp_path / "runs")) == {"storage_path": str(tmp_path / "runs")}
+
+
+# ------------------------------------------------------------------------------------ one run at a time
+def _run_dir(where: str, s3, tmp_path, name: str):
+    return resolve(f"s3://{BUCKET}/locks/{name}", s3.endpoint) if where == "s3" else resolve(tmp_path / name)
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_second_driver_of_a_run_is_refused_naming_the_holder_until_the_first_ends(s3, tmp_path, where):
+    import os
+    import socket
+
+    from st_scale.train.run_lock import RunLock
+
+    run_dir = _run_dir(where, s3, tmp_path, "dup")
+    first = RunLock(run_dir, "dup").acquire()
+    with pytest.raises(ConfigError) as refused:
+        RunLock(run_dir, "dup").acquire()
+    assert f"run.name='dup' is being trained by process {os.getpid()} on {socket.gethostname()}" in str(refused.value)
+    assert "choose another run.name" in str(refused.value)
+    first.release()
+    assert not (run_dir / "RUN_LOCK").is_file()
+    with RunLock(run_dir, "dup"):  # the run name is free again
+        assert (run_dir / "RUN_LOCK").is_file()
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_stale_lock_is_taken_over_with_a_line_and_left_to_its_new_holder(s3, tmp_path, where):
+    from st_scale.train import run_lock
+    from st_scale.train.run_lock import RunLock, read_holder
+
+    run_dir = _run_dir(where, s3, tmp_path, "stale")
+    now = [1_000_000.0]
+    gone = RunLock(run_dir, "stale", clock=lambda: now[0]).acquire()
+    gone._stop.set()  # its heartbeat thread stops, as a killed driver's would
+    now[0] += run_lock.STALE_S - 1
+    with pytest.raises(ConfigError, match="last heartbeat was 89 s ago"):
+        RunLock(run_dir, "stale", clock=lambda: now[0]).acquire()
+    now[0] += 2
+    lines = []
+    taker = RunLock(run_dir, "stale", clock=lambda: now[0], say=lines.append).acquire()
+    assert len(lines) == 1 and "taking over the lock of run 'stale'" in lines[0] and "no heartbeat for 91 s" in lines[0]
+    assert read_holder(run_dir).token == taker.holder.token
+    gone.beat()  # the old driver wakes up: it neither renews nor removes the new holder's lock
+    gone.release()
+    assert read_holder(run_dir).token == taker.holder.token
+    now[0] += 5
+    taker.beat()
+    assert read_holder(run_dir).heartbeat == now[0]
+    taker.release()
+
+
+def test_a_damaged_lock_is_taken_over_as_stale(tmp_path):
+    from st_scale.train.run_lock import RunLock
+
+    run_dir = resolve(tmp_path / "damaged")
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "RUN_LOCK").write_text('{"host": "a", "pi')
+    lines = []
+    with RunLock(run_dir, "damaged", say=lines.append) as held:
+        assert "from a driver whose lock file is unreadable" in lines[0]
+        assert json.loads((tmp_path / "damaged" / "RUN_LOCK").read_text())["token"] == held.holder.token
+
+
+def test_drivers_started_together_on_a_folder_leave_exactly_one_holder(tmp_path):
+    from st_scale.train.run_lock import RunLock
+
+    run_dir = resolve(tmp_path / "together")
+    outcomes, start = [], threading.Barrier(4)
+
+    def contend():
+        start.wait(timeout=10)
+        try:
+            outcomes.append(RunLock(run_dir, "together").acquire())
+        except ConfigError as refused:
+            outcomes.append(refused)
+
+    threads = [threading.Thread(target=contend) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    held = [o for o in outcomes if isinstance(o, RunLock)]
+    assert len(outcomes) == 4 and len(held) == 1, outcomes
+    held[0].release()

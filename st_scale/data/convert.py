@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import digits, fashion
-from .integrity import write_sidecars
+from .integrity import read_facts, write_sidecars
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 
@@ -133,11 +133,15 @@ def write_beton(dataset, path: str | Path, options: WriteOptions, metadata: dict
             process.join()
         error_file.unlink(missing_ok=True)
     os.replace(partial, path)
+    facts = read_facts(path)  # what the writer stored (max_resolution may have shrunk the source's images)
+    described = {k: v for k, v in metadata.items() if k != "image_size"}
+    if len(facts.image_sides) == 1:
+        described["image_size"] = facts.image_sides[0]
     return write_sidecars(
         path,
         {
-            **metadata,
-            "num_samples": len(dataset),
+            **described,
+            "num_samples": facts.num_samples,
             "write_mode": options.write_mode,
             "max_resolution": options.max_resolution,
         },

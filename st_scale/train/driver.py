@@ -25,6 +25,7 @@ from .failures import FailOnRecurringErrors, recurring_cause
 from .inputs import FaultInjection, WorkerInputs
 from .interrupts import sigterm_as_ctrl_c, stopped
 from .loop import train_worker
+from .run_lock import RunLock
 
 LOCAL_RAY_TEMP_DIR = "/tmp/st_scale_ray"  # short: Ray's unix sockets have a ~107 character path limit
 
@@ -147,19 +148,7 @@ def resolve_inputs(cfg: Config) -> WorkerInputs:
             metadata[field] = verify_beton(path)
         except DatasetFileError as error:
             raise ConfigError(f"data.{field}: {error}") from None
-    for field, meta in metadata.items():
-        size = meta.get("image_size")
-        if cfg.data.pipeline == "cifar" and size and size != cfg.data.image_size:
-            raise ConfigError(  # the cifar pipeline does not resize: the file's size is the training size
-                f"data.image_size={cfg.data.image_size} but data.{field} holds {size} x {size} images, which the "
-                f"cifar pipeline uses as they are; set data.image_size={size}, or data.pipeline=imagenet to resize"
-            )
-        classes = meta.get("num_classes")  # every split: a label the head has no output for is never right
-        if classes and classes > cfg.model.num_classes:
-            raise ConfigError(
-                f"data.{field}: {getattr(cfg.data, field)} has {classes} classes but model.num_classes="
-                f"{cfg.model.num_classes}; set model.num_classes={classes} or give data.{field} the run's classes"
-            )
+    _check_data_against_files(cfg, metadata)
     check_buildable(cfg)
     ds_config = resolve_ds_config(cfg)
     _resolve_storage(cfg)
@@ -167,6 +156,7 @@ def resolve_inputs(cfg: Config) -> WorkerInputs:
         run_folder(cfg),
         zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
         num_workers=cfg.scaling.num_workers,
+        model=cfg.model,
     )
     cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     experiment_id = check_tracking_uri(cfg.tracking.tracking_uri, cfg.tracking.experiment)
@@ -182,6 +172,43 @@ def resolve_inputs(cfg: Config) -> WorkerInputs:
         },
         fault=_fault_from_env(cfg),
     )
+
+
+def _check_data_against_files(cfg: Config, metadata: dict[str, dict]) -> None:
+    """The recipe's data fields held against what the files hold (their metadata already checked
+    against their contents by verify_beton)."""
+    train, val = metadata["train"], metadata["val"]
+    if train["sha256"] == val["sha256"]:
+        raise ConfigError(
+            f"data.val: {cfg.data.val} holds the same samples as data.train ({cfg.data.train}); a net is never "
+            f"validated on its training data: give data.val the held-out split"
+        )
+    for field, meta in metadata.items():
+        path, sides = getattr(cfg.data, field), meta["image_sides"]
+        if cfg.data.pipeline == "cifar" and sides != [cfg.data.image_size]:
+            stored = f"{sides[0]} x {sides[0]} images" if len(sides) == 1 else "images of several sizes"
+            raise ConfigError(  # the cifar pipeline does not resize: the file's size is the training size
+                f"data.image_size={cfg.data.image_size} but data.{field} holds {stored}, which the cifar pipeline "
+                f"uses as they are; "
+                + (f"set data.image_size={sides[0]}, or " if len(sides) == 1 else "")
+                + "set data.pipeline=imagenet to resize"
+            )
+        classes = meta.get("num_classes")  # every split: a label the head has no output for is never right
+        if classes and classes > cfg.model.num_classes:
+            raise ConfigError(
+                f"data.{field}: {path} has {classes} classes but model.num_classes={cfg.model.num_classes}; "
+                f"set model.num_classes={classes} or give data.{field} the run's classes"
+            )
+    if train.get("num_classes") != val.get("num_classes"):
+        raise ConfigError(
+            f"data.val: {cfg.data.val} has {val.get('num_classes')} classes but data.train {train.get('num_classes')}: "
+            f"splits of two datasets; give data.val the validation split of data.train's dataset"
+        )
+    if cfg.data.calibration_images > train["num_samples"]:
+        raise ConfigError(
+            f"data.calibration_images={cfg.data.calibration_images} but data.train holds {train['num_samples']} "
+            f"images; set data.calibration_images to at most {train['num_samples']}"
+        )
 
 
 def _resolve_storage(cfg: Config) -> None:
@@ -241,13 +268,19 @@ def build_trainer(cfg: Config, inputs: WorkerInputs, *, callbacks: list = ()):
 
 def train(cfg: Config, *, address: str | None = None, verbose: bool = False) -> RunSummary:
     """Run (or resume, if `run.name` exists under `run.storage_path`) one training run: its progress
-    drawn on this console, a failure raised as a RunFailedError that says what failed and where."""
-    from ray.train import TrainingFailedError
-
+    drawn on this console, a failure raised as a RunFailedError that says what failed and where. The
+    run name is held for the run's length (run_lock): a second driver of it is refused."""
     if not verbose:
         quiet_logs()
     inputs = resolve_inputs(cfg)
     cfg = inputs.config
+    with RunLock(run_folder(cfg), cfg.run.name):
+        return _train_holding_the_name(cfg, inputs, address=address, verbose=verbose)
+
+
+def _train_holding_the_name(cfg: Config, inputs: WorkerInputs, *, address: str | None, verbose: bool) -> RunSummary:
+    from ray.train import TrainingFailedError
+
     connect_ray(address)
     check_cluster_fits(cfg)
     view = ConsoleView(f"{cfg.method.name} {cfg.run.name}")
