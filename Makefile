@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # ffcv compiles against OpenCV and libjpeg-turbo found through pkg-config.
 SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev
 
-.PHONY: help install system-deps fashion-mnist browser postgres demo lint format test test-fast bench docs study mutate clean
+.PHONY: help install system-deps fashion-mnist browser postgres demo lint format test test-fast fuzz bench docs study mutate clean
 
 help:
 	@echo "make install    create $(VENV) and install st-scale with its dev extras (system packages too, when root);"
@@ -22,6 +22,7 @@ help:
 	@echo "make test       the whole test suite: the tests without Ray in 2 processes, then those with Ray one by one"
 	@echo "                (SUITE_TIME_ARGS='--save benchmarks/results/suite' keeps its timing table)"
 	@echo "make test-fast  unit tests only (no slow marker), in 2 processes"
+	@echo "make fuzz       generated bad input, 500 examples of each of 5 kinds drawn afresh (FUZZ_EXAMPLES=N); ~30 min"
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
 	@echo "make docs       the figure tables of README.md and BENCHMARKS.md, from the committed raw files"
 	@echo "make fashion-mnist  Debian's dataset-fashion-mnist package (real benchmark data, RESULTS.md)"
@@ -29,6 +30,8 @@ help:
 	@echo "make postgres   Debian's PostgreSQL server (tests run MLflow's tracking store on it)"
 	@echo "make study      the CPU study of RESULTS.md (its 18 runs take hours on 2 cores; running it again resumes it)"
 	@echo "make mutate     mutation testing of the core modules with the fast tests (BENCHMARKS.md, Test strength; hours)"
+
+FUZZ_EXAMPLES ?= 500
 
 install: $(STAMP)
 
@@ -116,6 +119,11 @@ test: install fashion-mnist browser postgres
 
 test-fast: install
 	$(BIN)/pytest -q -n 2 --dist worksteal -m "not slow"
+
+# tests/test_fuzz.py with fresh draws: make test runs the same 25 examples of each kind every time.
+fuzz: install
+	ST_SCALE_FUZZ_PROFILE=fuzz ST_SCALE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fuzz.py
 
 bench: install
 	$(PY) benchmarks/bench_subnet_eval.py
