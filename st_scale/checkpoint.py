@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from .config import Config, ModelSection, explain_validation_error
+from .config import Config, ModelSection, explain_validation_error, stored_config
 from .errors import ConfigError
 from .storage import Location, resolve
 
@@ -334,7 +334,7 @@ def read_run(directory: Path | Location) -> RunInfo:
             state = TrainState(**json.loads((directory / STATE_FILE).read_text()))
         else:  # the first format: the state in the run file, the last report only in DeepSpeed's client state
             state = TrainState(run.pop("epoch"), run.pop("step"), run.pop("mlflow_run_id"))
-        info = RunInfo(run["config"], run["tracking_uri"], run["experiment_id"], state)
+        info = RunInfo(stored_config(run["config"]), run["tracking_uri"], run["experiment_id"], state)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise ConfigError(damaged.format(f"{RUN_FILE} or {STATE_FILE}", f"{type(error).__name__}: {error}")) from None
     try:

@@ -147,6 +147,24 @@ class SamplingSection(Section):
         return self
 
 
+OWN_DEFAULTS = {"sgd": {"momentum": 0.9, "nesterov": True}, "adamw": {"betas": (0.9, 0.999), "eps": 1e-8}}
+
+
+def stored_config(tree: dict) -> dict:
+    """A config as a checkpoint stored it, in this version's form: configs stored before the two
+    optimizers' own fields could be unset hold the other optimizer's at their defaults."""
+    optimizer = tree.get("optimizer")
+    if not isinstance(optimizer, dict) or optimizer.get("name", "sgd") not in OWN_DEFAULTS:
+        return tree  # (validation names what is wrong)
+    (other,) = set(OWN_DEFAULTS) - {optimizer.get("name", "sgd")}
+    written_by_default = {k for k, v in OWN_DEFAULTS[other].items() if k in optimizer and _as_stored(optimizer[k]) == v}
+    return tree | {"optimizer": {k: v for k, v in optimizer.items() if k not in written_by_default}}
+
+
+def _as_stored(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 class OptimizerSection(Section):
     name: Literal["sgd", "adamw"] = Field(
         "sgd", description="sgd (momentum, Nesterov) or adamw (Adam with decoupled weight decay: what ViTs and Swins "
@@ -157,10 +175,14 @@ class OptimizerSection(Section):
     lr_min: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's")
-    nesterov: bool = Field(True, description="sgd's")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw's decay rates of its two moment estimates")
-    eps: float = Field(1e-8, gt=0, description="adamw's")
+    # The two optimizers' own fields: unset (None) takes the optimizer's default (OWN_DEFAULTS), and a
+    # field of the other optimizer is refused when set at all, so none is ignored in silence.
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd's (default 0.9)")
+    nesterov: bool | None = Field(None, description="sgd's (default true)")
+    betas: tuple[float, float] | None = Field(
+        None, description="adamw's decay rates of its two moment estimates (default [0.9, 0.999])"
+    )
+    eps: float | None = Field(None, gt=0, description="adamw's (default 1e-8)")
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = Field(
         False,
@@ -182,16 +204,17 @@ class OptimizerSection(Section):
 
     @model_validator(mode="after")
     def _own_options(self) -> OptimizerSection:
-        # Told by value, not by model_fields_set: a config dumped and validated again sets every field.
-        other = {"sgd": ("betas", "eps"), "adamw": ("momentum", "nesterov")}[self.name]
-        stray = [f for f in other if getattr(self, f) != type(self).model_fields[f].default]
+        (other,) = set(OWN_DEFAULTS) - {self.name}
+        stray = [f for f in OWN_DEFAULTS[other] if getattr(self, f) is not None]
         if stray:
             raise ValueError(
-                f"optimizer.{stray[0]} is set but optimizer.name={self.name} does not use it "
-                f"({'momentum and nesterov are sgd' if self.name == 'adamw' else 'betas and eps are adamw'}'s); "
-                f"remove it or choose the other optimizer"
+                f"optimizer.{stray[0]}={getattr(self, stray[0])!r} is set but optimizer.name={self.name} does not use "
+                f"it ({' and '.join(OWN_DEFAULTS[other])} are {other}'s); remove it or choose optimizer.name={other}"
             )
-        if not all(0 <= b < 1 for b in self.betas):
+        for name, default in OWN_DEFAULTS[self.name].items():
+            if getattr(self, name) is None:
+                self.__dict__[name] = default  # (not setattr: that would validate the section again)
+        if self.name == "adamw" and not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas={list(self.betas)}: each must lie in [0, 1)")
         if self.warmup_epochs > self.epochs:
             raise ValueError(

@@ -203,3 +203,29 @@ def test_a_tracking_store_that_is_no_database_is_refused_before_mlflow_starts(
     values |= {"train": f"{digits_dir}/train.beton", "val": f"{digits_dir}/val.beton", "size": str(DIGITS_SIZE)}
     code, text = _run(capsys, *[a.format(**values) for a in argv])
     assert code == 2 and phrase in text, text
+
+
+def test_a_run_name_that_holds_another_network_is_refused_without_advice_to_resume(capsys, digits_dir, tmp_path):
+    """tests/data/checkpoint_v1 holds a ResNet-20 of stage depths [2, 2, 2]; demo_st builds the full one."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).parent / "data" / "checkpoint_v1" / "runs", tmp_path / "runs")
+    name = ["--set", "run.name=compat-v1"]
+    code, text = _run(capsys, "train", "demo_st", *_checkable(digits_dir, tmp_path), *name, "--print-config")
+    assert code == 2 and "run.name='compat-v1' already holds checkpoints of another network" in text, text
+    assert "model.stage_depths=[2, 2, 2] in" in text and "builds (model.stage_depths=None)" in text
+    assert "resume" not in text and "give this run its own run.name" in text
+    same = ["--set", "model.stage_depths=[2, 2, 2]"]
+    code, text = _run(capsys, "train", "demo_st", *_checkable(digits_dir, tmp_path), *name, *same, "--print-config")
+    assert code == 0, text
+
+
+def test_a_sweep_whose_entries_break_a_rule_only_together_is_refused(tmp_path, capsys):
+    """Each entry alone makes a valid trial; adamw drawn with a momentum does not."""
+    space = "{optimizer.name: {choice: [sgd, adamw]}, optimizer.momentum: {uniform: [0.8, 0.95]}}"
+    spec = _write(tmp_path / "pair.yaml", SPEC.format(name="pair", space=space))
+    code, text = _run(capsys, "sweep", spec, "--check")
+    assert code == 2, text
+    assert "space.optimizer.name (value 'adamw') with space.optimizer.momentum (value 0.8)" in text
+    assert "the search may draw them together" in text and "optimizer.momentum=0.8 is set but" in text

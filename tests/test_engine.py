@@ -15,7 +15,7 @@ from st_scale.assembly import build_model_and_objective, speed_up
 from st_scale.checkpoint import TrainState
 from st_scale.checkpoint import load as load_checkpoint
 from st_scale.checkpoint import save as save_checkpoint
-from st_scale.config import load_config
+from st_scale.config import Config, load_config
 from st_scale.errors import ConfigError
 from st_scale.models import create_model
 from st_scale.train.engine import build_engine, parameter_groups, resolve_ds_config, set_lr
@@ -143,10 +143,25 @@ def test_engine_steps_equal_adamw_written_out(ds_config):
 
 
 def test_each_optimizer_refuses_the_others_options():
-    with pytest.raises(ConfigError, match="optimizer.momentum is set but optimizer.name=adamw does not use it"):
+    with pytest.raises(ConfigError, match="optimizer.momentum=0.8 is set but optimizer.name=adamw does not use it"):
         load_config("demo_st", ["optimizer.name=adamw", "optimizer.momentum=0.8"])
-    with pytest.raises(ConfigError, match="optimizer.betas is set but optimizer.name=sgd does not use it"):
+    with pytest.raises(ConfigError, match=r"optimizer.betas=\(0.9, 0.98\) is set but optimizer.name=sgd does not use"):
         load_config("demo_st", ["optimizer.betas=[0.9,0.98]"])
+    # set at all, even to the value the other optimizer would take by default: never ignored in silence
+    with pytest.raises(ConfigError, match="optimizer.momentum=0.9 is set but optimizer.name=adamw"):
+        load_config("demo_st", ["optimizer.name=adamw", "optimizer.momentum=0.9", "optimizer.nesterov=true"])
+    with pytest.raises(ConfigError, match="optimizer.nesterov=True is set but optimizer.name=adamw"):
+        load_config("demo_st", ["optimizer.name=adamw", "optimizer.nesterov=true"])
+
+
+def test_an_optimizer_field_left_unset_takes_that_optimizers_default_and_survives_a_round_trip():
+    sgd, adamw = load_config("demo_st"), load_config("demo_st", ["optimizer.name=adamw"])
+    assert (sgd.optimizer.momentum, sgd.optimizer.nesterov, sgd.optimizer.betas, sgd.optimizer.eps) == (
+        0.9, True, None, None
+    )  # fmt: skip
+    assert (adamw.optimizer.momentum, adamw.optimizer.betas, adamw.optimizer.eps) == (None, (0.9, 0.999), 1e-8)
+    for cfg in (sgd, adamw):  # what a checkpoint stores and a worker validates again
+        assert Config.model_validate(cfg.model_dump(mode="json")).optimizer == cfg.optimizer
     with pytest.raises(ConfigError, match="optimizer.betas=\\[0.9, 1.0\\]: each must lie in \\[0, 1\\)"):
         load_config("demo_st", ["optimizer.name=adamw", "optimizer.betas=[0.9,1.0]"])
 

@@ -371,9 +371,28 @@ def check_spec(spec: SweepSpec) -> CheckedSweep:
                 check_buildable(build_config(with_assignments(base_tree, assignment)))
             except ConfigError as error:
                 raise ConfigError(f"space.{dim.label}: {description} gives an invalid trial config:\n{error}") from None
+    _check_pairs(base_tree, dimensions)
     _check_objective(spec, base)
     _check_search(spec, dimensions)
     return CheckedSweep(spec, dimensions, base_tree, base)
+
+
+def _check_pairs(base_tree: dict, dimensions: list[Dimension]) -> None:
+    """Every two entries of the space drawn together: a rule that ties two fields (an optimizer and its
+    own options, warm-up and epochs) is broken only by a combination, which a searcher may draw in
+    any trial. (Each entry alone was checked first; three-way rules are left to the trials.)"""
+    probes = [(dim, dim.probe_assignments()) for dim in dimensions]
+    for i, (first, first_probes) in enumerate(probes):
+        for second, second_probes in probes[i + 1 :]:
+            for first_says, first_sets in first_probes:
+                for second_says, second_sets in second_probes:
+                    try:
+                        check_buildable(build_config(with_assignments(base_tree, first_sets | second_sets)))
+                    except ConfigError as error:
+                        raise ConfigError(
+                            f"space.{first.label} ({first_says}) with space.{second.label} ({second_says}) gives an "
+                            f"invalid trial config, and the search may draw them together:\n{error}"
+                        ) from None
 
 
 def _check_search(spec: SweepSpec, dimensions: list[Dimension]) -> None:
