@@ -318,3 +318,47 @@ def cheap_st_verdict(raws: list[dict]) -> str:
         f"std {statistics.fmean(best[0]['std_ratio']):.2f}x (mean ± sd over {len(d['main'])} seeds).",
     ]
     return "\n".join(lines)
+
+
+# The 16-epoch study's groups (tune/fashion_main_16ep.yaml) beside the same settings at 8 epochs in
+# the cheaper-ST study, same data and seeds: (study index, group, setting, epochs).
+MAIN_QUESTION = (
+    (0, "ct", "CT", 8),
+    (0, "st", "full ST", 8),
+    (0, "st_half_batch", "ST, `subnet_batch_fraction: 0.5`", 8),
+    (1, "ct_16ep", "CT", 16),
+    (1, "st_16ep", "full ST", 16),
+    (1, "st_half_batch_16ep", "ST, `subnet_batch_fraction: 0.5`", 16),
+)
+
+
+def main_question_rows(raws: list[dict]) -> list[dict]:
+    """Per setting and schedule: each figure by seed, and the main net's difference from CT's of the same
+    seed and schedule."""
+    rows = []
+    for index, group, name, epochs in MAIN_QUESTION:
+        study = raws[index]
+        figures = {k: _by_seed(study, group, metric) for k, metric in QUALITY.items()}
+        ct = _by_seed(study, "ct" if epochs == 8 else "ct_16ep", QUALITY["main"])
+        versus_ct = [v - ct[s] for s, v in figures["main"].items() if s in ct]
+        rows.append({"name": name, "epochs": epochs, "figures": figures, "versus_ct": versus_ct})
+    return rows
+
+
+def main_question_table(raws: list[dict]) -> str:
+    """"The main-net question": CT, full ST and ST on half a batch at 8 and 16 epochs, the same seeds;
+    mean ± sd over the seeds, and ST's main net minus CT's paired by seed."""
+    lines = [
+        "| setting | epochs | seeds | main top-1 (%) | main − CT's, same seed | sub-net mean (%) | sub-net std "
+        "| worst sub-net (%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in main_question_rows(raws):
+        f = row["figures"]
+        versus = "-" if row["name"] == "CT" else _spread(row["versus_ct"])
+        lines.append(
+            f"| {row['name']} | {row['epochs']} | {len(f['main'])} | {mean_sd(list(f['main'].values()))} | {versus} | "
+            f"{mean_sd(list(f['mean'].values()))} | {statistics.fmean(f['std'].values()):.2f} | "
+            f"{mean_sd(list(f['worst'].values()))} |"
+        )
+    return "\n".join(lines)

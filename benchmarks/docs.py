@@ -32,6 +32,7 @@ from doc_tables import (  # noqa: E402
     cheap_st_verdict,
     demo_table,
     equal_compute_table,
+    main_question_table,
     speed_table,
     subnet_eval_table,
     suite_tables,
@@ -66,6 +67,7 @@ SUBNET_EVAL = tuple(f"benchmarks/results/subnet_eval/{name}.json" for name in ("
 TRAIN_STEP = ("benchmarks/results/train_step/cifar_resnet56.json",)
 CHEAP_STUDY = "benchmarks/results/fashion_st_cheap/study.json"
 CHEAP_SOURCES = (CHEAP_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_resnet56"])
+MAIN_16EP_STUDY = "benchmarks/results/fashion_main_16ep/study.json"
 TABLES = {
     "demo": Table("README.md", DEMO, demo_table, ("st_scale",)),
     "demo-benchmarks": Table("BENCHMARKS.md", DEMO, demo_table, ("st_scale",)),
@@ -82,6 +84,7 @@ TABLES = {
     "cheap-st": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_table, TRAINING_CODE),
     "cheap-st-verdict": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_verdict, TRAINING_CODE),
     "equal-compute": Table("RESULTS.md", (CHEAP_STUDY,), equal_compute_table, TRAINING_CODE),
+    "main-question": Table("RESULTS.md", (CHEAP_STUDY, MAIN_16EP_STUDY), main_question_table, TRAINING_CODE),
 }
 
 
