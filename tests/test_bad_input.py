@@ -8,10 +8,12 @@ traceback.
 
 from __future__ import annotations
 
+import http.server
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -164,6 +166,12 @@ CASES = [
         2,
         "data.calibration_images=100000 but data.train holds 40 images",
     ),
+    (
+        "ray-address-of-a-web-server",
+        [*TRAIN, "--address", "127.0.0.1:{http_port}"],
+        2,
+        "a server listens there but it is not a Ray cluster's GCS",
+    ),
     ("run-name-held-by-another-driver", [*TRAIN, "--set", "run.name=held"], 2, "run.name='held' is being trained by"),
     ("convert-jpeg-quality-out-of-range", ["convert", "digits", "--out", "{tmp}/d", "--jpeg-quality", "0"], 2, "0 is"),
 ]
@@ -214,6 +222,8 @@ def inputs(tmp_path_factory):
     (written / "st_scale_config.json").write_text(json.dumps({}))
     for rank in (0, 1):
         (written / f"COMMITTED.rank{rank}").write_text(json.dumps({"epoch": 1, "step": 22, "world_size": 2}))
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # not a GCS
+    threading.Thread(target=web.serve_forever, daemon=True).start()
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -223,10 +233,12 @@ def inputs(tmp_path_factory):
             "tmp": tmp,
             "plain": tmp / "plain",
             "busy_port": busy.getsockname()[1],
+            "http_port": web.server_address[1],
             "free_port": free_port(),
             "s3_endpoint": s3.endpoint,
         }
     busy.close()
+    web.shutdown()
     held.release()
 
 

@@ -97,6 +97,26 @@ def _check_address_answers(address: str, timeout_s: float = 5.0) -> None:
             f"--address/RAY_ADDRESS={address!r}: no Ray cluster answers there ({error}); start one "
             f"(`ray start --head`) or fix the address (the head's GCS port, default 6379)"
         ) from None
+    _check_gcs_speaks(address, f"{host}:{port}", timeout_s)
+
+
+def _check_gcs_speaks(address: str, target: str, timeout_s: float) -> None:
+    """Something listens there: a Ray GCS speaks gRPC (HTTP/2). A channel that does not become ready
+    within the bound is another server (a web server, a database), where `ray.init` would retry for
+    minutes."""
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        raise ConfigError(
+            f"--address/RAY_ADDRESS={address!r}: a server listens there but it is not a Ray cluster's GCS (no "
+            f"gRPC answer within {timeout_s:.0f} s); give the head's GCS port (default 6379; `ray status` on the "
+            f"head prints the address), or `auto` on a cluster node"
+        ) from None
+    finally:
+        channel.close()
 
 
 def copies_that_fit(needs: list[tuple[str, float, str]], total: dict[str, float], fix: str) -> int:
