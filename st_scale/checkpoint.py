@@ -141,12 +141,18 @@ def writer_world_size(directory: Path | Location) -> int:
         raise RuntimeError(f"checkpoint {directory} is incomplete (no commit markers): it was interrupted while saving")
     try:
         stated = {json.loads(_commit_marker(directory, r).read_text()).get("world_size") for r in ranks}
-    except (ValueError, AttributeError) as error:  # cut short while written, or not a marker st-scale wrote
+    except (ValueError, AttributeError, TypeError) as error:  # cut short while written, or not a marker st-scale wrote
         raise RuntimeError(
             f"checkpoint {directory} is incomplete (a commit marker is unreadable: {error}): it was interrupted while "
             f"saving. Resume from an earlier checkpoint, or start a new run name"
         ) from None
     stated.discard(None)
+    if any(type(world) is not int or world < 1 for world in stated):
+        raise RuntimeError(
+            f"checkpoint {directory} is incomplete (a commit marker names {sorted(map(repr, stated))} ranks, not a "
+            f"count): it was interrupted while saving, or damaged. Resume from an earlier checkpoint, or start a new "
+            f"run name"
+        )
     if len(stated) > 1:
         raise RuntimeError(f"checkpoint {directory}: its commit markers disagree on the number of ranks ({stated})")
     world = stated.pop() if stated else max(ranks) + 1

@@ -280,6 +280,8 @@ def checkpoint_upload(deadline_s: float):
 def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
     """Refuse before any work starts a path st-scale will write later (a summary file, a storage
     folder): one under a regular file, a folder where a file goes, or no write permission."""
+    if "\x00" in str(path):
+        raise ConfigError(f"{what}: {str(path)!r} holds a NUL character, which no path can; give a path without it")
     path = Path(path).expanduser().resolve()
     kind = "folder" if folder else "file"
     if path.exists() and path.is_dir() != folder:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from digits_data import DIGITS_SIZE
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from st_scale.cli import main
@@ -126,7 +126,7 @@ def _named_parts(key: str) -> list[str]:
 
 
 def _printed(text: str) -> dict:
-    return yaml.safe_load(text[text.index("method:") :] if not text.startswith("method:") else text) or {}
+    return yaml.safe_load(text)  # (--print-config prints the config's YAML and nothing else)
 
 
 def _at(tree: dict, dotted: str):
@@ -146,6 +146,8 @@ def _same(printed, given) -> bool:
 
 
 @given(overrides=OVERRIDES)
+@example(overrides=[("data.val_image_size", "null")])  # found by `make fuzz` (the test's own parsing)
+@example(overrides=[("optimizer.name", "adamw"), ("optimizer.momentum", "0.9")])
 def test_generated_recipe_overrides_end_clear(place, overrides):
     sets = [a for key, value in overrides for a in ("--set", f"{key}={value}")]
     code, text = run_cli(["train", "demo_st", *place["base"], *sets, "--print-config"])
@@ -259,8 +261,25 @@ EXPORT_OPTIONS = st.lists(
 
 
 @given(options=EXPORT_OPTIONS)
+@example(options=[("--out", "\x00")])  # found by `make fuzz`: a NUL in a path
 def test_generated_export_arguments_end_clear(place, options):
     argv = ["export", str(place["tmp"] / "no_checkpoint"), *[a for pair in options for a in pair]]
     code, text = run_cli(argv)
     assert code == 2, text  # never a result: the checkpoint is not there
     assert_clear(code, text, ["no_checkpoint", "usage:", *EXPORT_FLAGS])
+
+
+@pytest.mark.parametrize("world_size", [0.0, 0, -1, "2", None, [2]])
+def test_a_commit_marker_that_names_no_count_of_ranks_is_an_incomplete_checkpoint(tmp_path, world_size):
+    """Found by `make fuzz`: a marker saying `world_size: 0.0` reached range() inside `st-scale eval`."""
+    from st_scale import checkpoint
+
+    shutil.copytree(CHECKPOINT_V1, tmp_path / "run")
+    folder = next((tmp_path / "run").glob("checkpoint_*"))
+    (folder / "COMMITTED.rank0").write_text(json.dumps({"epoch": 1, "step": 22, "world_size": world_size}))
+    if world_size is None:  # (a marker from before they named the count: the highest rank + 1)
+        assert checkpoint.writer_world_size(folder) == 1
+        return
+    with pytest.raises(RuntimeError, match="is incomplete"):
+        checkpoint.writer_world_size(folder)
+    assert checkpoint.latest(tmp_path / "run") is None
