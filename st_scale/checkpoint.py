@@ -23,6 +23,7 @@ and `load_weights` serve `st-scale eval` and anything else that wants plain weig
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -156,11 +157,15 @@ def writer_world_size(directory: Path | Location) -> int:
     if len(stated) > 1:
         raise RuntimeError(f"checkpoint {directory}: its commit markers disagree on the number of ranks ({stated})")
     world = stated.pop() if stated else max(ranks) + 1
-    missing = [r for r in range(world) if r not in ranks]
+    present = set(ranks)
+    # The first few missing ranks, found among len(ranks) + 8 candidates at most: a damaged marker may
+    # name any count, and range(world) is never listed whole.
+    missing = list(itertools.islice((r for r in range(world) if r not in present), 8))
     if missing:
+        more = ", ..." if world - len(present) > len(missing) else ""
         raise RuntimeError(
-            f"checkpoint {directory} is incomplete (no commit marker from ranks {missing} of the {world} that wrote "
-            f"it): it was interrupted while saving. Resume from an earlier checkpoint, or start a new run name"
+            f"checkpoint {directory} is incomplete (no commit marker from ranks {missing}{more} of the {world} that "
+            f"wrote it): it was interrupted while saving. Resume from an earlier checkpoint, or start a new run name"
         )
     return world
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from . import __version__
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_values_joined(sys.argv[1:] if argv is None else argv))
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, RunFailedError, RunStoppedError) as error:  # each carries its exit code
@@ -350,6 +351,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 (the one boundary: what st-scale's own checks did not catch)
         print(f"st-scale {args.command}: internal error: {internal_error(args.command, error)}", file=sys.stderr)
         return 1
+
+
+def _negative_values_joined(argv: list[str]) -> list[str]:
+    """`--budget-macs -20M` as `--budget-macs=-20M`: argparse takes a value that starts with a dash for
+    another option (plain negative numbers aside), so the option's own range check never saw it."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and re.match(r"-\d", argv[i + 1]):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
 
 
 def internal_error(command: str, error: BaseException) -> str:

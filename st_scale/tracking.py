@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from .errors import ConfigError
 
@@ -74,20 +75,47 @@ def check_database_answers(uri: str, field: str, timeout_s: int = 10) -> None:
         ) from None
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """An absolute URI (workers and Tune trials do not share the driver's cwd)."""
+TRACKING_FORMS = (
+    "a SQLite file (sqlite:///mlflow.db, sqlite:////abs/mlflow.db, or its bare path), a database server "
+    "(postgresql://USER:PASSWORD@HOST:PORT/DB, mysql://...), an MLflow server (http(s)://host:port) or MLflow's "
+    "file store (file:///abs/mlruns)"
+)
+
+
+def resolve_tracking_uri(uri: str | None, field: str = "tracking.tracking_uri") -> str:
+    """The one reading of a tracking store's URI (`tracking.tracking_uri`, $MLFLOW_TRACKING_URI,
+    `mlflow-server --backend-store`), as an absolute URI: workers and Tune trials do not share the
+    driver's cwd. A bare path is a SQLite file, wherever it is given; only the forms of TRACKING_FORMS
+    are taken."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{DEFAULT_STORE}"
+    if "\x00" in uri or not uri.strip():
+        raise ConfigError(f"{field}={uri!r} is not a tracking store; give {TRACKING_FORMS}")
     if uri.startswith("sqlite:") and sqlite_path(uri) is None:
         raise ConfigError(
-            f"tracking.tracking_uri={uri!r}: a SQLite URI needs three slashes before a relative path and four "
+            f"{field}={uri!r}: a SQLite URI needs three slashes before a relative path and four "
             f"before an absolute one: sqlite:///mlflow.db or sqlite:////data/mlflow.db"
         )
-    database = sqlite_path(uri)
-    if database is not None and not database.startswith("/"):
-        return SQLITE + str(Path(database).expanduser().resolve())
+    if "://" not in uri and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri):  # a scheme without its //
+        raise ConfigError(f"{field}={redacted(uri)!r}: a URI is scheme:// then its place; give {TRACKING_FORMS}")
     if "://" not in uri:
-        return Path(uri).expanduser().resolve().as_uri()
-    return uri
+        uri = SQLITE + uri
+    scheme = uri.split("://", 1)[0]
+    if uri.startswith(SQLITE):
+        database = sqlite_path(uri)
+        return uri if database.startswith("/") else SQLITE + str(Path(database).expanduser().resolve())
+    if scheme in ("http", "https"):
+        if not urlparse(uri).hostname:
+            raise ConfigError(f"{field}={uri!r} names no host; give {TRACKING_FORMS}")
+        return uri
+    if scheme == "file":
+        if not uri.startswith("file:///"):
+            raise ConfigError(
+                f"{field}={uri!r}: a file store's URI is file:// and an absolute path (file:///abs/mlruns)"
+            )
+        return uri
+    if is_database(uri):
+        return uri
+    raise ConfigError(f"{field}={redacted(uri)!r}: st-scale does not track to {scheme}://; give {TRACKING_FORMS}")
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
@@ -359,15 +387,25 @@ class RunTracker:
 
 def _check_port_free(host: str, port: int) -> None:
     """mlflow server on a taken port logs the error and keeps its workers waiting: refuse first."""
+    import errno
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    try:  # the host's own address family: ::1 is IPv6
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host}: not an address or name this machine resolves ({error.strerror})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
-            probe.bind((host, port))
+            probe.bind(address)
         except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"--port {port}: {host}:{port} is in use (another server may be running there); choose another "
+                    f"--port or stop that server"
+                ) from None
             raise ConfigError(
-                f"--port {port}: {host}:{port} cannot be used ({error.strerror}; another server may be running "
-                f"there); choose another --port or stop that server"
+                f"--host {host}: cannot serve there ({error.strerror}); give an address of this machine "
+                f"(127.0.0.1, or 0.0.0.0 for every interface)"
             ) from None
 
 
@@ -377,7 +415,7 @@ def serve_mlflow(*, host: str, port: int, backend_store: str, artifacts: str, wo
     import sys
 
     _check_port_free(host, port)
-    store = resolve_tracking_uri(backend_store if "://" in backend_store else f"{SQLITE}{backend_store}")
+    store = resolve_tracking_uri(backend_store, "--backend-store")
     check_sqlite_file(store, "--backend-store")
     if is_database(store):
         check_database_answers(store, "--backend-store")

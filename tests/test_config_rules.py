@@ -229,3 +229,63 @@ def test_a_sweep_whose_entries_break_a_rule_only_together_is_refused(tmp_path, c
     assert code == 2, text
     assert "space.optimizer.name (value 'adamw') with space.optimizer.momentum (value 0.8)" in text
     assert "the search may draw them together" in text and "optimizer.momentum=0.8 is set but" in text
+
+
+def test_the_weights_average_is_an_objective_only_where_training_reports_it(tmp_path, capsys):
+    space = "{method.kl_weight: {choice: [1, 2]}}"
+    spec = SPEC.format(name="ema", space=space).replace("val/main_top1", "val/ema/main_top1")
+    code, text = _run(capsys, "sweep", _write(tmp_path / "ema.yaml", spec), "--check")
+    assert code == 2 and "reported only when optimizer.ema_decay is set" in text, text
+    with_average = spec.replace("set: {optimizer.lr: 0.1}", "set: {optimizer.lr: 0.1, optimizer.ema_decay: 0.99}")
+    code, text = _run(capsys, "sweep", _write(tmp_path / "ema2.yaml", with_average), "--check")
+    assert code == 0, text
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("runs/mlflow.db", "sqlite:///{cwd}/runs/mlflow.db"),
+        ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
+        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+        ("file:///abs/mlruns", "file:///abs/mlruns"),
+        ("http://mlflow:5000", "http://mlflow:5000"),
+        ("postgresql://u:p@db:5432/mlflow", "postgresql://u:p@db:5432/mlflow"),
+    ],
+)
+def test_a_tracking_store_is_read_one_way_wherever_it_is_given(tmp_path, monkeypatch, given, expected):
+    """A bare path is a SQLite file both as tracking.tracking_uri and as mlflow-server --backend-store."""
+    from st_scale.tracking import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(given) == expected.format(cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "given, phrase",
+    [
+        ("ftp://host/x", "st-scale does not track to ftp://"),
+        ("file:relative/mlruns", "a URI is scheme:// then its place"),
+        ("file://relative/mlruns", "file:// and an absolute path"),
+        ("http://", "names no host"),
+        ("   ", "is not a tracking store"),
+    ],
+)
+def test_a_tracking_store_of_no_documented_form_is_refused_naming_the_forms(given, phrase):
+    from st_scale.errors import ConfigError
+    from st_scale.tracking import resolve_tracking_uri
+
+    with pytest.raises(ConfigError, match=phrase):
+        resolve_tracking_uri(given, "--backend-store")
+
+
+def test_a_negative_budget_reaches_its_own_check(capsys):
+    code, text = _run(capsys, "export", "/nonexistent/checkpoint", "--budget-macs", "-20M")
+    assert code == 2 and "--budget-macs '-20M': give a positive, finite count" in text, text
+
+
+@pytest.mark.parametrize(
+    "host, phrase", [("10.9.9.9", "--host 10.9.9.9: cannot serve there"), ("no.such.host.invalid", "not an address")]
+)
+def test_an_mlflow_server_host_that_cannot_serve_is_named(capsys, tmp_path, host, phrase):
+    code, text = _run(capsys, "mlflow-server", "--host", host, "--port", "5999", "--backend-store", f"{tmp_path}/m.db")
+    assert code == 2 and phrase in text, text

@@ -269,9 +269,10 @@ def test_generated_export_arguments_end_clear(place, options):
     assert_clear(code, text, ["no_checkpoint", "usage:", *EXPORT_FLAGS])
 
 
-@pytest.mark.parametrize("world_size", [0.0, 0, -1, "2", None, [2]])
+@pytest.mark.parametrize("world_size", [0.0, 0, -1, "2", None, [2], 10**18])
 def test_a_commit_marker_that_names_no_count_of_ranks_is_an_incomplete_checkpoint(tmp_path, world_size):
-    """Found by `make fuzz`: a marker saying `world_size: 0.0` reached range() inside `st-scale eval`."""
+    """Found by `make fuzz`: a marker saying `world_size: 0.0` reached range() inside `st-scale eval`, and
+    one saying 10**18 had its missing ranks listed (memory without bound)."""
     from st_scale import checkpoint
 
     shutil.copytree(CHECKPOINT_V1, tmp_path / "run")

@@ -262,6 +262,8 @@ def reported_metrics(cfg) -> tuple[set[str], set[str]]:
         subnets |= {f"val/main_top1{suffix}", f"val/main_top5{suffix}"} | {
             f"val/subnets_{k}{suffix}" for k in SUBNET_STATS
         }
+    if cfg.optimizer.ema_decay is not None and cfg.eval.recalibrate:  # (evaluate: only on statistics of its own)
+        every |= {"val/ema/main_top1", "val/ema/main_top5"}
     if cfg.eval.subnets_every == 1 or cfg.optimizer.epochs == 1:
         return every | subnets, set()
     return every, subnets

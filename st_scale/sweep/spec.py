@@ -426,6 +426,12 @@ def _check_objective(spec: SweepSpec, cfg: Config) -> None:
                 f"the end, but the scheduler compares trials every epoch; add `eval.subnets_every: 1` under `set:` "
                 f"(keep eval.max_subnets small to bound its cost)"
             )
+        if name not in every_epoch and name.startswith("val/ema/"):
+            raise ConfigError(
+                f"{where}: {name!r} is the weights' average, reported only when optimizer.ema_decay is set and "
+                f"eval.recalibrate is on (the average has no BN statistics of its own); add `optimizer.ema_decay: "
+                f"0.999` (or another decay) under `set:`"
+            )
         if name not in every_epoch:
             raise ConfigError(f"{where}: training never reports {name!r}; it reports: {', '.join(sorted(every_epoch))}")
     if spec.scheduler.name == "asha" and spec.scheduler.grace_period > cfg.optimizer.epochs:
