@@ -246,7 +246,19 @@ def load(engine, directory: Path, rank: int, world_size: int) -> TrainState:
 def read_ema(directory: Path) -> dict[str, torch.Tensor] | None:
     """The weights' moving average a checkpoint holds (None: the run kept none)."""
     path = Path(directory) / EMA_FILE
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    return _load_tensors(path, directory, weights_only=True) if path.is_file() else None
+
+
+def _load_tensors(path: Path, directory: Path, *, weights_only: bool):
+    """A file of a checkpoint read with torch.load; one that cannot be read (cut short, overwritten,
+    not torch's) names the checkpoint and the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as error:  # noqa: BLE001  (torch raises any of a dozen types on a damaged file)
+        raise ConfigError(
+            f"{directory} is damaged: {path.name} cannot be read ({type(error).__name__}: "
+            f"{str(error).strip()[:120]}); give an earlier checkpoint_* folder"
+        ) from None
 
 
 def _zero_shards(directory: Path, written_by: int) -> list[dict]:
@@ -397,7 +409,12 @@ def module_state(directory: Path) -> dict[str, torch.Tensor]:
             f"{directory} has no model weights ({ENGINE_TAG}/{_MODEL_STATES} is missing): the folder is damaged or "
             f"was copied in part; give another checkpoint_* folder"
         )
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    state = _load_tensors(path, directory, weights_only=False)
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise ConfigError(
+            f"{directory} is damaged: {path.name} holds no module weights; give an earlier checkpoint_* folder"
+        )
+    return state["module"]
 
 
 def model_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -284,3 +284,19 @@ def test_a_commit_marker_that_names_no_count_of_ranks_is_an_incomplete_checkpoin
     with pytest.raises(RuntimeError, match="is incomplete"):
         checkpoint.writer_world_size(folder)
     assert checkpoint.latest(tmp_path / "run") is None
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x80\x02garbage", b"PK\x03\x04" + bytes(64)])
+@pytest.mark.parametrize("name", ["checkpoint/mp_rank_00_model_states.pt", "ema.pt"])
+def test_weights_that_cannot_be_read_name_the_checkpoint_and_the_file(tmp_path, damage, name):
+    """What `st-scale eval` and `export` read of a checkpoint's weights: a damaged file is named, not
+    torch's unpickling error."""
+    from st_scale import checkpoint
+    from st_scale.errors import ConfigError
+
+    shutil.copytree(CHECKPOINT_V1, tmp_path / "run")
+    folder = next((tmp_path / "run").glob("checkpoint_*"))
+    (folder / name).write_bytes(damage)
+    read = checkpoint.read_ema if name == "ema.pt" else checkpoint.module_state
+    with pytest.raises(ConfigError, match=rf"{folder.name} is damaged: {Path(name).name} cannot be read"):
+        read(folder)
