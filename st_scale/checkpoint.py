@@ -428,4 +428,14 @@ def model_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(directory: Path, model) -> None:
-    model.load_state_dict(model_weights(directory))
+    """The checkpoint's weights into `model`, built from the checkpoint's own config: weights of
+    another network (a folder holding two runs' files) are named, not torch's key listing."""
+    try:
+        model.load_state_dict(model_weights(directory))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+        raise ConfigError(
+            f"{directory}: its weights do not fit the network its {RUN_FILE} builds ({detail[:160]}); the folder "
+            f"holds files of two runs or was damaged; give another checkpoint_* folder"
+        ) from None

@@ -300,3 +300,18 @@ def test_weights_that_cannot_be_read_name_the_checkpoint_and_the_file(tmp_path, 
     read = checkpoint.read_ema if name == "ema.pt" else checkpoint.module_state
     with pytest.raises(ConfigError, match=rf"{folder.name} is damaged: {Path(name).name} cannot be read"):
         read(folder)
+
+
+def test_weights_of_another_network_are_named_as_such(tmp_path):
+    """The first-format checkpoint's ResNet-20 [2, 2, 2] weights loaded into the network its config
+    builds after that config is changed to [3, 3, 3]: a folder holding two runs' files."""
+    from st_scale import checkpoint
+    from st_scale.assembly import build_model_and_objective
+    from st_scale.errors import ConfigError
+
+    shutil.copytree(CHECKPOINT_V1, tmp_path / "run")
+    folder = next((tmp_path / "run").glob("checkpoint_*"))
+    cfg = checkpoint.read_run(folder).config_model()
+    cfg.model.stage_depths = (3, 3, 3)
+    with pytest.raises(ConfigError, match="its weights do not fit the network its st_scale_config.json builds"):
+        checkpoint.load_weights(folder, build_model_and_objective(cfg)[0])
