@@ -537,7 +537,13 @@ def assign(tree: dict, key: str, value: Any, *, what: str | None = None) -> None
     """Set a dotted field of a recipe tree. Setting `method.name` to another method switches
     methods: the section keeps only the options the new method has (each method owns its options)."""
     method = tree.get("method")
-    if key == "method.name" and isinstance(method, dict) and value in METHODS and method.get("name", "st") != value:
+    if (
+        key == "method.name"
+        and isinstance(method, dict)
+        and isinstance(value, str)
+        and value in METHODS
+        and method.get("name", "st") != value
+    ):
         fields = METHODS[value].options.model_fields
         tree["method"] = {k: v for k, v in method.items() if k in fields}
     set_dotted(tree, key, value, what=what)

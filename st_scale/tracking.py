@@ -118,6 +118,26 @@ def resolve_tracking_uri(uri: str | None, field: str = "tracking.tracking_uri") 
     raise ConfigError(f"{field}={redacted(uri)!r}: st-scale does not track to {scheme}://; give {TRACKING_FORMS}")
 
 
+def check_run_recorded(uri: str, run_id: str, where: str) -> None:
+    """The MLflow run a checkpoint's results are logged into exists in the store it recorded: checked
+    before the evaluation's work, without creating a SQLite file where none is."""
+    import mlflow
+
+    database = sqlite_path(uri)
+    missing = database is not None and not Path(database).is_file()
+    if not missing:
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+        except Exception:  # noqa: BLE001  (not found, or a store that does not answer: both named below)
+            missing = True
+    if missing:
+        raise ConfigError(
+            f"{where} logs into its training run's MLflow run {run_id}, which the tracking store it recorded "
+            f"({redacted(uri)}) does not hold or cannot be reached; put the store back at that URI (or link it "
+            f"there), or start the store's server"
+        )
+
+
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 

@@ -148,6 +148,7 @@ def _same(printed, given) -> bool:
 @given(overrides=OVERRIDES)
 @example(overrides=[("data.val_image_size", "null")])  # found by `make fuzz` (the test's own parsing)
 @example(overrides=[("optimizer.name", "adamw"), ("optimizer.momentum", "0.9")])
+@example(overrides=[("method.name", "[]")])  # found by `make fuzz`: an unhashable method name
 def test_generated_recipe_overrides_end_clear(place, overrides):
     sets = [a for key, value in overrides for a in ("--set", f"{key}={value}")]
     code, text = run_cli(["train", "demo_st", *place["base"], *sets, "--print-config"])

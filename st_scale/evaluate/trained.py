@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..models import ElasticNet
 from ..sampling import SubnetSpace
 from ..storage import Location, check_object_store, check_storage_fields, is_object_store, resolve
-from ..tracking import RunTracker
+from ..tracking import RunTracker, check_run_recorded
 from .artifacts import CHECKPOINT_LAYOUT
 from .passes import EvalData, EvalOptions, calibration_suffix, evaluate, log_evaluation
 from .subnets import Batch
@@ -120,6 +120,8 @@ def evaluate_checkpoint(
         directory, storage_endpoint=storage_endpoint, recalibrate=recalibrate, command="eval", compare=True
     )
     info, cfg, model, val = trained.info, trained.cfg, trained.model, trained.val
+    if info.state.mlflow_run_id:
+        check_run_recorded(info.tracking_uri, info.state.mlflow_run_id, f"st-scale eval of {directory}")
     compare = trained.other_calibration is not None
     result = evaluate(
         model,
