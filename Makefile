@@ -123,7 +123,7 @@ test-fast: install
 # tests/test_fuzz.py with fresh draws: make test runs the same 25 examples of each kind every time.
 fuzz: install
 	ST_SCALE_FUZZ_PROFILE=fuzz ST_SCALE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider \
-		--hypothesis-show-statistics tests/test_fuzz.py
+		tests/test_fuzz.py
 
 bench: install
 	$(PY) benchmarks/bench_subnet_eval.py
