@@ -22,7 +22,7 @@ help:
 	@echo "make test       the whole test suite: the tests without Ray in 2 processes, then those with Ray one by one"
 	@echo "                (SUITE_TIME_ARGS='--save benchmarks/results/suite' keeps its timing table)"
 	@echo "make test-fast  unit tests only (no slow marker), in 2 processes"
-	@echo "make fuzz       generated bad input, 500 examples of each of 5 kinds drawn afresh (FUZZ_EXAMPLES=N); ~30 min"
+	@echo "make fuzz       generated bad input, 1,000 examples of each of 5 kinds drawn afresh (FUZZ_EXAMPLES=N); minutes"
 	@echo "make bench      the CPU benchmarks of BENCHMARKS.md"
 	@echo "make docs       the figure tables of README.md and BENCHMARKS.md, from the committed raw files"
 	@echo "make fashion-mnist  Debian's dataset-fashion-mnist package (real benchmark data, RESULTS.md)"
@@ -31,7 +31,7 @@ help:
 	@echo "make study      the CPU study of RESULTS.md (its 18 runs take hours on 2 cores; running it again resumes it)"
 	@echo "make mutate     mutation testing of the core modules with the fast tests (BENCHMARKS.md, Test strength; hours)"
 
-FUZZ_EXAMPLES ?= 500
+FUZZ_EXAMPLES ?= 1000
 
 install: $(STAMP)
 

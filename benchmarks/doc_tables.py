@@ -346,7 +346,7 @@ def main_question_rows(raws: list[dict]) -> list[dict]:
 
 
 def main_question_table(raws: list[dict]) -> str:
-    """"The main-net question": CT, full ST and ST on half a batch at 8 and 16 epochs, the same seeds;
+    """ "The main-net question": CT, full ST and ST on half a batch at 8 and 16 epochs, the same seeds;
     mean ± sd over the seeds, and ST's main net minus CT's paired by seed."""
     lines = [
         "| setting | epochs | seeds | main top-1 (%) | main − CT's, same seed | sub-net mean (%) | sub-net std "

@@ -32,11 +32,11 @@ from st_scale.cli import main
 from st_scale.sweep.spec import _known_fields
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, derandomize=True, database=None,
+    "ci", max_examples=100, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )  # fmt: skip
 settings.register_profile(
-    "fuzz", max_examples=int(os.environ.get("ST_SCALE_FUZZ_EXAMPLES") or 500), deadline=None, database=None,
+    "fuzz", max_examples=int(os.environ.get("ST_SCALE_FUZZ_EXAMPLES") or 1000), deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )  # fmt: skip
 settings.load_profile(os.environ.get("ST_SCALE_FUZZ_PROFILE", "ci"))
