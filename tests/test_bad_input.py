@@ -151,6 +151,7 @@ CASES = [
         2,
         "s3://st-scale/runs/demo-st/checkpoint_2026 is not an st-scale checkpoint folder",
     ),
+    ("data-file-is-a-folder", [*TRAIN, "--set", "data.train={tmp}"], 2, "is a folder (it holds "),
     ("val-a-copy-of-train", [*TRAIN, "--set", "data.val={tmp}/copy.beton"], 2, "holds the same samples as data.train"),
     ("val-of-another-dataset", [*TRAIN, "--set", "data.val={three}"], 2, "has 3 classes but data.train 10"),
     ("sidecar-count-edited", [*TRAIN, "--set", "data.val={edited}"], 2, "says num_samples=99999 but the file holds 40"),

@@ -5,6 +5,7 @@ source that stops making progress."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -149,27 +150,30 @@ def test_a_source_that_stops_making_progress_is_stopped_and_leaves_nothing(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+_CONTENT: list[bytes] = []  # what the slow writer adds: set before write_beton forks it
+
+
 def _slow_writer(dataset, path, options, error_file):
-    """A writer that keeps adding to its file for 4.5 s: longer than the inactivity limit in all, but
-    never idle for long."""
+    """A writer that keeps adding to its file for about 4.5 s: longer than the inactivity limit in all,
+    but never idle for long. What it adds is a real dataset file of the same samples, 22 pieces of it."""
     os.setsid()
+    content = _CONTENT[0]
+    piece = -(-len(content) // 22)
     with open(path, "wb") as f:
-        for _ in range(22):
-            f.write(b"x")
+        for start in range(0, len(content), piece):
+            f.write(content[start : start + piece])
             f.flush()
             time.sleep(0.2)
 
 
 def test_a_writer_that_keeps_making_progress_is_never_stopped(tmp_path, monkeypatch):
     """The watchdog measures the time since the partial file last grew, not the time since the start."""
+    dataset = ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.arange(4))
+    write_beton(dataset, tmp_path / "real.beton", WriteOptions(num_workers=1), {"num_classes": 4})
+    monkeypatch.setattr(sys.modules[__name__], "_CONTENT", [(tmp_path / "real.beton").read_bytes()])
     monkeypatch.setattr("st_scale.data.convert._write", _slow_writer)  # forked: the child runs it too
-    written = write_beton(
-        ArrayDataset(np.zeros((4, 2, 2, 3), np.uint8), np.arange(4)),
-        tmp_path / "x.beton",
-        WriteOptions(num_workers=1, inactivity_timeout_s=3),
-        {},
-    )
-    assert written["size_bytes"] == 22 and (tmp_path / "x.beton").read_bytes() == b"x" * 22
+    written = write_beton(dataset, tmp_path / "x.beton", WriteOptions(num_workers=1, inactivity_timeout_s=3), {})
+    assert written["num_samples"] == 4 and written["size_bytes"] == (tmp_path / "x.beton").stat().st_size
 
 
 def _failing_writer(dataset, path, options, error_file):

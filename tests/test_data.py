@@ -130,6 +130,13 @@ def test_missing_file_names_the_file_and_the_fix(tmp_path):
         verify_beton(tmp_path / "nothere.beton")
 
 
+def test_a_folder_given_as_a_dataset_file_is_named_as_a_folder(digits_dir):
+    with pytest.raises(
+        DatasetFileError, match=r"is a folder \(it holds train.beton, val.beton\); give the .beton file"
+    ):
+        verify_beton(digits_dir)
+
+
 def test_truncated_file_is_caught(digits_dir, tmp_path):
     path = _copy(digits_dir, tmp_path)
     with open(path, "r+b") as f:

@@ -13,7 +13,7 @@ import torch
 from processes import serve_s3
 
 from st_scale import checkpoint
-from st_scale.config import RunSection
+from st_scale.config import RunSection, load_config
 from st_scale.errors import ConfigError
 from st_scale.storage import check_object_store, ray_storage, resolve, with_retries
 
@@ -32,7 +32,7 @@ def _write_checkpoint(folder: Path, epoch: int, ranks_committed: tuple[int, ...]
     weights = {"model.fc.weight": torch.full((2, 3), float(epoch)), "model.fc.bias": torch.zeros(2)}
     (folder / "checkpoint").mkdir(parents=True)
     run_info = {
-        "config": {},
+        "config": load_config("demo_st").model_dump(mode="json"),
         "epoch": epoch,
         "step": 10,
         "mlflow_run_id": "r",

@@ -139,6 +139,10 @@ def verify_checksum(path: str | Path) -> dict:
     metadata as its sidecar says it. Raises DatasetFileError naming the file and what to do."""
     path = Path(path)
     rebuild = "rebuild it with `st-scale convert`"
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.beton"))
+        hint = f" (it holds {', '.join(found[:4])})" if found else ""
+        raise DatasetFileError(f"{path} is a folder{hint}; give the .beton file itself, e.g. {path / 'train.beton'}")
     if not path.is_file():
         raise DatasetFileError(f"dataset file {path} does not exist; {rebuild} or fix the path")
     checksum_file, metadata_file, stamp_file = sidecars(path)
