@@ -211,6 +211,8 @@ def test_a_second_driver_of_a_run_is_refused_naming_the_holder_until_the_first_e
     assert "choose another run.name" in str(refused.value)
     first.release()
     assert not (run_dir / "RUN_LOCK").is_file()
+    if where == "folder":  # the folder the lock made is gone with it: a run refused early leaves nothing
+        assert not (tmp_path / "dup").exists()
     with RunLock(run_dir, "dup"):  # the run name is free again
         assert (run_dir / "RUN_LOCK").is_file()
 

@@ -87,6 +87,7 @@ class RunLock:
         self.clock, self.say = clock, say
         self.holder = Holder(socket.gethostname(), os.getpid(), _now_text(), clock(), uuid.uuid4().hex)
         self._stop = threading.Event()
+        self._made_folder = False
         self._thread: threading.Thread | None = None
 
     @property
@@ -119,6 +120,7 @@ class RunLock:
 
     def _claim_exclusively(self, *, stale: Holder | None) -> None:
         path = self.lock.path
+        self._made_folder = not os.path.isdir(os.path.dirname(path))  # removed again if left empty
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if stale is not None:
             aside = f"{path}.stale-{self.holder.token}"
@@ -179,6 +181,11 @@ class RunLock:
                 self.lock.filesystem.delete_file(self.lock.path)
             except OSError:
                 pass  # gone already; a lock left behind goes stale and is taken over
+        if self._made_folder:  # a run refused before it wrote anything leaves no folder behind
+            try:
+                os.rmdir(os.path.dirname(self.lock.path))
+            except OSError:
+                pass  # it holds the run's checkpoints
 
     def __enter__(self) -> RunLock:
         return self.acquire()
