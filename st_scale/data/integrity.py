@@ -243,7 +243,7 @@ def check_metadata(path: Path, metadata: dict, facts: FileFacts) -> dict:
             f"{fix}"
         )
     classes = metadata.get("num_classes")
-    if classes is not None and (not isinstance(classes, int) or facts.max_label >= classes):
+    if facts.max_label >= classes:  # (read_metadata checked it is a count)
         raise DatasetFileError(
             f"{path}: {metadata_file.name} says num_classes={classes} but its labels reach {facts.max_label}; {fix}"
         )

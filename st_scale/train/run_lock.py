@@ -52,26 +52,19 @@ def _now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def read_holder_file(path: str) -> Holder | None:
-    try:
-        with open(path) as f:
-            return Holder(**json.loads(f.read()))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError):
-        return UNREADABLE
-
-
 UNREADABLE = Holder("an unknown host", 0, "unknown", 0.0, "unreadable")  # a damaged lock: stale at once
 
 
 def read_holder(run_dir: Location) -> Holder | None:
     """The lock's holder; None where there is no lock. One read decides: a lock is never half-written
     (see `_claim_exclusively`), so one that does not parse is damaged, and counts as stale."""
-    lock = run_dir / LOCK_FILE
+    return _holder_of((run_dir / LOCK_FILE).read_text)
+
+
+def _holder_of(read) -> Holder | None:
     try:
-        text = lock.read_text()
-    except (FileNotFoundError, OSError):
+        text = read()
+    except OSError:  # (FileNotFoundError among them: no lock)
         return None
     try:
         return Holder(**json.loads(text))
@@ -129,7 +122,7 @@ class RunLock:
             except FileNotFoundError:
                 pass
             else:
-                moved = read_holder_file(aside)
+                moved = _holder_of(lambda: open(aside).read())
                 if moved is not None and moved.token != stale.token:  # a fresh lock, taken since it was read
                     os.rename(aside, path)
                     raise self._refuse(moved)
