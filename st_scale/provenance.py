@@ -31,7 +31,7 @@ def provenance(command: str | list[str] | None = None, *, commit: str | None = N
     return {
         "command": command,
         "commit": commit or _git("rev-parse", "--short", "HEAD") or "unknown",
-        "dirty": False if commit else bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": False if commit else code_changed(),
         "date": _now(),
         "machine": machine(),
         "python": platform.python_version(),
@@ -59,6 +59,14 @@ def machine() -> str:
         driver = _command("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader").splitlines()
         described += f"; {count} x {torch.cuda.get_device_name(0)}, driver {driver[0] if driver else 'unknown'}"
     return described
+
+
+RESULTS = "benchmarks/results"  # raw files: one benchmark's output does not make the next one's code dirty
+
+
+def code_changed() -> bool:
+    """Whether the checkout differs from HEAD outside the raw results (untracked files aside)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS}"))
 
 
 def _git(*args: str) -> str:

@@ -178,3 +178,24 @@ def test_the_cost_quality_figure_is_drawn_from_the_raw_files(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_raw_file_written_by_an_earlier_benchmark_does_not_make_the_code_dirty(tmp_path, monkeypatch):
+    """A study writes several raw files in a row from one checkout: each one's provenance says whether
+    the code differs from its commit, and a raw file the one before wrote is not code."""
+    from st_scale import provenance
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "speed.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    monkeypatch.setattr(provenance, "REPOSITORY", tmp_path)
+    (tmp_path / "benchmarks" / "results" / "speed.json").write_text('{"time_over_ct": 1.3}')
+    assert provenance.provenance(["bench"])["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert provenance.provenance(["bench"])["dirty"] is True
