@@ -1,9 +1,11 @@
-"""Bad input, as a careless user makes it, run for real through the `st-scale` command line.
+"""Bad input, as a careless user makes it, through the `st-scale` command line.
 
 One row per case: the arguments, the exit code (2: bad input), a phrase the message must hold (the
 field or option, and what to do), and a bound on the time it may take. Every case here is caught
 before Ray or any worker starts: the output never shows a Ray instance starting, and never a raw
-traceback.
+traceback. Every row runs the command line's `main` in the test's process (what a process adds is an
+interpreter start, about 4 s a row); a sample of rows runs as a real `python -m st_scale` process too,
+where the exit code is the process's.
 """
 
 from __future__ import annotations
@@ -243,21 +245,51 @@ def inputs(tmp_path_factory):
     held.release()
 
 
+def check_refusal(inputs, code: int, phrase: str, returned: int, output: str, elapsed: float) -> None:
+    assert returned == code, output
+    assert phrase.format(**inputs) in output, output
+    assert PASSWORD not in output, "a database password is never printed"
+    assert "Traceback" not in output and "Started a local Ray instance" not in output, output
+    assert elapsed < TIME_BOUND_S, f"took {elapsed:.0f} s"
+
+
 @pytest.mark.parametrize("arguments, code, phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_early_with_a_message_that_names_it(inputs, arguments, code, phrase):
-    argv = [a.format(**inputs) for a in arguments]
+def test_bad_input_is_refused_early_with_a_message_that_names_it(inputs, arguments, code, phrase, capfd, monkeypatch):
+    from st_scale.cli import main
+
+    monkeypatch.chdir(inputs["tmp"])
+    start = time.monotonic()
+    try:
+        returned = main([a.format(**inputs) for a in arguments])
+    except SystemExit as exit_:  # argparse's own refusals
+        returned = exit_.code
+    elapsed = time.monotonic() - start
+    out, err = capfd.readouterr()
+    check_refusal(inputs, code, phrase, returned, out + err, elapsed)
+
+
+# A row of each kind of refusal: argparse's, the configuration's, the data files', a probe of a server.
+AS_A_PROCESS = {
+    "yaml-in-a-set-value",
+    "unknown-field",
+    "eval-negative-max-subnets",
+    "val-of-another-dataset",
+    "ray-address-of-a-web-server",
+}
+
+
+@pytest.mark.parametrize(
+    "arguments, code, phrase",
+    [c[1:] for c in CASES if c[0] in AS_A_PROCESS],
+    ids=[c[0] for c in CASES if c[0] in AS_A_PROCESS],
+)
+def test_the_installed_command_exits_with_the_refusals_code(inputs, arguments, code, phrase):
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "st_scale", *argv],
+        [sys.executable, "-m", "st_scale", *[a.format(**inputs) for a in arguments]],
         capture_output=True,
         text=True,
         timeout=TIME_BOUND_S * 2,
         cwd=inputs["tmp"],
     )
-    elapsed = time.monotonic() - start
-    output = done.stdout + done.stderr
-    assert done.returncode == code, output
-    assert phrase.format(**inputs) in output, output
-    assert PASSWORD not in output, "a database password is never printed"
-    assert "Traceback" not in output and "Started a local Ray instance" not in output, output
-    assert elapsed < TIME_BOUND_S, f"took {elapsed:.0f} s"
+    check_refusal(inputs, code, phrase, done.returncode, done.stdout + done.stderr, time.monotonic() - start)

@@ -92,10 +92,16 @@ def recipe_data(tmp_path_factory):
     return files_for
 
 
+@pytest.fixture(scope="module")
+def tracking_store(tmp_path_factory) -> str:
+    """One SQLite MLflow store for every recipe (a new store's schema takes about a second to create)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
+
+
 @pytest.mark.parametrize("recipe", recipe_names())
-def test_every_recipe_takes_two_steps_and_evaluates(recipe, recipe_data, tmp_path_factory):
+def test_every_recipe_takes_two_steps_and_evaluates(recipe, recipe_data, tracking_store, tmp_path_factory):
     root = tmp_path_factory.mktemp(recipe)
-    local = (f"run.storage_path={root / 'runs'}", f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}")
+    local = (f"run.storage_path={root / 'runs'}", f"tracking.tracking_uri={tracking_store}")
     cfg = load_config(recipe, [*recipe_data(load_config(recipe)), *LAPTOP, *local])
     inputs = resolve_inputs(cfg)
     ctx, resumed = build_worker_context(inputs, rank=0, world=1, local_rank=0)

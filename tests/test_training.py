@@ -191,8 +191,8 @@ def uninterrupted_on_one_worker(workspace, digits_dir):
 
 @pytest.mark.parametrize(
     "first, then, ds_config",
-    [(2, 1, "cpu_fp32.json"), (1, 2, "cpu_fp32.json"), (2, 1, "cpu_zero1_fp32.json"), (1, 2, "cpu_zero1_fp32.json")],
-    ids=["2to1", "1to2", "zero1-2to1", "zero1-1to2"],
+    [(2, 1, "cpu_fp32.json"), (1, 2, "cpu_zero1_fp32.json")],
+    ids=["2to1", "zero1-1to2"],
 )
 def test_a_run_resumes_on_another_number_of_workers(
     reference, uninterrupted_on_one_worker, workspace, digits_dir, first, then, ds_config
@@ -204,7 +204,9 @@ def test_a_run_resumes_on_another_number_of_workers(
     augmentation): weights and the epoch's loss agree within RESHARD_TOLERANCE. Each case trains two
     runs (a worker group started twice, about a minute); the baseline of the 1-to-2 cases is a run of
     its own: against the 2-worker reference, a run whose first epoch had one worker lies several times
-    RESHARD_TOLERANCE away (checked by hand), as the split's effect on epoch 1 grows through epoch 2."""
+    RESHARD_TOLERANCE away (checked by hand), as the split's effect on epoch 1 grows through epoch 2.
+    A shrinking group under ZeRO-0 and a growing one under ZeRO-1 (one shard split in two): the other two
+    pairs take the same paths, and tests/test_engine.py re-shards ZeRO-1 both ways in one process."""
     name = f"reshard-{first}to{then}-{ds_config.removesuffix('.json')}"
     uninterrupted = reference[1] if first == 2 else uninterrupted_on_one_worker
     zero = f"deepspeed.config={ds_config}"
