@@ -66,7 +66,9 @@ EVAL_CODE = ("st_scale/models", "st_scale/evaluate/subnets.py", "benchmarks/benc
 SUBNET_EVAL = tuple(f"benchmarks/results/subnet_eval/{name}.json" for name in ("cifar_resnet56", "resnet50"))
 TRAIN_STEP = ("benchmarks/results/train_step/cifar_resnet56.json",)
 CHEAP_STUDY = "benchmarks/results/fashion_st_cheap/study.json"
-CHEAP_SOURCES = (CHEAP_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_resnet56"])
+TIME_STUDY = "benchmarks/results/fashion_st_time/study.json"  # the same settings' runs, one at a time
+CT_9EP_STUDY = "benchmarks/results/fashion_ct_9ep/study.json"
+CHEAP_SOURCES = (CHEAP_STUDY, TIME_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_resnet56"])
 MAIN_16EP_STUDY = "benchmarks/results/fashion_main_16ep/study.json"
 TABLES = {
     "demo": Table("README.md", DEMO, demo_table, ("st_scale",)),
@@ -83,7 +85,7 @@ TABLES = {
     ),
     "cheap-st": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_table, TRAINING_CODE),
     "cheap-st-verdict": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_verdict, TRAINING_CODE),
-    "equal-compute": Table("RESULTS.md", (CHEAP_STUDY,), equal_compute_table, TRAINING_CODE),
+    "equal-compute": Table("RESULTS.md", (CHEAP_STUDY, TIME_STUDY, CT_9EP_STUDY), equal_compute_table, TRAINING_CODE),
     "main-question": Table("RESULTS.md", (CHEAP_STUDY, MAIN_16EP_STUDY), main_question_table, TRAINING_CODE),
 }
 

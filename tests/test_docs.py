@@ -56,14 +56,14 @@ def _study(**groups):
                 "val/subnets_std_top1": std,
                 "val/subnets_min_top1": worst,
             }
-            epochs = 12 if group == "ct_12ep" else 8
+            epochs = {"ct_12ep": 12, "ct_9ep": 9}.get(group, 8)
             run = {"group": group, "seed": seed, "status": "FINISHED", "metrics": metrics, "epoch_time_s": epoch}
             runs.append(run | {"epochs": epochs})
     return {"runs": runs}
 
 
 def test_the_cheaper_st_table_compares_each_seed_with_full_st_of_the_same_seed():
-    from doc_tables import cheap_quality, epoch_ratio, meets_goal
+    from doc_tables import cheap_quality, meets_goal
 
     study = _study(
         ct=[(0, 88.0, 70.0, 14.0, 40.0, 40.0), (1, 88.4, 69.0, 14.5, 38.0, 44.0)],
@@ -79,8 +79,20 @@ def test_the_cheaper_st_table_compares_each_seed_with_full_st_of_the_same_seed()
     assert every2["deltas"]["worst"] == pytest.approx([-0.5, -1.0])
     assert meets_goal(every2)  # mean -0.3 >= -0.5, std 1.15x <= 1.25x, worst -0.75 >= -1.5, main -0.15 >= -0.3
     assert not meets_goal(rows["st_every3"])  # main -0.5 on average: fails the main-net bound alone
-    assert epoch_ratio(study, "st_every2") == pytest.approx(50.0 / 42.0)
-    assert epoch_ratio(study, "st_half_batch") is None
+
+
+def _timing(**groups):
+    """A timing study.json: {group: {seed: time per epoch}}."""
+    return _study(**{g: [(seed, 0, 0, 0, 0, t) for seed, t in times.items()] for g, times in groups.items()})
+
+
+def test_epoch_ratios_pair_each_seed_with_ct_of_the_same_seed():
+    from doc_tables import epoch_ratios
+
+    timing = _timing(ct={0: 40.0, 1: 50.0, 2: 45.0}, st_every2={0: 48.0, 1: 55.0})
+    assert epoch_ratios(timing, "st_every2") == pytest.approx([1.2, 1.1])  # seed 2 has no st_every2 run
+    assert epoch_ratios(timing, "ct_12ep") == pytest.approx([1.0, 1.0, 1.0])  # CT's work per epoch
+    assert epoch_ratios(timing, "st_half_batch") == []
 
 
 def test_the_cheaper_st_table_renders_every_group_that_ran():
@@ -97,10 +109,12 @@ def test_the_cheaper_st_table_renders_every_group_that_ran():
         {"variant": "ST, subnet_batch_fraction 0.5, eager NCHW", "time_over_ct": 1.22},
     ]
     speed = {"args": {"model": "cifar_resnet20", "image_size": 28}, "variants": variants}
-    lines = cheap_st_table([study, speed]).splitlines()
+    timing = _timing(ct={0: 40.0, 1: 30.0}, st={0: 56.0}, st_half_batch={0: 52.0, 1: 36.0})
+    lines = cheap_st_table([study, timing, speed]).splitlines()
     assert len(lines) == 5 and "step / CT (cifar_resnet20 28 px)" in lines[0]
+    assert "epoch / CT (one at a time)" in lines[0]
     half = lines[-1].split(" | ")
-    assert half[2:5] == ["1.22x", "1.30x", "87.00"]  # step ratio; epoch 52 / 40; main
+    assert half[2:5] == ["1.22x", "1.25x ± 0.07", "87.00"]  # step ratio; epochs 52 / 40, 36 / 30; main
     assert half[5:8] == ["-1.00", "84.60", "-1.40"] and half[9] == "1.25x" and half[-1] == "no |"
 
 
@@ -112,12 +126,21 @@ def test_the_equal_compute_table_compares_whole_training_times():
         ct_12ep=[(0, 89.0, 69.0, 15.0, 35.0, 42.0), (1, 89.4, 68.0, 15.5, 33.0, 42.0)],
         st=[(0, 88.0, 86.0, 1.2, 83.0, 60.0), (1, 88.2, 86.4, 1.4, 83.4, 64.0)],
     )
-    lines = equal_compute_table([study]).splitlines()
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| CT", "| full ST", "| CT, 12 epochs (1.5x)"]
+    more_ct = _study(ct_9ep=[(0, 88.6, 68.0, 15.0, 36.0, 99.0), (1, 88.8, 67.0, 15.5, 34.0, 99.0)])
+    timing = _timing(ct={0: 40.0, 1: 50.0}, st={0: 52.0, 1: 70.0})
+    lines = equal_compute_table([study, timing, more_ct]).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| CT",
+        "| full ST",
+        "| CT, 9 epochs",
+        "| CT, 12 epochs (1.5x)",
+    ]
     ct12 = next(line for line in lines if line.startswith("| CT, 12 epochs")).split(" | ")
-    assert ct12[2:5] == ["12", "1.50x", "89.20 ± 0.28"]  # 12 x 42 s against 8 x 42 s (CT's mean epoch)
+    assert ct12[2:5] == ["12", "1.50x ± 0.00", "89.20 ± 0.28"]  # 12 epochs of CT's time per epoch
+    ct9 = next(line for line in lines if line.startswith("| CT, 9 epochs")).split(" | ")
+    assert ct9[2:5] == ["9", "1.12x ± 0.00", "88.70 ± 0.14"]
     st = next(line for line in lines if line.startswith("| full ST")).split(" | ")
-    assert st[2:4] == ["8", "1.48x"]  # 8 x 62 s against 8 x 42 s
+    assert st[2:4] == ["8", "1.35x ± 0.07"]  # 52 / 40 and 70 / 50, one at a time: the study's own times unused
 
 
 def test_the_verdict_names_what_each_setting_misses_and_the_best_trade_off():
@@ -132,8 +155,15 @@ def test_the_verdict_names_what_each_setting_misses_and_the_best_trade_off():
         {"variant": "ST, subnet_batch_fraction 0.5, eager NCHW", "time_over_ct": 1.22},
         {"variant": "ST, subnet_every 3, eager NCHW", "time_over_ct": 1.14},
     ]
-    text = cheap_st_verdict([study, {"variants": variants}])
-    assert "- ST, `subnet_batch_fraction: 0.5`: step time 1.22x of CT's, above 1.15x; meets every quality bound" in text
-    assert "- ST, `subnet_every: 3`: step time 1.14x of CT's, within 1.15x; misses sub-net mean -0.50" not in text
+    timing = _timing(ct={0: 40.0, 1: 40.0}, st_half_batch={0: 44.0, 1: 46.0}, st_every3={0: 44.0, 1: 44.0})
+    text = cheap_st_verdict([study, timing, {"variants": variants}])
+    half = "- ST, `subnet_batch_fraction: 0.5`: step time 1.22x, time per epoch 1.12x of CT's, above 1.15x"
+    assert half + "; meets every quality bound" in text
+    assert "- ST, `subnet_every: 3`: step time 1.14x, time per epoch 1.10x of CT's, within 1.15x;" in text
+    assert "misses sub-net mean -0.50" not in text
     assert "misses main -0.50 (vs full ST)" in text  # mean -0.50 is on the bound: only the main net misses
     assert "**Best trade-off: ST, `subnet_batch_fraction: 0.5`**, the cheapest setting that keeps" in text
+    slower_epochs = _timing(ct={0: 40.0}, st_every3={0: 48.0})  # its step within 1.15x, its epoch 1.20x
+    assert "step time 1.14x, time per epoch 1.20x of CT's, above 1.15x" in cheap_st_verdict(
+        [study, slower_epochs, {"variants": variants}]
+    )
