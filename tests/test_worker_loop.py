@@ -9,6 +9,7 @@ the evaluation's reductions), so each is checked against a hand-written computat
   schedule, SGD with Nesterov momentum and weight decay on the weights only, CE plus KL to a
   sub-network drawn for its own global step, augmentation drawn for its own global step, the average
   updated after each optimizer step.
+- Every rank builds the same BN calibration batches.
 - The main net's accuracy measured by each of two ranks on shards of different sizes is the accuracy
   over every image, counted (not the mean of the ranks' percentages).
 """
@@ -226,6 +227,7 @@ class WorkerSession:
 
 def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, tmp_path, monkeypatch):
     from st_scale import checkpoint
+    from st_scale.train import loop
     from st_scale.train.driver import resolve_inputs
     from st_scale.train.loop import train_worker
 
@@ -244,6 +246,12 @@ def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, 
     val = list(first.data.preparer.eval_batches(first.data.val_full))
     for key, weights in (("val/main_top1", _learned(first.model)), ("val/ema/main_top1", first.ema.weights())):
         assert metrics[key] == pytest.approx(_hand_accuracy(first.model, weights, first.data.calibration, val)), key
+
+    # Every rank re-estimates BN statistics on the same images: rank 1 of 2 builds the same batches.
+    other = loop._setup_data(first.cfg, first.inputs, first.engine, 1, 2, first.device)
+    assert len(other.calibration) == len(first.data.calibration)
+    for (x1, y1), (x0, y0) in zip(other.calibration, first.data.calibration):
+        assert torch.equal(x1, x0) and torch.equal(y1, y0), "rank 1 calibrates on other images than rank 0"
 
     session.resume_from_last_report()
     train_worker(resolve_inputs(cfg).to_loop_config())
