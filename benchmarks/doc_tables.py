@@ -309,14 +309,14 @@ def cheap_st_verdict(raws: list[dict]) -> str:
         name, variant = CHEAP_GROUPS[row["group"]]
         steps = [step_ratio(s, variant) for s in speeds]
         epochs = epoch_ratios(timing, row["group"])
-        measured = [r for r in steps if r is not None] + ([statistics.fmean(epochs)] if epochs else [])
-        cheap = len(measured) == len(speeds) + 1 and all(r <= GOAL_TIME for r in measured)
+        epoch = statistics.fmean(epochs) if epochs else None
+        cheap = all(r is not None and r <= GOAL_TIME for r in [*steps, epoch])
         misses = _misses(row)
         cost = ", ".join(f"{r:.2f}x" for r in steps if r is not None)
-        epoch = f", time per epoch {statistics.fmean(epochs):.2f}x" if epochs else ""
+        cost += f", time per epoch {epoch:.2f}x" if epoch is not None else ""
         quality = "meets every quality bound" if not misses else f"misses {'; '.join(misses)} (vs full ST)"
         time = "within" if cheap else "above"
-        lines.append(f"- {name}: step time {cost}{epoch} of CT's, {time} {GOAL_TIME}x; {quality}.")
+        lines.append(f"- {name}: step time {cost} of CT's, {time} {GOAL_TIME}x; {quality}.")
         candidates.append((row, steps[0], cheap, misses))
     both = [c for c in candidates if c[2] and not c[3]]
     good = sorted((c for c in candidates if not c[3]), key=lambda c: c[1])

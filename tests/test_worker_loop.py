@@ -93,7 +93,7 @@ class HandWrittenST:
     first convolution's weights changes a gradient by 5e-4). Its own global step, schedule, sampler,
     augmentation, momentum and weights' average."""
 
-    def __init__(self, model, cfg, steps_per_epoch: int):
+    def __init__(self, model, cfg, steps_per_epoch: int, untrained: dict):
         self.model, self.total = model.train(), EPOCHS * steps_per_epoch
         self.preparer = BatchPreparer(
             cfg.data, torch.device("cpu"), torch.float32, cfg.run.seed, 0, memory_format=memory_format(cfg.model)
@@ -101,7 +101,7 @@ class HandWrittenST:
         _, _, objective = build_model_and_objective(cfg)  # a sampler of its own, seeded as the run's
         self.sampler = objective.sampler
         self.momentum = {name: None for name, _ in model.named_parameters()}
-        self.average = _learned(model)
+        self.average = dict(untrained)
         self.step = 0
 
     def check_epoch(self, recorded: RecordedLoader) -> list[float]:
@@ -235,8 +235,8 @@ def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, 
     cfg = _config(digits_dir, tmp_path)
     train_worker(resolve_inputs(_config(digits_dir, tmp_path, "run.stop_after_epochs=1")).to_loop_config())
     (first,) = session.contexts
-    reference = HandWrittenST(copy.deepcopy(first.model), cfg, len(first.data.train))
-    reference.average = first.data.train.weights[0]  # the untrained weights
+    untrained = first.data.train.weights[0]
+    reference = HandWrittenST(copy.deepcopy(first.model), cfg, len(first.data.train), untrained)
     losses = reference.check_epoch(first.data.train)
     ((metrics, folder),) = session.reports
     _assert_close(_saved_weights(folder), first.data.train.weights[-1], "the checkpoint's weights after epoch 1")
