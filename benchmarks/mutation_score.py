@@ -1,18 +1,26 @@
-"""Mutation score per core module, from the results `mutmut run` left in mutants/ (`make mutate`) or a
-listing of them saved earlier (--results).
+"""Mutation score per module, from the results `mutmut run` left in mutants/ (`make mutate`) or a raw
+file saved earlier (--results).
 
 A mutant is killed when a fast test fails with it in place. The score is killed / every mutant that ran
 and is not shown equivalent: a survivor, a mutant whose tests ran out of time (a slowed-down test is not
 a failed one), and a mutant listed as [untestable] in benchmarks/mutation_equivalent.txt (CUDA only, a
 process mutmut does not trace, timing only) all count as not killed; only the [equivalent] ones, which
 behave exactly like the original, are left out. Mutants that never ran are counted apart and named in
-the report: the score says nothing about them. Writes score.md, survivors.txt and (with --save-results)
-the compact listing of every mutant's status under --out.
+the report: the score says nothing about them.
+
+mutmut numbers a function's mutants in order, so the numbers move when the function changes: each
+listed exclusion carries the fingerprint of the change it was written for, and an entry whose mutant is
+now another change (or gone) is not applied; --show-exclusions prints every entry's mutant as it is now,
+to re-check them. With --save-results the raw file (every mutant's status, the exclusions applied, the
+provenance block) goes to --out/results.json, which `make docs` turns into BENCHMARKS.md's table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import re
 import subprocess
 import sys
@@ -20,31 +28,35 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from st_scale.provenance import provenance, write_raw  # noqa: E402
+
 EXCLUSIONS_FILE = ROOT / "benchmarks" / "mutation_equivalent.txt"
 SECTIONS = ("equivalent", "untestable")
 KILLED = {"killed", "caught by type check", "segfault"}
 COLUMNS = ("killed", "survived", "timed out", "untestable", "equivalent", "not run")
+# Where the figures are assembled (the worker's loop, the evaluation pass and its reductions, the
+# weights' average): scored on their own line beside the core computations.
+JOINS = ("st_scale/train/loop.py", "st_scale/evaluate/passes.py", "st_scale/evaluate/distributed.py", "st_scale/ema.py")
 
 
-def mutant_results(saved: Path | None = None) -> dict[str, str]:
-    """{mutant name: status} as `mutmut results --all true` reports them (or as `saved` holds them)."""
-    if saved is not None:
-        out = saved.read_text()
-    else:
-        out = subprocess.run(
-            [str(Path(sys.executable).parent / "mutmut"), "results", "--all", "true"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+def live_results() -> dict[str, str]:
+    """{mutant name: status} as `mutmut results --all true` reports them."""
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "mutmut"), "results", "--all", "true"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     results = {}
     for line in out.splitlines():
         name, sep, status = line.strip().rpartition(": ")
         if sep:
             results[name] = status
     if not results:
-        raise SystemExit(f"no mutation results in {saved or 'mutants/'}: run `make mutate` first")
+        raise SystemExit("no mutation results in mutants/: run `make mutate` first")
     return results
 
 
@@ -55,8 +67,9 @@ def module_of(mutant: str) -> str:
     return f"{stem}/__init__.py" if (ROOT / stem).is_dir() else f"{stem}.py"
 
 
-def listed_exclusions(path: Path = EXCLUSIONS_FILE) -> dict[str, tuple[str, str]]:
-    """{mutant name: (section, reason)}: each line of `path` under its [equivalent] or [untestable] header."""
+def listed_exclusions(path: Path = EXCLUSIONS_FILE) -> dict[str, tuple[str, str, str]]:
+    """{mutant name: (section, fingerprint, reason)}: each `NAME FINGERPRINT REASON` line of `path`
+    under its [equivalent] or [untestable] header."""
     listed, section = {}, None
     for number, line in enumerate(path.read_text().splitlines() if path.is_file() else [], start=1):
         line = line.strip()
@@ -69,70 +82,148 @@ def listed_exclusions(path: Path = EXCLUSIONS_FILE) -> dict[str, tuple[str, str]
             continue
         if section is None:
             raise SystemExit(f"{path}:{number}: {line.split()[0]} comes before any [equivalent] or [untestable] line")
-        name, _, reason = line.partition(" ")
-        listed[name] = (section, reason.strip())
+        name, fingerprint, reason = (line.split(None, 2) + ["", ""])[:3]
+        if not re.fullmatch(r"[0-9a-f]{8}", fingerprint) or not reason:
+            raise SystemExit(
+                f"{path}:{number}: {name}: write NAME FINGERPRINT REASON; `benchmarks/mutation_score.py "
+                "--show-exclusions` prints each listed mutant's fingerprint"
+            )
+        listed[name] = (section, fingerprint, reason)
     return listed
 
 
-def status_of(name: str, status: str, listed: dict[str, tuple[str, str]]) -> str:
+def mutant_diff(name: str) -> str | None:
+    """mutmut's diff of the mutant against the original function, or None when mutants/ has no such mutant."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    cwd = Path.cwd()
+    os.chdir(ROOT)  # mutmut finds mutants/ from the working directory
+    try:
+        return get_diff_for_mutant(name)
+    except (FileNotFoundError, OSError):
+        return None
+    finally:
+        os.chdir(cwd)
+
+
+def changed_lines(diff: str) -> list[str]:
+    """The lines a diff removes and adds, without its file header and context."""
+    return [line for line in diff.splitlines() if line[:1] in ("-", "+") and not line.startswith(("---", "+++"))]
+
+
+def fingerprint(diff: str) -> str:
+    """8 hex digits of the lines a mutant removes and adds (indentation aside)."""
+    changed = [line[0] + line[1:].strip() for line in changed_lines(diff)]
+    return hashlib.sha1("\n".join(changed).encode()).hexdigest()[:8]
+
+
+def applicable_exclusions(listed: dict[str, tuple[str, str, str]]) -> tuple[dict[str, str], list[str]]:
+    """({name: section} of the entries whose mutant is still the change they were written for, [names of
+    the entries whose mutant has changed or is gone])."""
+    applied, stale = {}, []
+    for name, (section, recorded, _) in listed.items():
+        diff = mutant_diff(name)
+        if diff is not None and fingerprint(diff) == recorded:
+            applied[name] = section
+        else:
+            stale.append(name)
+    return applied, stale
+
+
+def column_of(status: str, exclusion: str | None) -> str:
     """One column of the table for one mutant."""
     if status == "not checked":
         return "not run"
     if status in KILLED:
         return "killed"
-    if name in listed:  # a survivor or a time-out someone has explained
-        return listed[name][0]
+    if exclusion is not None:  # a survivor or a time-out someone has explained
+        return exclusion
     return "timed out" if status == "timeout" else "survived"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mutation")
-    parser.add_argument("--results", type=Path, help="a listing saved with --save-results, instead of mutants/")
-    parser.add_argument("--save-results", action="store_true", help="also write every mutant's status to --out")
-    parser.add_argument("--minutes", type=float, help="wall time of the mutmut run, for the report")
-    args = parser.parse_args(argv)
-    results, listed = mutant_results(args.results), listed_exclusions()
+def markdown(raw: dict) -> str:
+    """The table per module, the core's and the joins' lines, and what never ran, from a raw file's
+    `results` ({name: status}) and `exclusions` ({name: section} applied)."""
+    results, exclusions = raw["results"], raw["exclusions"]
     per_module: dict[str, Counter] = defaultdict(Counter)
-    survivors, not_run = [], Counter()
-    for name, status in sorted(results.items()):
-        column = status_of(name, status, listed)
-        per_module[module_of(name)][column] += 1
-        if column in ("survived", "timed out", "untestable"):
-            survivors.append(f"{name}: {status}" + (f" ({listed[name][1]})" if name in listed else ""))
-        if column == "not run":
-            not_run[module_of(name)] += 1
+    for name, status in results.items():
+        per_module[module_of(name)][column_of(status, exclusions.get(name))] += 1
     lines = [f"| module | mutants | {' | '.join(COLUMNS)} | score |", "|---" * (len(COLUMNS) + 3) + "|"]
-    total = Counter()
+    core, joins = Counter(), Counter()
     for module, counts in sorted(per_module.items()):
-        total.update(counts)
+        (joins if module in JOINS else core).update(counts)
         lines.append(_row(module, counts))
-    lines.append(_row("**all**", total))
+    lines.append(_row("**core computations**", core))
+    if joins:
+        lines.append(_row("**where figures are assembled**", joins))
+    lines.append(_row("**all**", core + joins))
+    total = core + joins
+    not_run = {module: counts["not run"] for module, counts in per_module.items() if counts["not run"]}
     if not_run:
         where = ", ".join(f"{module} {count}" for module, count in sorted(not_run.items()))
         lines.append(
             f"\n{total['not run']} of {len(results)} mutants never ran ({where}): the score covers only those that ran."
         )
-    if args.minutes:
-        lines.append(f"\nWall time of the mutmut run: {args.minutes:.0f} min.")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "score.md").write_text("\n".join(lines) + "\n")
-    (args.out / "survivors.txt").write_text("".join(f"{line}\n" for line in survivors))
-    if args.save_results:
-        (args.out / "results.txt").write_text(
-            "".join(f"{name}: {status}\n" for name, status in sorted(results.items()))
+    stale = raw.get("stale_exclusions", [])
+    if stale:
+        lines.append(
+            f"\n{len(stale)} listed exclusions were not applied: their mutant is now another change or gone "
+            f"({', '.join(stale)})."
         )
-    print("\n".join(lines))
-    print(
-        f"\n{len(survivors)} mutants not killed listed in {args.out / 'survivors.txt'} (`mutmut show NAME` shows one)"
-    )
-    return 0
+    if raw.get("minutes"):
+        lines.append(f"\nWall time of the mutmut run: {raw['minutes']:.0f} min.")
+    return "\n".join(lines)
 
 
-def _row(module: str, counts: Counter) -> str:
+def _row(label: str, counts: Counter) -> str:
     scored = sum(counts[c] for c in ("killed", "survived", "timed out", "untestable"))
     score = f"{100 * counts['killed'] / scored:.1f}%" if scored else "-"
-    return f"| {module} | {sum(counts.values())} | {' | '.join(str(counts[c]) for c in COLUMNS)} | {score} |"
+    return f"| {label} | {sum(counts.values())} | {' | '.join(str(counts[c]) for c in COLUMNS)} | {score} |"
+
+
+def show_exclusions(listed: dict[str, tuple[str, str, str]]) -> None:
+    for name, (section, recorded, reason) in listed.items():
+        diff = mutant_diff(name)
+        now = fingerprint(diff) if diff is not None else "gone"
+        verdict = "matches" if now == recorded else f"NOW {now}: re-check the reason against this change"
+        print(f"[{section}] {name} {recorded} ({verdict})\n  {reason}")
+        print("".join(f"    {line}\n" for line in changed_lines(diff or "")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mutation")
+    parser.add_argument("--results", type=Path, help="a raw file saved with --save-results, instead of mutants/")
+    parser.add_argument("--save-results", action="store_true", help="write the raw file --out/results.json")
+    parser.add_argument("--minutes", type=float, help="wall time of the mutmut run, for the report")
+    parser.add_argument(
+        "--show-exclusions", action="store_true", help="print each listed exclusion's mutant as it is now, and stop"
+    )
+    args = parser.parse_args(argv)
+    listed = listed_exclusions()
+    if args.show_exclusions:
+        show_exclusions(listed)
+        return 0
+    block = provenance()
+    if args.results is not None:
+        raw = json.loads(args.results.read_text())
+    else:
+        applied, stale = applicable_exclusions(listed)
+        raw = {"minutes": args.minutes, "results": live_results(), "exclusions": applied, "stale_exclusions": stale}
+    table = markdown(raw)
+    not_killed = [
+        f"{name}: {status}" + (f" ({listed[name][2]})" if name in raw["exclusions"] else "")
+        for name, status in sorted(raw["results"].items())
+        if column_of(status, raw["exclusions"].get(name)) in ("survived", "timed out", "untestable")
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "score.md").write_text(table + "\n")
+    (args.out / "survivors.txt").write_text("".join(f"{line}\n" for line in not_killed))
+    if args.save_results:
+        write_raw(args.out / "results.json", block, {key: raw[key] for key in raw if key != "provenance"})
+    print(table)
+    print(f"\n{len(not_killed)} mutants not killed: {args.out / 'survivors.txt'} (`mutmut show NAME` shows one)")
+    return 0
 
 
 if __name__ == "__main__":

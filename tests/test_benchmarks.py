@@ -99,36 +99,63 @@ def test_the_gpu_benchmark_in_its_cpu_mode(tmp_path):
 
 
 def test_the_mutation_score_counts_what_did_not_run_and_what_only_looks_equivalent(tmp_path):
-    """A time-out and an [untestable] mutant count as not killed, an [equivalent] one is left out,
-    and a mutant that never ran is named rather than scored."""
-    listing = tmp_path / "listing.txt"
-    listing.write_text(
-        "st_scale.train.schedule.x_lr_at__mutmut_1: killed\n"
-        "st_scale.train.schedule.x_lr_at__mutmut_2: survived\n"
-        "st_scale.train.schedule.x_lr_at__mutmut_3: timeout\n"
-        "st_scale.checkpoint.x_rng_state__mutmut_8: survived\n"  # [untestable]: CUDA only
-        "st_scale.checkpoint.x_load__mutmut_26: survived\n"  # [equivalent]
-        "st_scale.sampling.x_step_rng__mutmut_1: not checked\n"
+    """A time-out and an [untestable] mutant count as not killed, an [equivalent] one is left out, a
+    mutant that never ran is named rather than scored, and the joins are scored apart from the core."""
+    raw = tmp_path / "results.json"
+    raw.write_text(
+        json.dumps(
+            {
+                "results": {
+                    "st_scale.train.schedule.x_lr_at__mutmut_1": "killed",
+                    "st_scale.train.schedule.x_lr_at__mutmut_2": "survived",
+                    "st_scale.train.schedule.x_lr_at__mutmut_3": "timeout",
+                    "st_scale.checkpoint.x_rng_state__mutmut_8": "survived",
+                    "st_scale.checkpoint.x_load__mutmut_26": "survived",
+                    "st_scale.sampling.x_step_rng__mutmut_1": "not checked",
+                    "st_scale.ema.xǁWeightAverageǁupdate__mutmut_1": "killed",
+                    "st_scale.ema.xǁWeightAverageǁupdate__mutmut_2": "survived",
+                },
+                "exclusions": {
+                    "st_scale.checkpoint.x_rng_state__mutmut_8": "untestable",
+                    "st_scale.checkpoint.x_load__mutmut_26": "equivalent",
+                },
+                "stale_exclusions": ["st_scale.checkpoint.x_save__mutmut_20"],
+            }
+        )
     )
     out = tmp_path / "score"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "mutation_score.py"), "--results", str(listing)]
-        + ["--out", str(out), "--save-results"],
+        [sys.executable, str(ROOT / "benchmarks" / "mutation_score.py"), "--results", str(raw), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in done.stdout.splitlines()
-            if line.startswith("| st_scale") or line.startswith("| **all**")}  # fmt: skip
+            if line.startswith("| st_scale") or line.startswith("| **")}  # fmt: skip
     # mutants | killed | survived | timed out | untestable | equivalent | not run | score
     assert rows["st_scale/train/schedule.py"] == ["3", "1", "1", "1", "0", "0", "0", "33.3%"]
     assert rows["st_scale/checkpoint.py"] == ["2", "0", "0", "0", "1", "1", "0", "0.0%"]
     assert rows["st_scale/sampling.py"] == ["1", "0", "0", "0", "0", "0", "1", "-"]
-    assert rows["**all**"] == ["6", "1", "1", "1", "1", "1", "1", "25.0%"]
-    assert "1 of 6 mutants never ran (st_scale/sampling.py 1)" in done.stdout
-    assert (out / "results.txt").read_text() == "".join(sorted(listing.read_text().splitlines(keepends=True)))
-    assert len((out / "survivors.txt").read_text().splitlines()) == 3
+    assert rows["**core computations**"] == ["6", "1", "1", "1", "1", "1", "1", "25.0%"]
+    assert rows["**where figures are assembled**"] == ["2", "1", "1", "0", "0", "0", "0", "50.0%"]
+    assert rows["**all**"] == ["8", "2", "2", "1", "1", "1", "1", "33.3%"]
+    assert "1 of 8 mutants never ran (st_scale/sampling.py 1)" in done.stdout
+    assert "1 listed exclusions were not applied" in done.stdout and "x_save__mutmut_20" in done.stdout
+    assert len((out / "survivors.txt").read_text().splitlines()) == 4
+
+
+def test_every_listed_exclusion_names_the_change_it_was_written_for():
+    """Each entry of benchmarks/mutation_equivalent.txt carries its mutant's fingerprint (mutmut's
+    numbers move when a function changes); the fingerprint reads only the changed lines."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mutation_score import fingerprint, listed_exclusions
+
+    listed = listed_exclusions()
+    assert len(listed) > 40 and {section for section, _, _ in listed.values()} == {"equivalent", "untestable"}
+    diff = "--- a.py\n+++ a.py\n@@ -1,3 +1,3 @@\n def f():\n-    return x + 1\n+    return x - 1\n"
+    assert fingerprint(diff) == fingerprint(diff.replace("    return", "        return").replace(" def f", " def g"))
+    assert fingerprint(diff) != fingerprint(diff.replace("x - 1", "x * 1"))
 
 
 def test_the_suite_timing_report_keeps_every_test_and_its_provenance(tmp_path):
