@@ -335,6 +335,35 @@ def test_an_evaluation_pass_leaves_the_model_and_its_shared_figures_describe_the
     assert reports[""].row((3, 3, 3)).top1 == main["val/main_top1"]
 
 
+def test_each_sub_network_is_timed_on_one_image_and_on_the_first_validation_batch(monkeypatch):
+    """With `latency`, every sub-network's row (on either statistics) carries the median time of one
+    image through that sub-network and the throughput of the first validation batch (1 warm-up, 3
+    timed forwards); the timer is a recorder here, so each figure is known exactly."""
+    import st_scale.evaluate.passes as passes
+
+    calls = []
+
+    def timer(model, depths, images, *, warmup=2, repeats=5):
+        calls.append((depths, len(images), warmup, repeats))
+        return 2.0 * len(images) + sum(depths)
+
+    monkeypatch.setattr(passes, "measure_latency_ms", timer)
+    model = create_model("cifar_resnet20", 10)
+    model.eval()
+    val, calibration = random_batches(2, 16, 16, seed=1), random_batches(1, 16, 16, seed=2)
+    subnets = [[2, 3, 1], (1, 1, 1)]  # as a user writes them: checked into tuples
+    reports = passes.subnet_reports(model, subnets, lambda: val, calibration, shared_stats=True, latency=True)
+    assert calls == [((2, 3, 1), 1, 2, 5), ((2, 3, 1), 16, 1, 3), ((1, 1, 1), 1, 2, 5), ((1, 1, 1), 16, 1, 3)]
+    for report in reports.values():
+        for depths in ((2, 3, 1), (1, 1, 1)):
+            row = report.row(depths)
+            assert row.latency_ms == 2.0 + sum(depths)
+            assert row.images_per_s == 1000 * 16 / (32.0 + sum(depths))
+    calls.clear()
+    untimed = passes.subnet_reports(model, subnets, lambda: val, calibration, shared_stats=False)
+    assert calls == [] and untimed[""].row((1, 1, 1)).latency_ms is None
+
+
 def test_one_evaluation_measures_each_network_as_its_parts_do_and_leaves_the_model():
     """`evaluate`, the pass of training's epochs and of `st-scale eval`: the main net, the weights'
     average on statistics re-estimated for it, the sub-networks, the other calibration protocol and
