@@ -303,6 +303,41 @@ def test_weights_that_cannot_be_read_name_the_checkpoint_and_the_file(tmp_path, 
         read(folder)
 
 
+@pytest.mark.parametrize(
+    "torch_says, detail",
+    [
+        (
+            "Error(s) in loading state_dict for ElasticNet:\n\tMissing key(s) in state_dict: " + "x" * 300
+            + "\n\tUnexpected key(s) in state_dict: y",
+            "Missing key(s) in state_dict: " + "x" * 130,
+        ),
+        ("Error(s) in loading state_dict:\n\n   \n\tsize mismatch for fc", "size mismatch for fc"),
+        ("one line only", "one line only"),
+        ("", ""),
+    ],
+)  # fmt: skip
+def test_a_weights_mismatch_is_described_by_torchs_first_detail_line(tmp_path, torch_says, detail):
+    """The refusal quotes the first non-blank line after torch's heading (the heading itself when there
+    is no other), at most 160 characters."""
+    from torch import nn
+
+    from st_scale import checkpoint
+    from st_scale.errors import ConfigError
+
+    class Refuses(nn.Module):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            raise RuntimeError(torch_says)
+
+    shutil.copytree(CHECKPOINT_V1, tmp_path / "run")
+    folder = next((tmp_path / "run").glob("checkpoint_*"))
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.load_weights(folder, Refuses())
+    assert str(refused.value) == (
+        f"{folder}: its weights do not fit the network its st_scale_config.json builds ({detail}); the folder "
+        "holds files of two runs or was damaged; give another checkpoint_* folder"
+    )
+
+
 def test_weights_of_another_network_are_named_as_such(tmp_path):
     """The first-format checkpoint's ResNet-20 [2, 2, 2] weights loaded into the network its config
     builds after that config is changed to [3, 3, 3]: a folder holding two runs' files."""

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -228,8 +229,48 @@ def test_st_learns_a_batch():
 )
 def test_bad_st_options_are_named(options, message):
     model, _, _ = _setup()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as refused:
         _st(model, **options)
+    assert re.fullmatch(message, str(refused.value)), str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"share": 1.0}, "share=1.0: must be in (0, 1)"),
+        ({"share": 0}, "share=0: must be in (0, 1)"),
+        ({"cap": 5.0}, "cap=5.0: must be <= 4"),
+        ({"floor": 1}, "floor=1: must be < 1"),
+        ({"share": "half"}, "share='half': Input should be a valid number, unable to parse string as a number"),
+        ({"sizes": [1, "x"]}, "sizes.1='x': Input should be a valid integer, unable to parse string as an integer"),
+        ({"sizes": [1, 2, 3]}, "sizes must hold at most 2 sizes"),
+        ({"shares": 2}, "shares=2: Extra inputs are not permitted"),
+    ],
+)
+def test_an_options_error_names_the_field_the_value_and_the_bound_declared_on_the_field(fields, message):
+    """Every bound kind (open, closed, one-sided from above), a value given as text (quoted), a list
+    item (its position in the field's name) and a validator's own message, word for word."""
+    from pydantic import Field, field_validator
+
+    from st_scale.methods.base import method_options
+    from st_scale.schema import Section
+
+    class Probe(Section):
+        share: float = Field(0.5, gt=0, lt=1)
+        cap: float = Field(1.0, le=4)
+        floor: float = Field(0.0, lt=1)
+        sizes: list[int] = Field(default_factory=list)
+
+        @field_validator("sizes")
+        @classmethod
+        def _at_most_two(cls, sizes):
+            if len(sizes) > 2:
+                raise ValueError("sizes must hold at most 2 sizes")
+            return sizes
+
+    with pytest.raises(ValueError) as refused:
+        method_options(Probe, None, fields)
+    assert str(refused.value) == message
 
 
 def test_unknown_method_lists_the_choices():
@@ -673,6 +714,35 @@ def test_bad_self_distillation_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         AuxiliarySupervision(model, per="stage", name="self_distillation", **options)
     AuxiliarySupervision(model, per="stage", name="self_distillation", distill_alpha=1.0)  # the bounds themselves hold
+
+
+def test_auxiliary_heads_placed_neither_per_block_nor_per_stage_are_refused():
+    from st_scale.methods import AuxiliarySupervision
+
+    model, _, _ = _setup()
+    with pytest.raises(ValueError) as refused:
+        AuxiliarySupervision(model, per="layer", name="layer_supervision")
+    assert str(refused.value) == "per='layer': choose 'block' or 'stage'"
+
+
+@pytest.mark.parametrize("recipe, words", [("demo_vit_ct", "tokens"), ("demo_swin_ct", "NHWC feature maps")])
+@pytest.mark.parametrize("method", ["layer_supervision", "stage_supervision", "self_distillation"])
+def test_auxiliary_heads_on_a_transformer_are_refused_before_training(recipe, words, method):
+    """The heads pool NCHW feature maps: on a ViT's tokens the first step would fail, on Swin's NHWC
+    maps they would pool over height and channels and train on nonsense. The driver refuses the recipe."""
+    from st_scale.assembly import check_buildable
+    from st_scale.config import load_config
+    from st_scale.errors import ConfigError
+
+    cfg = load_config(recipe, [f"method.name={method}"])
+    with pytest.raises(ConfigError) as refused:
+        check_buildable(cfg)
+    model = cfg.model.name
+    assert str(refused.value) == (
+        f"method {method}: its heads read convolutional (NCHW) feature maps, and {model}'s blocks give {words}"
+        + (" (batch x tokens x width)" if words == "tokens" else "")
+        + f"; train {model} with ct, st or stochastic_depth"
+    )
 
 
 def _smoothed_ce_by_hand(logits, labels, smoothing):

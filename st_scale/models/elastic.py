@@ -49,9 +49,13 @@ class ElasticNet(nn.Module):
         net: nn.Module,
         segments: Sequence[Segment],
         branch_end: Callable[[nn.Module], nn.Module],
+        feature_layout: str = "nchw",
     ):
         super().__init__()
         self.name = name
+        # How a block's output is laid out: "nchw" (convolutional feature maps), "nhwc" (Swin) or
+        # "tokens" (a ViT's batch x tokens x width). What reads features between blocks depends on it.
+        self.feature_layout = feature_layout
         # The name `create_model` knows it by: a model built with `stage_depths` is named after its
         # depths ("cifar_resnet20[2-2-2]"), and its sub-networks are built from the family's full name.
         self.registry_name = name

@@ -104,7 +104,7 @@ def elastic_vit(name: str, net: VisionTransformer, groups: tuple[int, ...]) -> E
         segments.append(Segment(layers[start : start + size], stage))
         start += size
     segments.append(Segment([ViTHead(net)]))
-    return ElasticNet(name, net, segments, transformer_branch_end)
+    return ElasticNet(name, net, segments, transformer_branch_end, feature_layout="tokens")
 
 
 def elastic_swin(name: str, net: SwinTransformer) -> ElasticNet:
@@ -116,7 +116,7 @@ def elastic_swin(name: str, net: SwinTransformer) -> ElasticNet:
         if index + 1 < len(features):
             segments.append(Segment([features[index + 1]]))  # patch merging
     segments.append(Segment([nn.Sequential(net.norm, net.permute, net.avgpool, net.flatten, net.head)]))
-    return ElasticNet(name, net, segments, transformer_branch_end)
+    return ElasticNet(name, net, segments, transformer_branch_end, feature_layout="nhwc")
 
 
 def _even_groups(num_layers: int, groups: int) -> tuple[int, ...]:
