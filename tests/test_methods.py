@@ -4,6 +4,7 @@ import copy
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,6 +241,7 @@ def test_bad_st_options_are_named(options, message):
         ({"share": 1.0}, "share=1.0: must be in (0, 1)"),
         ({"share": 0}, "share=0: must be in (0, 1)"),
         ({"cap": 5.0}, "cap=5.0: must be <= 4"),
+        ({"cap": np.float64(5.0)}, "cap=5.0: must be <= 4"),  # a number from the Python API shows as one
         ({"floor": 1}, "floor=1: must be < 1"),
         ({"share": "half"}, "share='half': Input should be a valid number, unable to parse string as a number"),
         ({"sizes": [1, "x"]}, "sizes.1='x': Input should be a valid integer, unable to parse string as an integer"),
