@@ -191,6 +191,9 @@ class WorkerSession:
         from st_scale.train import loop
 
         self.folder, self.reports, self.contexts, self.resume_from = tmp_path, [], [], None
+        # MLflow puts a SQLite store's artifacts under ./mlruns of the process that creates the
+        # experiment: here, the test's own folder rather than the checkout.
+        monkeypatch.chdir(tmp_path)
         build = loop.build_worker_context
 
         def build_and_keep(*args, **kwargs):
