@@ -364,6 +364,37 @@ def test_each_sub_network_is_timed_on_one_image_and_on_the_first_validation_batc
     assert calls == [] and untimed[""].row((1, 1, 1)).latency_ms is None
 
 
+@pytest.mark.parametrize(
+    "limit, sizes", [(None, [4, 4, 3]), (6, [4, 2]), (8, [4, 4]), (11, [4, 4, 3]), (50, [4, 4, 3]), (0, [])]
+)
+def test_the_destruction_tests_images_are_the_first_ones_up_to_the_limit_and_copied(limit, sizes):
+    """`eval.destruction_images`: the first `limit` validation images, whole batches then part of one,
+    copied (FFCV reuses its batch buffers for the next batches)."""
+    from st_scale.evaluate.passes import first_images
+
+    batches = [
+        (torch.arange(n * 2.0).reshape(n, 2) + 100 * i, torch.arange(n) + 10 * i) for i, n in enumerate([4, 4, 3])
+    ]
+    kept = first_images(iter(batches), limit)
+    assert [len(y) for _, y in kept] == sizes
+    for (x, y), (x0, y0), n in zip(kept, batches, sizes):
+        assert torch.equal(x, x0[:n]) and torch.equal(y, y0[:n])
+    for x0, y0 in batches:
+        x0.fill_(-1), y0.fill_(-1)
+    assert all((x >= 0).all() and (y >= 0).all() for x, y in kept), "a kept batch shares its loader's buffer"
+
+
+def test_figures_of_the_other_calibration_protocol_carry_its_suffix_but_the_count_does_not():
+    from st_scale.evaluate.passes import calibration_suffix, with_suffix
+
+    metrics = {"val/main_top1": 90.0, "val/subnets_mean_top1": 80.0, "val/num_subnets": 27}
+    assert with_suffix(metrics, calibration_suffix("train")) == {
+        "val/main_top1_calib_train": 90.0,
+        "val/subnets_mean_top1_calib_train": 80.0,
+        "val/num_subnets": 27,
+    }
+
+
 def test_one_evaluation_measures_each_network_as_its_parts_do_and_leaves_the_model():
     """`evaluate`, the pass of training's epochs and of `st-scale eval`: the main net, the weights'
     average on statistics re-estimated for it, the sub-networks, the other calibration protocol and
