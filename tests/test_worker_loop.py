@@ -229,9 +229,11 @@ class WorkerSession:
 
 
 def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, tmp_path, monkeypatch):
+    import mlflow
+
     from st_scale import checkpoint
     from st_scale.train import loop
-    from st_scale.train.driver import resolve_inputs
+    from st_scale.train.driver import resolve_inputs, run_folder, run_summary
     from st_scale.train.loop import train_worker
 
     session = WorkerSession(tmp_path, monkeypatch)
@@ -269,6 +271,16 @@ def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, 
     assert metrics["val/main_top1"] == pytest.approx(
         _hand_accuracy(second.model, _learned(second.model), second.data.calibration, val)
     )
+
+    # The summary `st-scale train` prints and writes (--summary-json) is what MLflow logged last.
+    inputs = resolve_inputs(cfg)
+    summary = run_summary(cfg, inputs, metrics, 12.34, folder.name)
+    logged = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(second.run_id)
+    assert summary.mlflow_run_id == second.run_id and summary.mlflow_experiment_id == logged.info.experiment_id
+    for field in ("main_top1", "subnets_mean_top1", "subnets_std_top1", "subnets_min_top1", "num_subnets"):
+        assert getattr(summary, field) == logged.data.metrics[f"val/{field}"], field
+    assert (summary.method, summary.model, summary.epochs, summary.wall_s) == ("st", cfg.model.name, EPOCHS, 12.3)
+    assert summary.dataset == inputs.dataset and summary.checkpoint == (run_folder(cfg) / folder.name).uri
 
 
 def _accuracy_on_ranks(rank: int, world: int, port: int, shards: list, weights: dict, folder: Path) -> None:

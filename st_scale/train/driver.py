@@ -322,7 +322,13 @@ def _train_holding_the_name(cfg: Config, inputs: WorkerInputs, *, address: str |
                 f"complete checkpoint in {run_folder(cfg)}",
             ) from None
     wall = time.perf_counter() - start
-    m = result.metrics or {}
+    last = Path(result.checkpoint.path).name if result.checkpoint else None
+    return run_summary(cfg, inputs, result.metrics or {}, wall, last)
+
+
+def run_summary(cfg: Config, inputs: WorkerInputs, m: dict, wall_s: float, last_checkpoint: str | None) -> RunSummary:
+    """The summary of a run from the metrics its workers reported last (`m`) and the name of its last
+    checkpoint folder."""
     return RunSummary(
         method=cfg.method.name,
         model=cfg.model.name,
@@ -334,8 +340,8 @@ def _train_holding_the_name(cfg: Config, inputs: WorkerInputs, *, address: str |
         num_subnets=int(m["val/num_subnets"]) if "val/num_subnets" in m else None,
         mlflow_run_id=m.get("mlflow_run_id"),
         epochs=int(m.get("epoch", 0)),
-        wall_s=round(wall, 1),
-        checkpoint=(run_folder(cfg) / Path(result.checkpoint.path).name).uri if result.checkpoint else None,
+        wall_s=round(wall_s, 1),
+        checkpoint=(run_folder(cfg) / last_checkpoint).uri if last_checkpoint else None,
         mlflow_experiment_id=inputs.experiment_id,
     )
 
