@@ -144,7 +144,7 @@ study: install fashion-mnist
 # again re-tests only the mutants of functions that changed. MUTANTS="st_scale.methods.*" narrows it.
 mutate: install
 	@start=$$(date +%s); \
-	$(BIN)/mutmut run --max-children 2 $(MUTANTS); \
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS); \
 	$(PY) benchmarks/mutation_score.py --save-results --minutes $$(( ($$(date +%s) - start) / 60 ))
 
 clean:
