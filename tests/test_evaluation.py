@@ -271,6 +271,7 @@ def test_destruction_tests_cover_every_droppable_block():
     intact = by_test["intact"][0]
     assert (intact.damage, intact.detail) == (0, "")
     assert {r.damage for r in by_test["delete_one"]} == {1}
+    assert {r.damage for r in by_test["swap_adjacent"]} == {1}  # one swap
     assert [r.damage for r in by_test["delete_k"]] == [1, 1, 2, 2, 3, 3]
     again = destruction_tests(model, val, val, max_deleted=3, trials=2)
     assert [r.detail for r in again] == [r.detail for r in rows]  # seeded: the same random deletions

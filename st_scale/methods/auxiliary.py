@@ -27,7 +27,7 @@ class SelfDistillationOptions(CommonOptions):
     distill_temperature: float = Field(3.0, gt=0)
 
 
-LAYOUT_WORDS = {"tokens": "tokens (batch x tokens x width)", "nhwc": "NHWC feature maps"}
+LAYOUT_WORDS = {"nhwc": "NHWC feature maps", "tokens": "tokens (batch x tokens x width)"}
 
 
 def _feature_channels(model: ElasticNet, image_size: int = 32) -> tuple[dict[tuple[int, int], int], int]:
@@ -65,12 +65,11 @@ class AuxiliarySupervision(Objective):
         _require(per in ("block", "stage"), f"per={per!r}: choose 'block' or 'stage'")
         # A head pools a block's output over its spatial axes: NCHW feature maps only. On a ViT's tokens
         # or Swin's NHWC maps it would pool over the wrong axes (or fail at the first step).
-        _require(
-            model.feature_layout == "nchw",
-            f"method {name}: its heads read convolutional (NCHW) feature maps, and {model.name}'s blocks give "
-            f"{LAYOUT_WORDS.get(model.feature_layout, model.feature_layout)}; train {model.name} with ct, st or "
-            "stochastic_depth",
-        )
+        if model.feature_layout != "nchw":
+            raise ValueError(
+                f"method {name}: its heads read convolutional (NCHW) feature maps, and {model.name}'s blocks "
+                f"give {LAYOUT_WORDS[model.feature_layout]}; train {model.name} with ct, st or stochastic_depth"
+            )
         if distill is not None or fields:
             distill = method_options(SelfDistillationOptions, distill, fields)
         self.name = name

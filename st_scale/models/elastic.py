@@ -42,6 +42,9 @@ def preserved_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+FEATURE_LAYOUTS = ("nchw", "nhwc", "tokens")
+
+
 class ElasticNet(nn.Module):
     def __init__(
         self,
@@ -55,6 +58,8 @@ class ElasticNet(nn.Module):
         self.name = name
         # How a block's output is laid out: "nchw" (convolutional feature maps), "nhwc" (Swin) or
         # "tokens" (a ViT's batch x tokens x width). What reads features between blocks depends on it.
+        if feature_layout not in FEATURE_LAYOUTS:
+            raise ValueError(f"{name}: feature_layout={feature_layout!r}; choose one of {', '.join(FEATURE_LAYOUTS)}")
         self.feature_layout = feature_layout
         # The name `create_model` knows it by: a model built with `stage_depths` is named after its
         # depths ("cifar_resnet20[2-2-2]"), and its sub-networks are built from the family's full name.
