@@ -203,7 +203,7 @@ def check_resumable(
     if found is not None:  # (a range was refused above where re-sharding matters)
         check_reshardable(zero_stage, found, writer_world_size(found), max(num_workers) if elastic else num_workers)
         if model is not None:
-            check_same_network(found, model)
+            check_same_network(found, model, resolve(run_dir).name)
 
 
 def latest(run_dir: Path | Location) -> Location | None:
@@ -371,7 +371,7 @@ def read_run(directory: Path | Location) -> RunInfo:
     return info
 
 
-def check_same_network(found: Location, model: ModelSection) -> None:
+def check_same_network(found: Location, model: ModelSection, run_name: str) -> None:
     """A run resumes into the network it trained: a recipe that builds another (other architecture,
     depths or classes) under the same run name is refused, naming both."""
     written = read_run(found).config_model().model
@@ -380,7 +380,7 @@ def check_same_network(found: Location, model: ModelSection) -> None:
         shown = ", ".join(f"model.{f}={getattr(written, f)!r}" for f in differs)
         wanted = ", ".join(f"model.{f}={getattr(model, f)!r}" for f in differs)
         raise ConfigError(
-            f"run.name={found.uri.rstrip('/').split('/')[-2]!r} already holds checkpoints of another network ({shown} "
+            f"run.name={run_name!r} already holds checkpoints of another network ({shown} "
             f"in {found}) than this recipe builds ({wanted}); give this run its own run.name, or remove that folder "
             f"to start over"
         )

@@ -338,6 +338,32 @@ def test_a_weights_mismatch_is_described_by_torchs_first_detail_line(tmp_path, t
     )
 
 
+def test_a_first_format_checkpoint_reads_its_state_from_the_run_file():
+    """tests/data/checkpoint_v1 was saved after epoch 1 of a run of 22 steps an epoch."""
+    from st_scale import checkpoint
+
+    folder = next(CHECKPOINT_V1.glob("checkpoint_*"))
+    state = checkpoint.read_run(folder).state
+    assert (state.epoch, state.step, state.mlflow_run_id) == (1, 22, "265ada1fbbc6426d994db81793337f47")
+
+
+def test_resuming_into_another_network_names_every_field_that_differs(tmp_path):
+    from st_scale import checkpoint
+    from st_scale.errors import ConfigError
+
+    shutil.copytree(CHECKPOINT_V1, tmp_path / "compat-v1")
+    model = checkpoint.read_run(next(CHECKPOINT_V1.glob("checkpoint_*"))).config_model().model
+    model = model.model_copy(update={"stage_depths": (3, 3, 3), "num_classes": 12})
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.check_resumable(tmp_path / "compat-v1", zero_stage=0, num_workers=1, model=model)
+    found = next((tmp_path / "compat-v1").glob("checkpoint_*"))
+    assert str(refused.value) == (
+        f"run.name='compat-v1' already holds checkpoints of another network (model.num_classes=10, "
+        f"model.stage_depths=[2, 2, 2] in {found}) than this recipe builds (model.num_classes=12, "
+        "model.stage_depths=(3, 3, 3)); give this run its own run.name, or remove that folder to start over"
+    )
+
+
 def test_weights_of_another_network_are_named_as_such(tmp_path):
     """The first-format checkpoint's ResNet-20 [2, 2, 2] weights loaded into the network its config
     builds after that config is changed to [3, 3, 3]: a folder holding two runs' files."""
