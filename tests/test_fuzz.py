@@ -347,6 +347,35 @@ def test_a_first_format_checkpoint_reads_its_state_from_the_run_file():
     assert (state.epoch, state.step, state.mlflow_run_id) == (1, 22, "265ada1fbbc6426d994db81793337f47")
 
 
+def test_a_run_file_that_cannot_be_read_or_validated_is_named_with_what_is_wrong(tmp_path):
+    from st_scale import checkpoint
+    from st_scale.errors import ConfigError
+
+    shutil.copytree(CHECKPOINT_V1, tmp_path / "run")
+    folder = next((tmp_path / "run").glob("checkpoint_*"))
+    run_file = folder / "st_scale_config.json"
+    written = json.loads(run_file.read_text())
+    run_file.write_text(json.dumps({k: v for k, v in written.items() if k != "tracking_uri"}))
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.read_run(folder)
+    assert str(refused.value) == (
+        f"{folder} is damaged: its st_scale_config.json or train_state.json cannot be read "
+        "(KeyError: 'tracking_uri'); give an earlier checkpoint_* folder"
+    )
+    written["config"]["optimizer"]["epochs"] = "many"
+    run_file.write_text(json.dumps(written))
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.read_run(folder)
+    text = str(refused.value)
+    assert text.startswith(
+        f"{folder}: the config in its st_scale_config.json is not one this version of st-scale reads (config:\n"
+        "  optimizer.epochs: Input should be a valid integer"
+    ), text
+    assert text.endswith(
+        "(got 'many')); evaluate or resume it with the st-scale version that wrote it, or give another checkpoint"
+    )
+
+
 def test_resuming_into_another_network_names_every_field_that_differs(tmp_path):
     from st_scale import checkpoint
     from st_scale.errors import ConfigError
