@@ -494,8 +494,38 @@ def test_a_zero1_checkpoint_of_another_parameter_layout_is_refused(tmp_path):
     shards = _zero_shards(tmp_path, 1)
     assert shards[0]["param_alignment_paddings"] == engine.optimizer.round_robin_bit16_padding
     shards[0]["param_alignment_paddings"] = [[p + 4 for p in group] for group in shards[0]["param_alignment_paddings"]]
-    with pytest.raises(ConfigError, match=r"the ZeRO checkpoint's parameter layout differs from this run's"):
+    with pytest.raises(ConfigError) as refused:
         reshard_zero_state(engine.optimizer, shards)
+    assert str(refused.value) == (
+        "the ZeRO checkpoint's parameter layout differs from this run's (zero_optimization.parameter_alignment "
+        "changed); resume with the DeepSpeed config that wrote it"
+    )
+    (next((tmp_path / "checkpoint").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))).unlink()
+    with pytest.raises(RuntimeError) as missing:
+        _zero_shards(tmp_path, 1)
+    assert str(missing.value) == f"checkpoint {tmp_path}: the ZeRO optimizer shard of rank 0 is missing"
+
+
+def test_only_deepspeeds_zero_optimizer_is_resharded():
+    from st_scale.checkpoint import reshard_zero_state
+
+    with pytest.raises(ConfigError) as refused:
+        reshard_zero_state(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), [])
+    assert str(refused.value) == (
+        "a ZeRO checkpoint is re-sharded for another number of workers only with DeepSpeed's ZeRO-1/2 optimizer "
+        "without round_robin_gradients (this run uses SGD); resume it with the number of workers that wrote it"
+    )
+
+
+@pytest.mark.parametrize("rank, expected", [(0, [1, 2, 3, 4]), (1, [5, 6, 7, 8]), (2, [9, 0, 0, 0])])
+def test_a_ranks_new_partition_is_its_cut_of_the_writers_data_without_their_padding(rank, expected):
+    """Two writers' partitions of 6 (data 5 and 4, then padding) joined are 9 values; three readers
+    with partitions of 4 take 4, 4 and the last one with zero padding; the dtype is the writers'."""
+    from st_scale.checkpoint import _recut
+
+    pieces = [torch.tensor(values, dtype=torch.float64) for values in ([1, 2, 3, 4, 5, -1], [6, 7, 8, 9, -1, -1])]
+    mine = _recut(pieces, [5, 4], rank, 4)
+    assert mine.dtype == torch.float64 and mine.tolist() == expected
 
 
 @pytest.mark.parametrize("written_by, read_by", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
