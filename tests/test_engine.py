@@ -484,9 +484,10 @@ def _read_zero1(rank, world, folder):
     _step(engine, 2, torch.randn(micro, 3, 16, 16), torch.arange(micro) % 10)  # and it trains on
 
 
-def test_a_zero1_checkpoint_of_another_parameter_layout_is_refused(tmp_path):
+def test_a_zero1_checkpoint_of_another_layout_or_model_or_without_a_shard_is_refused(tmp_path):
     """The writers' parameters were padded otherwise (zero_optimization's alignment changed): cutting
-    their flat buffers at this run's boundaries would misplace every weight after the first padding."""
+    their flat buffers at this run's boundaries would misplace every weight after the first padding.
+    Shards of another model, and a missing shard, are named too."""
     from st_scale.checkpoint import _zero_shards, reshard_zero_state
 
     _, _, engine = _engine("cpu_zero1_fp32.json")
@@ -500,6 +501,12 @@ def test_a_zero1_checkpoint_of_another_parameter_layout_is_refused(tmp_path):
         "the ZeRO checkpoint's parameter layout differs from this run's (zero_optimization.parameter_alignment "
         "changed); resume with the DeepSpeed config that wrote it"
     )
+    shards = _zero_shards(tmp_path, 1)  # the layout agrees, the values do not: a shard of another model
+    held = shards[0]["single_partition_of_fp32_groups"][0].numel()
+    shards[0]["single_partition_of_fp32_groups"][0] = torch.zeros(held - 3)
+    with pytest.raises(RuntimeError) as refused:
+        reshard_zero_state(engine.optimizer, shards)
+    assert str(refused.value) == f"ZeRO checkpoint: parameter group 0 holds {held - 3} values, this model {held}"
     (next((tmp_path / "checkpoint").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))).unlink()
     with pytest.raises(RuntimeError) as missing:
         _zero_shards(tmp_path, 1)
