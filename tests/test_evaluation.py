@@ -344,7 +344,8 @@ def test_each_sub_network_is_timed_on_one_image_and_on_the_first_validation_batc
 
     calls = []
 
-    def timer(model, depths, images, *, warmup=2, repeats=5):
+    def timer(timed_model, depths, images, *, warmup=2, repeats=5):
+        assert timed_model is model
         calls.append((depths, len(images), warmup, repeats))
         return 2.0 * len(images) + sum(depths)
 
