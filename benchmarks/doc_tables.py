@@ -1,5 +1,5 @@
 """The tables `make docs` writes (benchmarks/docs.py), each rendered from the raw files it names: the
-demo, the suite's time, the speed switches, the sub-network evaluation, the training step and the
+demo, the suite's time, the mutation score, the speed switches, the sub-network evaluation, the training step and the
 cheaper-ST study. A renderer takes the raw files'
 contents in the order its table lists them and returns markdown."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 
+from mutation_score import markdown as mutation_tables
 from suite_time import markdown as suite_time_tables
 
 from st_scale.sweep.study import mean_sd
@@ -54,6 +55,11 @@ def suite_tables(raws: list[dict]) -> str:
     parts = f" ({' + '.join(f'{w:.0f} s' for w in walls)})" if len(walls) > 1 else ""
     head = f"{tests} tests in **{sum(walls) / 60:.1f} minutes** of pytest{parts}.\n\n"
     return head + suite_time_tables(raw).rstrip("\n").rsplit("\n\nSource:", 1)[0]
+
+
+def mutation_table(raws: list[dict]) -> str:
+    """mutation_score.py's table: every module's mutants by outcome, the core's and the joins' scores."""
+    return mutation_tables(raws[0])
 
 
 def speed_table(raws: list[dict]) -> str:

@@ -20,6 +20,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from doc_tables import (  # noqa: E402
     demo_table,
     equal_compute_table,
     main_question_table,
+    mutation_table,
     speed_table,
     subnet_eval_table,
     suite_tables,
@@ -70,10 +72,14 @@ TIME_STUDY = "benchmarks/results/fashion_st_time/study.json"  # the same setting
 CT_9EP_STUDY = "benchmarks/results/fashion_ct_9ep/study.json"
 CHEAP_SOURCES = (CHEAP_STUDY, TIME_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_resnet56"])
 MAIN_16EP_STUDY = "benchmarks/results/fashion_main_16ep/study.json"
+# What a mutation score measures: the modules `make mutate` mutates (and the fast tests, which change
+# with nearly every commit and are not counted: new tests can only kill more).
+MUTATED = tuple(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"])
 TABLES = {
     "demo": Table("README.md", DEMO, demo_table, ("st_scale",)),
     "demo-benchmarks": Table("BENCHMARKS.md", DEMO, demo_table, ("st_scale",)),
     "suite-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/suite_time.json",), suite_tables, SUITE_CODE),
+    "mutation": Table("BENCHMARKS.md", ("benchmarks/results/mutation/results.json",), mutation_table, MUTATED),
     "test-fast-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/test_fast.json",), suite_tables, SUITE_CODE),
     **{f"speed-{name}": Table("BENCHMARKS.md", (path,), speed_table, STEP_CODE) for name, path in SPEED.items()},
     "subnet-eval": Table("BENCHMARKS.md", SUBNET_EVAL, subnet_eval_table, EVAL_CODE),

@@ -11,7 +11,8 @@ the report: the score says nothing about them.
 mutmut numbers a function's mutants in order, so the numbers move when the function changes: each
 listed exclusion carries the fingerprint of the change it was written for, and an entry whose mutant is
 now another change (or gone) is not applied; --show-exclusions prints every entry's mutant as it is now,
-to re-check them. With --save-results the raw file (every mutant's status, the exclusions applied, the
+to re-check them. Prints the table and writes the mutants not killed to --out/survivors.txt; with
+--save-results the raw file (every mutant's status, the exclusions applied, the
 provenance block) goes to --out/results.json, which `make docs` turns into BENCHMARKS.md's table.
 """
 
@@ -217,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         if column_of(status, raw["exclusions"].get(name)) in ("survived", "timed out", "untestable")
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "score.md").write_text(table + "\n")
     (args.out / "survivors.txt").write_text("".join(f"{line}\n" for line in not_killed))
     if args.save_results:
         write_raw(args.out / "results.json", block, {key: raw[key] for key in raw if key != "provenance"})
