@@ -11,8 +11,8 @@ import st_scale  # noqa: F401,E402
 # Deterministic, quiet CPU runs. Under pytest-xdist (`make test` runs the tests that do not start Ray
 # in two processes) each process gets one of the two cores; so does each of `make mutate`'s two test
 # processes, which set OMP_NUM_THREADS=1 (two threads each would contend for the two cores).
-THREADS = 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
-THREADS = int(os.environ.get("OMP_NUM_THREADS", THREADS))
+# (An xdist worker inherits the OMP_NUM_THREADS its controller set for itself: one thread regardless.)
+THREADS = 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else int(os.environ.get("OMP_NUM_THREADS", 2))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 torch.set_num_threads(THREADS)
 # Ray Train's controller polls its workers every 2 s by default: a digits run returned 4.3 s after its
