@@ -157,8 +157,8 @@ def markdown(raw: dict) -> str:
     lines.append(_row("**core computations**", core))
     if joins:
         lines.append(_row("**where figures are assembled**", joins))
-    lines.append(_row("**all**", core + joins))
     total = core + joins
+    lines.append(_row("**all**", total))
     not_run = {module: counts["not run"] for module, counts in per_module.items() if counts["not run"]}
     if not_run:
         where = ", ".join(f"{module} {count}" for module, count in sorted(not_run.items()))
