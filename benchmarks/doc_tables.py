@@ -10,7 +10,7 @@ import statistics
 from mutation_score import markdown as mutation_tables
 from suite_time import markdown as suite_time_tables
 
-from st_scale.sweep.study import mean_sd
+from st_scale.sweep.study import GroupRow, mean_sd, secondary_markdown, table_markdown
 
 # The cheaper-ST study's groups (tune/fashion_st_cheap.yaml), their names and the option that makes
 # each; `bench_speed.py` names its variants after the same options.
@@ -386,5 +386,66 @@ def main_question_table(raws: list[dict]) -> str:
             f"| {row['name']} | {row['epochs']} | {len(f['main'])} | {mean_sd(list(f['main'].values()))} | {versus} | "
             f"{mean_sd(list(f['mean'].values()))} | {statistics.fmean(f['std'].values()):.2f} | "
             f"{mean_sd(list(f['worst'].values()))} |"
+        )
+    return "\n".join(lines)
+
+
+def _group_rows(study: dict) -> list[GroupRow]:
+    """A study.json's rows as the study report built them (JSON keeps a sub-network's depths as a list)."""
+    rows = []
+    for row in study["rows"]:
+        depths = row.get("stage_depths")
+        rows.append(GroupRow(**{**row, "stage_depths": tuple(depths) if depths is not None else None}))
+    return rows
+
+
+def study_tables(raws: list[dict]) -> str:
+    """A study's two tables as `st-scale report` writes them: the paper's Table 1 columns, then the same
+    networks measured otherwise (where the runs measured them)."""
+    rows = _group_rows(raws[0])
+    secondary = secondary_markdown(rows)
+    text = table_markdown(rows)
+    if secondary:
+        text += (
+            "\n\nThe same networks, measured otherwise (shared running BN statistics; other calibration "
+            f"protocol):\n\n{secondary}"
+        )
+    return text
+
+
+# The one-seed sweep of ST's settings (tune/fashion_st_main.yaml) against the Table 1 study's seed 0:
+# (study index, group, name, the CT group it is compared with).
+ONE_SEED_ROWS = (
+    (0, "ct", "CT (study)", None),
+    (0, "st", "ST, KL weight 1, uniform (study)", (0, "ct")),
+    (1, "st_kl0.3", "ST, KL weight 0.3", (0, "ct")),
+    (1, "st_kl3", "ST, KL weight 3", (0, "ct")),
+    (1, "st_biased0.6", "ST, sampler biased to larger sub-nets (decay 0.6)", (0, "ct")),
+    (1, "ct_16ep", "CT", None),
+    (1, "st_16ep", "ST, KL weight 1, uniform", (1, "ct_16ep")),
+)
+ONE_SEED_EPOCHS = {"ct_16ep": 16, "st_16ep": 16}  # the spec's; the rest train 8 (its study.json predates `epochs`)
+
+
+def _seed0(study: dict, group: str) -> dict:
+    """A group's first seed (a study's rows list each figure in seed order) as one run's figures."""
+    row = next(r for r in study["rows"] if r["group"] == group)
+    return {k: row[k][0] for k in ("main_top1", "subnets_mean", "subnets_std", "subnets_min")}
+
+
+def one_seed_table(raws: list[dict]) -> str:
+    """ST's KL weight, sampler and schedule on seed 0 (raws: the Table 1 study, the one-seed sweep)."""
+    lines = [
+        "| run (seed 0) | epochs | main top-1 (%) | vs CT, same epochs | all sub-nets top-1 (%) | min sub-net (%) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for index, group, name, versus in ONE_SEED_ROWS:
+        run = _seed0(raws[index], group)
+        difference = "-"
+        if versus is not None:
+            difference = f"{run['main_top1'] - _seed0(raws[versus[0]], versus[1])['main_top1']:+.2f}"
+        lines.append(
+            f"| {name} | {ONE_SEED_EPOCHS.get(group, 8)} | {run['main_top1']:.2f} | {difference} | "
+            f"{run['subnets_mean']:.2f} ± {run['subnets_std']:.2f} | {run['subnets_min']:.2f} |"
         )
     return "\n".join(lines)

@@ -35,7 +35,9 @@ from doc_tables import (  # noqa: E402
     equal_compute_table,
     main_question_table,
     mutation_table,
+    one_seed_table,
     speed_table,
+    study_tables,
     subnet_eval_table,
     suite_tables,
     train_step_table,
@@ -72,6 +74,8 @@ TIME_STUDY = "benchmarks/results/fashion_st_time/study.json"  # the same setting
 CT_9EP_STUDY = "benchmarks/results/fashion_ct_9ep/study.json"
 CHEAP_SOURCES = (CHEAP_STUDY, TIME_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_resnet56"])
 MAIN_16EP_STUDY = "benchmarks/results/fashion_main_16ep/study.json"
+TABLE1_STUDY = "benchmarks/results/fashion_table1/study.json"
+ONE_SEED_STUDY = "benchmarks/results/fashion_st_main/study.json"
 # What a mutation score measures: the modules `make mutate` mutates (and the fast tests, which change
 # with nearly every commit and are not counted: new tests can only kill more).
 MUTATED = tuple(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"])
@@ -89,6 +93,8 @@ TABLES = {
         train_step_table,
         (*STEP_CODE[:-1], "st_scale/train/memory.py", "benchmarks/bench_train_step.py"),
     ),
+    "table1": Table("RESULTS.md", (TABLE1_STUDY,), study_tables, TRAINING_CODE),
+    "one-seed-settings": Table("RESULTS.md", (TABLE1_STUDY, ONE_SEED_STUDY), one_seed_table, TRAINING_CODE),
     "cheap-st": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_table, TRAINING_CODE),
     "cheap-st-verdict": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_verdict, TRAINING_CODE),
     "equal-compute": Table("RESULTS.md", (CHEAP_STUDY, TIME_STUDY, CT_9EP_STUDY), equal_compute_table, TRAINING_CODE),
@@ -100,15 +106,35 @@ def block(name: str, table: Table) -> str:
     raws = [json.loads((ROOT / path).read_text()) for path in table.raw_files]
     lines = [table.render(raws), ""]
     for path, raw in zip(table.raw_files, raws):
-        p = raw["provenance"]
-        dirty = " (with uncommitted changes)" if p.get("dirty") else ""
-        lines.append(f"Source: `{path}`: `{p['command']}` at commit {p['commit']}{dirty}, {p['date']}, {p['machine']}.")
-        if changed_since(p["commit"], table.measures):
+        p = raw.get("provenance")
+        if p is None:  # written before raw files carried one: the commit that wrote it is what git knows
+            commit, date = last_written(path)
             lines.append(
-                f"**Measured at commit {p['commit']}; the code it measures ({', '.join(table.measures)}) has "
+                f"Source: `{path}`, committed at {commit} ({date}) without a provenance block; the command and "
+                f"machine are in the text around this table."
+            )
+        else:
+            commit = p["commit"]
+            dirty = " (with uncommitted changes)" if p.get("dirty") else ""
+            lines.append(f"Source: `{path}`: `{p['command']}` at commit {commit}{dirty}, {p['date']}, {p['machine']}.")
+        if changed_since(commit, table.measures):
+            lines.append(
+                f"**Measured at commit {commit}; the code it measures ({', '.join(table.measures)}) has "
                 f"changed since.**"
             )
     return "\n".join(lines)
+
+
+def last_written(path: str) -> tuple[str, str]:
+    """The commit that last wrote `path`, and its date."""
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %ad", "--date=short", "--", path],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commit, date = done.stdout.split()
+    return commit, date
 
 
 def changed_since(commit: str, paths: tuple[str, ...]) -> bool:
