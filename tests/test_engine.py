@@ -1,6 +1,7 @@
 """DeepSpeed engine in one process (gloo, world size 1): every packaged CPU config trains, the LR
 schedule, parameter groups, and checkpoints that restore exactly or refuse when incomplete."""
 
+import copy
 import json
 import math
 import os
@@ -368,6 +369,37 @@ def test_a_zero3_checkpoint_of_another_world_size_is_refused_naming_both(tmp_pat
         load_checkpoint(engine, tmp_path, rank=0, world_size=1)
 
 
+def test_the_driver_refuses_a_group_that_cannot_resume_the_runs_checkpoint(tmp_path):
+    """`check_resumable`, on the driver before any worker starts: an elastic group under ZeRO-3 is refused
+    outright (it would resume on another number of workers); a fixed group of another size than the one
+    that wrote a ZeRO-3 checkpoint is refused naming the checkpoint and both sizes; ZeRO-1 resumes an
+    elastic group on any size."""
+    from st_scale.checkpoint import RUN_FILE, _commit_marker, check_resumable
+
+    run_dir = tmp_path / "zero3-run"
+    written = run_dir / "checkpoint_2026-11-30_10-00-00.000000"
+    written.mkdir(parents=True)
+    (written / RUN_FILE).write_text(json.dumps({}))
+    for rank in range(2):
+        _commit_marker(written, rank).write_text(json.dumps({"world_size": 2}))
+
+    with pytest.raises(ConfigError) as refused:
+        check_resumable(tmp_path / "no-checkpoint-yet", zero_stage=3, num_workers=(1, 2))
+    assert str(refused.value) == (
+        "scaling.num_workers=[1, 2] with ZeRO-3: an elastic group resumes on another number of workers, and ZeRO-3 "
+        "checkpoints cannot be re-sharded; use ZeRO-0/1/2 or a fixed count"
+    )
+    with pytest.raises(ConfigError) as refused:
+        check_resumable(run_dir, zero_stage=3, num_workers=1)
+    assert str(refused.value) == (
+        f"checkpoint {written} was written by 2 workers under ZeRO-3, whose parameters are sharded per worker and "
+        "cannot be re-sharded for 1; resume it with scaling.num_workers=2 (runs under ZeRO-0/1/2 resume on any "
+        "number of workers)"
+    )
+    check_resumable(run_dir, zero_stage=3, num_workers=2)  # the size that wrote it
+    check_resumable(run_dir, zero_stage=1, num_workers=(1, 3))  # ZeRO-1: re-sharded on load
+
+
 def test_commit_markers_that_disagree_on_the_number_of_writers_are_refused(tmp_path):
     from st_scale.checkpoint import _commit_marker, writer_world_size
 
@@ -511,6 +543,54 @@ def test_a_zero1_checkpoint_of_another_layout_or_model_or_without_a_shard_is_ref
     with pytest.raises(RuntimeError) as missing:
         _zero_shards(tmp_path, 1)
     assert str(missing.value) == f"checkpoint {tmp_path}: the ZeRO optimizer shard of rank 0 is missing"
+
+
+def _cut_for_writers(shard: dict, written_by: int, pad: int = 0) -> list[dict]:
+    """One rank's ZeRO shard as `written_by` writers would have saved it, in DeepSpeed's layout: each
+    group's flat buffer cut into equal partitions, the last one padded at the end (`pad` more values of
+    padding on a single writer); fp32 partitions saved without their padding, optimizer state tensors
+    with it, a step count whole on every writer."""
+    shards = [copy.deepcopy(shard) for _ in range(written_by)]
+    for group, whole in enumerate(shard["single_partition_of_fp32_groups"]):
+        n = whole.numel()
+        size = -(-n // written_by) + (pad if written_by == 1 else 0)  # every writer's partition, padding included
+        for rank, cut in enumerate(shards):
+            lean = whole[rank * size : (rank + 1) * size]
+            cut["single_partition_of_fp32_groups"][group] = lean.clone()
+            cut["group_paddings"][group] = size - lean.numel()
+            for key, value in shard["base_optimizer_state"]["state"][group].items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    mine = torch.zeros(size, dtype=value.dtype)
+                    mine[: lean.numel()] = value[:n][rank * size : (rank + 1) * size]
+                    cut["base_optimizer_state"]["state"][group][key] = mine
+    return shards
+
+
+@pytest.mark.parametrize("written_by, pad", [(1, 3), (2, 0), (3, 0)], ids=["1-padded", "2", "3"])
+def test_adamw_state_cut_by_other_writers_is_joined_again(tmp_path, written_by, pad):
+    """AdamW's ZeRO-1 state (two moments and a step count per group) as other numbers of writers would
+    have saved it, padding included, re-sharded for one rank: every fp32 weight and moment is the
+    trained rank's again, the step count whole."""
+    from st_scale.checkpoint import _zero_shards, reshard_zero_state
+
+    adamw = ("optimizer.name=adamw",)
+    _, _, trained = _engine("cpu_zero1_fp32.json", extra=adamw)
+    g = torch.Generator().manual_seed(2)
+    for step in range(2):
+        _step(trained, step, torch.randn(16, 3, 16, 16, generator=g), torch.arange(16) % 10)
+    save_checkpoint(trained, tmp_path, 0, 1, TrainState(epoch=1, step=2))
+    (shard,) = _zero_shards(tmp_path, 1)
+    assert all(p == 0 for p in shard["group_paddings"]), "a world of one pads nothing here"
+
+    _, _, fresh = _engine("cpu_zero1_fp32.json", extra=adamw)
+    reshard_zero_state(fresh.optimizer, _cut_for_writers(shard, written_by, pad))
+    for group, partition in enumerate(trained.optimizer.single_partition_of_fp32_groups):
+        assert torch.equal(fresh.optimizer.single_partition_of_fp32_groups[group], partition), group
+        theirs = trained.optimizer.optimizer.state[trained.optimizer.optimizer.param_groups[group]["params"][0]]
+        ours = fresh.optimizer.optimizer.state[fresh.optimizer.optimizer.param_groups[group]["params"][0]]
+        assert ours.keys() == theirs.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value), f"group {group}: {key}"
 
 
 def test_only_deepspeeds_zero_optimizer_is_resharded():
