@@ -141,7 +141,8 @@ study: install fashion-mnist
 	$(BIN)/st-scale report tune/fashion_table1.yaml --out benchmarks/results/fashion_table1
 
 # Mutation testing ([tool.mutmut] in pyproject.toml names the modules); not part of CI. Running it
-# again re-tests only the mutants of functions that changed. MUTANTS="st_scale.methods.*" narrows it.
+# again tests the mutants not yet run and those of functions that changed. MUTANTS="st_scale.methods.*"
+# narrows it, and re-tests every mutant it names, those with a result too.
 mutate: install
 	@start=$$(date +%s); \
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS); \
