@@ -10,7 +10,7 @@ import statistics
 from mutation_score import markdown as mutation_tables
 from suite_time import markdown as suite_time_tables
 
-from st_scale.sweep.study import GroupRow, mean_sd, secondary_markdown, table_markdown
+from st_scale.sweep.study import mean_sd, rows_from_json, study_text
 
 # The cheaper-ST study's groups (tune/fashion_st_cheap.yaml), their names and the option that makes
 # each; `bench_speed.py` names its variants after the same options.
@@ -390,27 +390,10 @@ def main_question_table(raws: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _group_rows(study: dict) -> list[GroupRow]:
-    """A study.json's rows as the study report built them (JSON keeps a sub-network's depths as a list)."""
-    rows = []
-    for row in study["rows"]:
-        depths = row.get("stage_depths")
-        rows.append(GroupRow(**{**row, "stage_depths": tuple(depths) if depths is not None else None}))
-    return rows
-
-
 def study_tables(raws: list[dict]) -> str:
     """A study's two tables as `st-scale report` writes them: the paper's Table 1 columns, then the same
     networks measured otherwise (where the runs measured them)."""
-    rows = _group_rows(raws[0])
-    secondary = secondary_markdown(rows)
-    text = table_markdown(rows)
-    if secondary:
-        text += (
-            "\n\nThe same networks, measured otherwise (shared running BN statistics; other calibration "
-            f"protocol):\n\n{secondary}"
-        )
-    return text
+    return study_text(rows_from_json(raws[0]["rows"])).rstrip("\n")
 
 
 # The one-seed sweep of ST's settings (tune/fashion_st_main.yaml) against the Table 1 study's seed 0:

@@ -313,10 +313,14 @@ def _add_report(sub) -> None:
         "memory, main top-1, all-sub-network mean ± std, min), the loafing figure "
         "(sub-networks inside CT, inside ST, trained alone), destruction curves and the "
         "sub-network accuracy distribution. Files go to --out and into the sweep's "
-        "parent run under study/.",
+        "parent run under study/. Given a report's study.json instead, it draws the "
+        "tables and figures again from that file alone (no MLflow store needed), "
+        "into --out or beside the file.",
     )
-    p.add_argument("sweep", help="the sweep spec (path or name in ./tune/) or its results folder")
-    p.add_argument("--out", help="output folder (default: <sweep folder>/report)")
+    p.add_argument(
+        "sweep", help="the sweep spec (path or name in ./tune/), its results folder, or a report's study.json"
+    )
+    p.add_argument("--out", help="output folder (default: <sweep folder>/report; for a study.json, its folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,9 +544,12 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     # lazy: torch, Ray, DeepSpeed and MLflow load only for the command that runs
-    from .sweep.study import report
+    from .sweep.study import redraw, report
 
-    report(args.sweep, args.out)
+    if args.sweep.endswith(".json"):
+        redraw(args.sweep, args.out)
+    else:
+        report(args.sweep, args.out)
     return 0
 
 

@@ -107,6 +107,36 @@ def test_the_study_table_averages_each_group_over_its_seeds(study, tmp_path):
     assert st0["epochs"] == 2 and st0["epoch_time_s"] == 15.0
 
 
+def test_a_reports_study_json_draws_its_tables_and_figures_again(study, tmp_path):
+    """From the study.json alone (no MLflow store): the same table.md and the same figures, byte for
+    byte; a study.json written before the report kept its runs gives the tables and the loafing figure."""
+    sweep_dir, *_ = study
+    report(str(sweep_dir), tmp_path / "out")
+    assert main(["report", str(tmp_path / "out" / "study.json"), "--out", str(tmp_path / "again")]) == 0
+    drawn = {"table.md", "loafing.png", "destruction.png", "subnets.png"}
+    assert {p.name for p in (tmp_path / "again").iterdir()} == drawn
+    for name in drawn:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+    raw = json.loads((tmp_path / "out" / "study.json").read_text())
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "study.json").write_text(json.dumps({k: raw[k] for k in ("sweep", "parent_run_id", "rows", "loafing")}))
+    assert main(["report", str(older / "study.json")]) == 0  # beside the file
+    assert {p.name for p in older.iterdir()} == {"study.json", "table.md", "loafing.png"}
+    assert (older / "table.md").read_text() == (tmp_path / "out" / "table.md").read_text()
+    assert (older / "loafing.png").read_bytes() == (tmp_path / "out" / "loafing.png").read_bytes()
+
+
+def test_redrawing_a_file_that_is_not_a_study_says_what_to_give(tmp_path, capsys):
+    (tmp_path / "other.json").write_text(json.dumps({"runs": []}))
+    assert main(["report", str(tmp_path / "other.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'other.json'}: not a study.json `st-scale report` wrote (KeyError: 'rows'); give the "
+        "study.json of a report's folder"
+    )
+
+
 def test_the_loafing_points_compare_inside_ct_inside_st_and_alone(study):
     sweep_dir, uri, experiment_id, parent = study
     points = {p["depths"]: p for p in loafing_points(load_runs(uri, experiment_id, parent))}

@@ -402,11 +402,42 @@ def subnet_distribution(runs: list[StudyRun], title: str):
 
 
 # ------------------------------------------------------------------------------------ command
+def study_text(rows: list[GroupRow]) -> str:
+    """table.md: the Table 1 columns, then the same networks measured otherwise (where the runs were)."""
+    text = f"{table_markdown(rows)}\n"
+    secondary = secondary_markdown(rows)
+    if secondary:
+        text += (
+            f"\nThe same networks, measured otherwise (shared running BN statistics; other calibration "
+            f"protocol):\n\n{secondary}\n"
+        )
+    return text
+
+
+def draw_figures(runs: list[StudyRun], points: list[dict], name: str, out: Path) -> list[str]:
+    """The figures the runs have something to show for (a sweep of variants has no CT/ST pair; the
+    loafing figure needs a sub-network trained alone beside the full net), saved to `out`."""
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    if any(r.group in ("ct", "st") and r.destruction for r in runs):
+        figures["destruction.png"] = destruction_curves(runs, f"{name}: network destruction, CT vs ST")
+    if any(r.group in ("ct", "st") and r.subnets for r in runs):
+        figures["subnets.png"] = subnet_distribution(
+            runs, f"{name}: every sub-network's top-1, CT vs ST (BN re-estimated)"
+        )
+    if len(points) > 1:
+        title = f"{name}: loafing (sub-network inside the trained net vs alone)"
+        figures["loafing.png"] = loafing_figure(points, title)
+    for filename, figure in figures.items():
+        figure.savefig(out / filename, dpi=110)
+        plt.close(figure)
+    return sorted(figures)
+
+
 def report(sweep: str, out: str | Path | None = None) -> dict:
     """Print the study table, write table.md, runs.csv, study.json and the figures to `out` (default:
     <sweep folder>/report) and log them to the sweep's parent MLflow run under study/."""
-    import matplotlib.pyplot as plt
-
     sweep_dir, state = sweep_state(sweep)
     runs = load_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
     if not runs:
@@ -414,14 +445,8 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
     out = Path(out).expanduser() if out else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = group_rows(runs)
-    table, secondary = table_markdown(rows), secondary_markdown(rows)
+    text = study_text(rows)
     name = sweep_dir.name
-    text = f"{table}\n"
-    if secondary:
-        text += (
-            f"\nThe same networks, measured otherwise (shared running BN statistics; other calibration "
-            f"protocol):\n\n{secondary}\n"
-        )
     (out / "table.md").write_text(text)
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -438,23 +463,56 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
         "runs": [run_record(r) for r in runs],  # what every figure is drawn from
     }
     write_raw(out / "study.json", study_provenance(state), summary)
-    figures = {}  # a figure is drawn only where it has something to show (a sweep of variants has no CT/ST pair)
-    if any(r.group in ("ct", "st") and r.destruction for r in runs):
-        figures["destruction.png"] = destruction_curves(runs, f"{name}: network destruction, CT vs ST")
-    if any(r.group in ("ct", "st") and r.subnets for r in runs):
-        figures["subnets.png"] = subnet_distribution(
-            runs, f"{name}: every sub-network's top-1, CT vs ST (BN re-estimated)"
-        )
-    if any(r.stage_depths is not None for r in runs):  # a sub-network's architecture trained alone: loafing
-        figures["loafing.png"] = loafing_figure(
-            points, f"{name}: loafing (sub-network inside the trained net vs alone)"
-        )
-    for filename, figure in figures.items():
-        figure.savefig(out / filename, dpi=110)
-        plt.close(figure)
+    draw_figures(runs, points, name, out)
     store = Store(state["tracking_uri"])
     for path in sorted(out.iterdir()):
         store.log_file(state["parent_run_id"], path, "study")
     print(f"{name}: {len(runs)} runs ({sum(r.status == 'FINISHED' for r in runs)} finished)\n\n{text}")
     print(f"files in {out}; logged to MLflow run {state['parent_run_id']} under study/")
     return summary
+
+
+def rows_from_json(rows: list[dict]) -> list[GroupRow]:
+    """study.json's rows as the report built them (JSON keeps a sub-network's depths as a list)."""
+    return [GroupRow(**{**r, "stage_depths": _depths(r.get("stage_depths"))}) for r in rows]
+
+
+def runs_from_json(records: list[dict]) -> list[StudyRun]:
+    """study.json's per-run records as the runs the report read from MLflow."""
+    runs = []
+    for r in records:
+        subnets = {_depths(s["depths"].split("-")): {"top1": s["top1"], "macs": s["macs"]} for s in r["subnets"]}
+        destruction = [DestructionRow(**d) for d in r["destruction"]]
+        runs.append(
+            StudyRun(
+                **{**r, "stage_depths": _depths(r["stage_depths"]), "subnets": subnets, "destruction": destruction}
+            )
+        )
+    return runs
+
+
+def _depths(values) -> tuple[int, ...] | None:
+    return None if values is None else tuple(int(v) for v in values)
+
+
+def redraw(study_file: str | Path, out: str | Path | None = None) -> list[str]:
+    """table.md and the figures again from a committed study.json (no MLflow store needed), into `out`
+    (default: the file's folder): the tables and the loafing figure from any study.json, the
+    destruction and sub-network figures from one that keeps its runs (written since the report did).
+    Returns the files written."""
+    path = Path(study_file).expanduser()
+    try:
+        raw = json.loads(path.read_text())
+        rows, points, name = rows_from_json(raw["rows"]), raw["loafing"], raw["sweep"]
+        runs = runs_from_json(raw.get("runs", []))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"{path}: not a study.json `st-scale report` wrote ({type(error).__name__}: {error}); give the "
+            "study.json of a report's folder"
+        ) from None
+    out = Path(out).expanduser() if out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(study_text(rows))
+    written = ["table.md", *draw_figures(runs, points, name, out)]
+    print(f"{name}: {', '.join(written)} written to {out} from {path}")
+    return written
