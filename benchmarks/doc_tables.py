@@ -30,18 +30,19 @@ GOAL = {"mean": -0.5, "std_ratio": 1.25, "worst": -1.5, "main": -0.3}
 
 
 def demo_table(raws: list[dict]) -> str:
-    """`st-scale demo --summary-json`'s runs, as the demo prints them."""
+    """`st-scale demo --summary-json`'s runs, as the demo prints them (the runs of every file given)."""
+    runs = [run for raw in raws for run in raw["runs"]]
     lines = [
         "| method | model | main top-1 | all sub-nets top-1 (mean ± std) | min | sub-nets | epochs | wall (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for run in raws[0]["runs"]:
+    for run in runs:
         lines.append(
             f"| {run['method']} | {run['model']} | {run['main_top1']:.2f} | {run['subnets_mean_top1']:.2f} ± "
             f"{run['subnets_std_top1']:.2f} | {run['subnets_min_top1']:.2f} | {run['num_subnets']} | {run['epochs']} "
             f"| {run['wall_s']:.0f} |"
         )
-    total = sum(run["wall_s"] for run in raws[0]["runs"])
+    total = sum(run["wall_s"] for run in runs)
     lines += ["", f"The runs took {total / 60:.1f} minutes together ({total:.0f} s)."]
     return "\n".join(lines)
 

@@ -54,6 +54,7 @@ class Table:
 
 SUITE_CODE = ("st_scale", "tests", "Makefile", "pyproject.toml")
 DEMO = ("benchmarks/results/demo/demo.json",)
+DIGITS = {name: f"benchmarks/results/digits_{name}/demo.json" for name in ("densenet40", "swin", "vit")}
 # What a training step's speed depends on: the models, the objectives, the sampler.
 STEP_CODE = ("st_scale/models", "st_scale/methods", "st_scale/sampling.py", "benchmarks/bench_speed.py")
 SPEED = {name: f"benchmarks/results/speed/{name}.json" for name in ("cifar_resnet20", "cifar_resnet56", "resnet50")}
@@ -65,6 +66,8 @@ TRAINING_CODE = (
     "st_scale/train/schedule.py", "st_scale/evaluate/subnets.py", "st_scale/evaluate/passes.py", "st_scale/data",
     "st_scale/recipes/fashion_resnet20_ct.yaml", "st_scale/recipes/fashion_resnet20_st.yaml",
 )  # fmt: skip
+# The digits demos of other networks: the same training code, the demo recipes.
+DEMO_TRAINING_CODE = (*TRAINING_CODE[:-2], "st_scale/recipes")
 # What the sub-network evaluation's time depends on: the models and the evaluation's tree walk.
 EVAL_CODE = ("st_scale/models", "st_scale/evaluate/subnets.py", "benchmarks/bench_subnet_eval.py")
 SUBNET_EVAL = tuple(f"benchmarks/results/subnet_eval/{name}.json" for name in ("cifar_resnet56", "resnet50"))
@@ -82,6 +85,8 @@ MUTATED = tuple(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mu
 TABLES = {
     "demo": Table("README.md", DEMO, demo_table, ("st_scale",)),
     "demo-benchmarks": Table("BENCHMARKS.md", DEMO, demo_table, ("st_scale",)),
+    "digits-densenet": Table("RESULTS.md", (DIGITS["densenet40"],), demo_table, DEMO_TRAINING_CODE),
+    "digits-transformers": Table("RESULTS.md", (DIGITS["swin"], DIGITS["vit"]), demo_table, DEMO_TRAINING_CODE),
     "suite-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/suite_time.json",), suite_tables, SUITE_CODE),
     "mutation": Table("BENCHMARKS.md", ("benchmarks/results/mutation/results.json",), mutation_table, MUTATED),
     "test-fast-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/test_fast.json",), suite_tables, SUITE_CODE),
