@@ -1,7 +1,8 @@
 """The tables `make docs` writes (benchmarks/docs.py), each rendered from the raw files it names: the
-demo, the suite's time, the mutation score, the speed switches, the sub-network evaluation, the training step and the
-cheaper-ST study. A renderer takes the raw files'
-contents in the order its table lists them and returns markdown."""
+demos (ResNet-20, DenseNet, the transformers), the suite's time, the mutation score, the speed
+switches, the sub-network evaluation, the training step, the Table 1 study, the one-seed sweep of ST's
+settings and the cheaper-ST studies. A renderer takes the raw files' contents in the order its table
+lists them and returns markdown."""
 
 from __future__ import annotations
 
