@@ -434,3 +434,36 @@ def one_seed_table(raws: list[dict]) -> str:
             f"{run['subnets_mean']:.2f} ± {run['subnets_std']:.2f} | {run['subnets_min']:.2f} |"
         )
     return "\n".join(lines)
+
+
+# The first GPU benchmark's measurements (bench_gpu.py before its speed matrix), as its rows name them.
+FIRST_GPU_ROWS = (
+    ("ct", "CT, fixed on-GPU batch"),
+    ("st_shared", "ST, prefix sharing, fixed on-GPU batch"),
+    ("st_unshared", "ST, no prefix sharing, fixed on-GPU batch"),
+    ("st_shared_ffcv_fed", "ST, prefix sharing, fed by the FFCV loader"),
+)
+
+
+def first_gpu_table(raws: list[dict]) -> str:
+    """One card's run of the first GPU benchmark: the loader alone, then CT and ST's images/s, median
+    step time and peak memory; time against CT's is per image (CT's images/s over theirs), as the
+    script's own ratios are."""
+    raw = raws[0]
+    ct = raw["train"]["ct"]
+    lines = [
+        f"{raw['device']}; torch {raw['torch']}, DeepSpeed {raw['deepspeed']}, {raw['model']}, batch "
+        f"{raw['batch_size']} at {raw['image_size']} px.",
+        "",
+        "| measurement | images/s | step time (s) | peak GPU memory (GiB) | vs CT |",
+        "|---|---|---|---|---|",
+        f"| FFCV loader alone -> GPU | {raw['ffcv_loader_images_per_s']:,.0f} | | | |",
+    ]
+    for key, name in FIRST_GPU_ROWS:
+        run = raw["train"][key]
+        time, memory = ct["images_per_s"] / run["images_per_s"], run["peak_memory_gib"] / ct["peak_memory_gib"]
+        lines.append(
+            f"| {name} | {run['images_per_s']:,.0f} | {run['median_step_s']:.3f} | {run['peak_memory_gib']:.1f} | "
+            f"{time:.2f}x time, {memory:.2f}x memory |"
+        )
+    return "\n".join(lines)

@@ -33,6 +33,7 @@ from doc_tables import (  # noqa: E402
     cheap_st_verdict,
     demo_table,
     equal_compute_table,
+    first_gpu_table,
     main_question_table,
     mutation_table,
     one_seed_table,
@@ -68,6 +69,8 @@ TRAINING_CODE = (
 )  # fmt: skip
 # The digits demos of other networks: the same training code, the demo recipes.
 DEMO_TRAINING_CODE = (*TRAINING_CODE[:-2], "st_scale/recipes")
+# What the GPU benchmark measures: the models, the objectives, the engine and the FFCV pipeline.
+GPU_CODE = (*STEP_CODE[:-1], "st_scale/train/engine.py", "st_scale/data", "benchmarks/bench_gpu.py")
 # What the sub-network evaluation's time depends on: the models and the evaluation's tree walk.
 EVAL_CODE = ("st_scale/models", "st_scale/evaluate/subnets.py", "benchmarks/bench_subnet_eval.py")
 SUBNET_EVAL = tuple(f"benchmarks/results/subnet_eval/{name}.json" for name in ("cifar_resnet56", "resnet50"))
@@ -91,6 +94,10 @@ TABLES = {
     "mutation": Table("BENCHMARKS.md", ("benchmarks/results/mutation/results.json",), mutation_table, MUTATED),
     "test-fast-time": Table("BENCHMARKS.md", ("benchmarks/results/suite/test_fast.json",), suite_tables, SUITE_CODE),
     **{f"speed-{name}": Table("BENCHMARKS.md", (path,), speed_table, STEP_CODE) for name, path in SPEED.items()},
+    **{
+        f"gpu-{card}": Table("BENCHMARKS.md", (f"benchmarks/results/gpu_bench_{card}.json",), first_gpu_table, GPU_CODE)
+        for card in ("h100", "h200")
+    },
     "subnet-eval": Table("BENCHMARKS.md", SUBNET_EVAL, subnet_eval_table, EVAL_CODE),
     "train-step": Table(
         "BENCHMARKS.md",
