@@ -409,6 +409,8 @@ def module_state(directory: Path) -> dict[str, torch.Tensor]:
             f"{directory} has no model weights ({ENGINE_TAG}/{_MODEL_STATES} is missing): the folder is damaged or "
             f"was copied in part; give another checkpoint_* folder"
         )
+    # DeepSpeed's file, not st-scale's: without ZeRO its bf16 optimizer saves dataclasses in it, which
+    # the weights-only loader refuses
     state = _load_tensors(path, directory, weights_only=False)
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
         raise ConfigError(

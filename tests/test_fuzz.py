@@ -23,6 +23,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from digits_data import DIGITS_SIZE
 from hypothesis import HealthCheck, example, given, settings
@@ -299,8 +300,53 @@ def test_weights_that_cannot_be_read_name_the_checkpoint_and_the_file(tmp_path, 
     folder = next((tmp_path / "run").glob("checkpoint_*"))
     (folder / name).write_bytes(damage)
     read = checkpoint.read_ema if name == "ema.pt" else checkpoint.module_state
-    with pytest.raises(ConfigError, match=rf"{folder.name} is damaged: {Path(name).name} cannot be read"):
+    try:  # what torch says of the file, read as st-scale reads it
+        torch.load(folder / name, map_location="cpu", weights_only=name == "ema.pt")
+    except Exception as error:  # noqa: BLE001
+        said = f"{type(error).__name__}: {str(error).strip()[:120]}"
+    with pytest.raises(ConfigError) as refused:
         read(folder)
+    assert str(refused.value) == (
+        f"{folder} is damaged: {Path(name).name} cannot be read ({said}); give an earlier checkpoint_* folder"
+    )
+
+
+def test_a_weights_average_that_would_run_code_when_read_is_refused(tmp_path):
+    """ema.pt holds tensors only: one whose pickle names anything else (here a function) is refused as
+    damaged, never unpickled with it."""
+    from st_scale import checkpoint
+    from st_scale.errors import ConfigError
+
+    shutil.copytree(CHECKPOINT_V1, tmp_path / "run")
+    folder = next((tmp_path / "run").glob("checkpoint_*"))
+    torch.save({"fc.weight": torch.zeros(2), "hook": print}, folder / "ema.pt")
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.read_ema(folder)
+    assert str(refused.value).startswith(f"{folder} is damaged: ema.pt cannot be read (UnpicklingError: ")
+
+
+def test_model_weights_missing_or_not_a_state_name_the_checkpoint(tmp_path):
+    from st_scale import checkpoint
+    from st_scale.errors import ConfigError
+
+    shutil.copytree(CHECKPOINT_V1, tmp_path / "run")
+    folder = next((tmp_path / "run").glob("checkpoint_*"))
+    states = folder / "checkpoint" / "mp_rank_00_model_states.pt"
+    for saved in ({"other": 1}, {"module": [1, 2]}, [1, 2]):  # no module weights: another dict, another type
+        torch.save(saved, states)
+        with pytest.raises(ConfigError) as refused:
+            checkpoint.module_state(folder)
+        assert str(refused.value) == (
+            f"{folder} is damaged: mp_rank_00_model_states.pt holds no module weights; give an earlier "
+            "checkpoint_* folder"
+        ), saved
+    states.unlink()
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.module_state(folder)
+    assert str(refused.value) == (
+        f"{folder} has no model weights (checkpoint/mp_rank_00_model_states.pt is missing): the folder is damaged or "
+        "was copied in part; give another checkpoint_* folder"
+    )
 
 
 @pytest.mark.parametrize(
