@@ -545,6 +545,31 @@ def test_a_zero1_checkpoint_of_another_layout_or_model_or_without_a_shard_is_ref
     assert str(missing.value) == f"checkpoint {tmp_path}: the ZeRO optimizer shard of rank 0 is missing"
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_zero0_checkpoint_resumes_on_more_workers_with_its_whole_optimizer_state(tmp_path, rank):
+    """ZeRO-0 keeps the whole optimizer state on rank 0's file: a group of another size loads it as it
+    is (nothing to re-shard), every rank the same momentum and weights; the RNG state is restored on the
+    ranks the writer had, and a rank it did not have keeps its own."""
+    _, model, trained = _engine("cpu_fp32.json")
+    g = torch.Generator().manual_seed(3)
+    for step in range(2):
+        _step(trained, step, torch.randn(16, 3, 16, 16, generator=g), torch.arange(16) % 10)
+    torch.manual_seed(11)
+    written_rng = torch.get_rng_state()
+    save_checkpoint(trained, tmp_path, 0, 1, TrainState(epoch=1, step=2))
+
+    _, fresh_model, fresh = _engine("cpu_fp32.json")  # seeds torch with 0
+    seeded_rng = torch.get_rng_state()
+    assert load_checkpoint(fresh, tmp_path, rank=rank, world_size=2).step == 2
+    assert torch.equal(torch.get_rng_state(), written_rng if rank == 0 else seeded_rng)
+    for (name, p), q in zip(model.named_parameters(), fresh_model.parameters()):
+        assert torch.equal(p, q), name
+    theirs, ours = trained.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert theirs.keys() == ours.keys() and theirs
+    for index, state in theirs.items():
+        assert torch.equal(ours[index]["momentum_buffer"], state["momentum_buffer"]), index
+
+
 def _cut_for_writers(shard: dict, written_by: int, pad: int = 0) -> list[dict]:
     """One rank's ZeRO shard as `written_by` writers would have saved it, in DeepSpeed's layout: each
     group's flat buffer cut into equal partitions, the last one padded at the end (`pad` more values of
