@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -568,6 +569,23 @@ def test_a_zero0_checkpoint_resumes_on_more_workers_with_its_whole_optimizer_sta
     assert theirs.keys() == ours.keys() and theirs
     for index, state in theirs.items():
         assert torch.equal(ours[index]["momentum_buffer"], state["momentum_buffer"]), index
+
+
+CHECKPOINT_V1 = Path(__file__).parent / "data" / "checkpoint_v1" / "runs" / "compat-v1"
+
+
+def test_a_first_format_checkpoint_resumes_where_its_engine_state_says(tmp_path):
+    """Before the run file, where training stood was kept beside DeepSpeed's state in its model-states
+    file: `load` reads it from there (epoch 1, step 22 of the shipped checkpoint)."""
+    folder = tmp_path / "run"
+    shutil.copytree(next(CHECKPOINT_V1.glob("checkpoint_*")), folder)
+    saved = torch.load(folder / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)
+    _, _, engine = _engine("cpu_fp32.json", extra=("model.stage_depths=[2,2,2]",))
+    state = load_checkpoint(engine, folder, rank=0, world_size=1)
+    assert (state.epoch, state.step) == (1, 22)
+    assert state == TrainState(
+        epoch=saved["epoch"], step=saved["step"], mlflow_run_id=saved["mlflow_run_id"], metrics=saved["metrics"]
+    )
 
 
 def _cut_for_writers(shard: dict, written_by: int, pad: int = 0) -> list[dict]:
