@@ -1,6 +1,7 @@
 """FFCV data: conversion from digits, CIFAR and ImageFolder sources; checksums catch damage that
 FFCV itself would silently read; the writer cannot hang; loaders and augmentation are seeded."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -18,7 +19,7 @@ from digits_data import DIGITS_SIZE, digits_overrides
 from st_scale.config import load_config
 from st_scale.data.commands import convert
 from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
-from st_scale.data.integrity import DatasetFileError, verify_beton, verify_checksum
+from st_scale.data.integrity import DatasetFileError, read_metadata, verify_beton, verify_checksum
 from st_scale.data.loaders import BatchPreparer, eval_loader, train_loader
 from st_scale.errors import ConfigError
 
@@ -206,6 +207,21 @@ def test_a_written_file_is_described_by_what_it_stores(tmp_path):
     meta = write_beton(ArrayDataset(images, np.arange(6) % 3), tmp_path / "a.beton", options, described)
     assert (meta["image_size"], meta["num_samples"]) == (16, 6)
     assert verify_beton(tmp_path / "a.beton")["image_sides"] == [16]
+    # The sidecar says how the file was written, as returned.
+    digest = hashlib.sha256((tmp_path / "a.beton").read_bytes()).hexdigest()
+    assert (
+        read_metadata(tmp_path / "a.beton")
+        == meta
+        == {
+            "image_size": 16,
+            "num_classes": 3,
+            "num_samples": 6,
+            "write_mode": options.write_mode,
+            "max_resolution": 16,
+            "size_bytes": (tmp_path / "a.beton").stat().st_size,
+            "sha256": digest,
+        }
+    )
 
 
 def test_training_refuses_a_damaged_file_before_any_worker(digits_dir, tmp_path):

@@ -398,7 +398,9 @@ def test_the_driver_refuses_a_group_that_cannot_resume_the_runs_checkpoint(tmp_p
         "number of workers)"
     )
     check_resumable(run_dir, zero_stage=3, num_workers=2)  # the size that wrote it
-    check_resumable(run_dir, zero_stage=1, num_workers=(1, 3))  # ZeRO-1: re-sharded on load
+    for stage in (0, 1, 2):  # the whole state on rank 0, or re-sharded on load
+        check_resumable(run_dir, zero_stage=stage, num_workers=(1, 3))
+        check_resumable(run_dir, zero_stage=stage, num_workers=1)
 
 
 def test_commit_markers_that_disagree_on_the_number_of_writers_are_refused(tmp_path):
