@@ -263,7 +263,7 @@ def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, 
     second = session.contexts[1]
     assert second.run_id == first.run_id, "a resumed run continues the same MLflow run"
     _assert_close(second.data.train.weights[0], first.data.train.weights[-1], "the weights resumed from")
-    reference.check_epoch(second.data.train)
+    losses += reference.check_epoch(second.data.train)
     metrics, folder = session.reports[-1]
     _assert_close(_saved_weights(folder), second.data.train.weights[-1], "the checkpoint's weights after epoch 2")
     _assert_close(checkpoint.read_ema(folder), reference.average, "weights' average after the resumed epoch 2")
@@ -272,13 +272,28 @@ def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, 
         _hand_accuracy(second.model, _learned(second.model), second.data.calibration, val)
     )
 
+    # The training loss logged every 2nd step: the mean of the hand-written losses of the steps since the
+    # last value logged in that epoch (each epoch starts a window of its own), at the step reached.
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    logged = {m.step: m.value for m in client.get_metric_history(second.run_id, "train/loss")}
+    per_epoch = len(first.data.train)
+    expected, start = {}, 0
+    for end in range(1, EPOCHS * per_epoch + 1):
+        if (end - 1) % per_epoch == 0:  # the epoch's first step
+            start = end - 1
+        if end % 2 == 0:
+            expected[end], start = sum(losses[start:end]) / (end - start), end
+    assert logged.keys() == expected.keys()
+    for step, value in expected.items():
+        assert logged[step] == pytest.approx(value, rel=1e-4), f"train/loss at step {step}"
+
     # The summary `st-scale train` prints and writes (--summary-json) is what MLflow logged last.
     inputs = resolve_inputs(cfg)
     summary = run_summary(cfg, inputs, metrics, 12.34, folder.name)
-    logged = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(second.run_id)
-    assert summary.mlflow_run_id == second.run_id and summary.mlflow_experiment_id == logged.info.experiment_id
+    run = client.get_run(second.run_id)
+    assert summary.mlflow_run_id == second.run_id and summary.mlflow_experiment_id == run.info.experiment_id
     for field in ("main_top1", "subnets_mean_top1", "subnets_std_top1", "subnets_min_top1", "num_subnets"):
-        assert getattr(summary, field) == logged.data.metrics[f"val/{field}"], field
+        assert getattr(summary, field) == run.data.metrics[f"val/{field}"], field
     assert (summary.method, summary.model, summary.epochs, summary.wall_s) == ("st", cfg.model.name, EPOCHS, 12.3)
     assert summary.dataset == inputs.dataset and summary.checkpoint == (run_folder(cfg) / folder.name).uri
 
