@@ -131,7 +131,8 @@ def test_a_reports_study_json_draws_its_tables_and_figures_again(study, tmp_path
 def test_redrawing_a_file_that_is_not_a_study_says_what_to_give(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"runs": []}))
     assert main(["report", str(tmp_path / "other.json")]) == 2
-    assert capsys.readouterr().err.strip().endswith(
+    said = capsys.readouterr().err.strip()
+    assert said.endswith(
         f"{tmp_path / 'other.json'}: not a study.json `st-scale report` wrote (KeyError: 'rows'); give the "
         "study.json of a report's folder"
     )
