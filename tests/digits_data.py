@@ -4,7 +4,12 @@ costs at the demo's 32 px."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 DIGITS_SIZE = 16
+# A checkpoint of a digits run in st-scale's first checkpoint format (epoch 1 of `demo_st`, depths 2-2-2),
+# kept to check that older checkpoints still evaluate and resume.
+CHECKPOINT_V1 = Path(__file__).parent / "data" / "checkpoint_v1" / "runs" / "compat-v1"
 
 
 def digits_overrides(digits_dir) -> list[str]:

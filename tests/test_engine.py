@@ -7,11 +7,11 @@ import math
 import os
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from digits_data import CHECKPOINT_V1
 
 from st_scale.assembly import build_model_and_objective, speed_up
 from st_scale.checkpoint import TrainState
@@ -571,9 +571,6 @@ def test_a_zero0_checkpoint_resumes_on_more_workers_with_its_whole_optimizer_sta
     assert theirs.keys() == ours.keys() and theirs
     for index, state in theirs.items():
         assert torch.equal(ours[index]["momentum_buffer"], state["momentum_buffer"]), index
-
-
-CHECKPOINT_V1 = Path(__file__).parent / "data" / "checkpoint_v1" / "runs" / "compat-v1"
 
 
 def test_a_first_format_checkpoint_resumes_where_its_engine_state_says(tmp_path):

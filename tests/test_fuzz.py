@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from digits_data import DIGITS_SIZE
+from digits_data import CHECKPOINT_V1, DIGITS_SIZE
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -46,7 +46,6 @@ EXAMPLE_BOUND_S = 60  # one in-process check on a loaded 2-core machine
 NETWORK_FIELDS = {"tracking.tracking_uri", "run.storage_path", "run.storage_endpoint"}
 FIELDS = sorted(set(_known_fields()) - NETWORK_FIELDS)
 PATH_FIELDS = {"data.train", "data.val", "deepspeed.config"}  # printed resolved (absolute)
-CHECKPOINT_V1 = Path(__file__).parent / "data" / "checkpoint_v1" / "runs" / "compat-v1"
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
