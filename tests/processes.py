@@ -58,6 +58,19 @@ def stop_processes(processes) -> None:
             pass
 
 
+def ray_head_processes(temp_dir: str, client_server_port: int) -> list:
+    """A Ray head's processes: those with its --temp-dir in their command line, and its Ray client
+    server, which has not (it is found by the head's --ray-client-server-port) and outlives the raylet
+    that started it."""
+    import psutil
+
+    def ours(args: list[str]) -> bool:
+        client_server = "ray.util.client.server" in args and f"--port={client_server_port}" in args
+        return client_server or any(temp_dir in arg for arg in args)
+
+    return [p for p in psutil.process_iter(["cmdline"]) if ours(p.info["cmdline"] or [])]
+
+
 @dataclass
 class MlflowServer:
     url: str

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from digits_data import digits_overrides
-from processes import free_port, serve_mlflow, serve_postgres, stop_processes, wait_for
+from processes import free_port, ray_head_processes, serve_mlflow, serve_postgres, stop_processes, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -36,8 +36,6 @@ class Head:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    import psutil
-
     temp_dir = f"/tmp/strh{os.getpid()}"  # short: Ray's unix sockets have a path limit; unique: ours alone
     env = os.environ | {
         "RAY_AUTH_MODE": "token",
@@ -47,7 +45,7 @@ def ray_head():
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, client_server = free_port(), free_port(), free_port()
     command = [
         str(BIN / "ray"),
         "start",
@@ -57,7 +55,7 @@ def ray_head():
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
         "--include-dashboard=true",
-        f"--ray-client-server-port={free_port()}",
+        f"--ray-client-server-port={client_server}",
         f"--dashboard-agent-listen-port={free_port()}",
         "--num-cpus=2",
         "--num-gpus=0",
@@ -66,14 +64,12 @@ def ray_head():
         "--disable-usage-stats",
     ]
     started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    ours = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        assert ours, "no process of the head was found by its temp dir"
+        assert ray_head_processes(temp_dir, client_server), "no process of the head was found by its temp dir"
         yield Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env)
     finally:
-        ours = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-        stop_processes(ours)
+        stop_processes(ray_head_processes(temp_dir, client_server))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
