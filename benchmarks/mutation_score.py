@@ -11,9 +11,11 @@ the report: the score says nothing about them.
 mutmut numbers a function's mutants in order, so the numbers move when the function changes: each
 listed exclusion carries the fingerprint of the change it was written for, and an entry whose mutant is
 now another change (or gone) is not applied; --show-exclusions prints every entry's mutant as it is now,
-to re-check them. Prints the table and writes the mutants not killed to --out/survivors.txt; with
---save-results the raw file (every mutant's status, the exclusions applied, the
-provenance block) goes to --out/results.json, which `make docs` turns into BENCHMARKS.md's table.
+to re-check them. mutmut keeps its results in mutants/, which a new machine does not have: --carry-over
+RESULTS takes every mutant this mutants/ has not run from a raw file saved earlier, provided no mutated
+module changed since the commit it was measured at. Prints the table and writes the mutants not killed
+to --out/survivors.txt; with --save-results the raw file (every mutant's status, the exclusions applied,
+the provenance block) goes to --out/results.json, which `make docs` turns into BENCHMARKS.md's table.
 """
 
 from __future__ import annotations
@@ -59,6 +61,36 @@ def live_results() -> dict[str, str]:
     if not results:
         raise SystemExit("no mutation results in mutants/: run `make mutate` first")
     return results
+
+
+def mutated_paths() -> list[str]:
+    """[tool.mutmut] only_mutate of pyproject.toml: the files whose mutants are scored."""
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
+
+
+def carry_over(results: dict[str, str], earlier: dict) -> tuple[dict[str, str], dict]:
+    """`results` with each mutant they have not run taken from the raw file `earlier`, and a note of
+    what was taken. Refused when a mutated file differs (committed or not) from the commit `earlier`
+    measured: mutmut numbers a function's mutants in order, so an old number may name another change."""
+    commit = earlier.get("provenance", {}).get("commit")
+    if not commit or earlier["provenance"].get("dirty"):
+        raise SystemExit("--carry-over: the raw file names no clean commit; its results cannot be matched to code")
+    changed = subprocess.run(
+        ["git", "diff", "--name-only", commit, "--", *mutated_paths()], cwd=ROOT, capture_output=True, text=True
+    )
+    if changed.returncode != 0 or changed.stdout.strip():
+        raise SystemExit(
+            f"--carry-over: the results were measured at {commit} and these mutated files changed since: "
+            f"{changed.stdout.split() or changed.stderr.strip()}; run their mutants again (make mutate)"
+        )
+    merged, taken = dict(results), 0
+    for name, status in earlier["results"].items():
+        if merged.get(name, "not checked") == "not checked" and status != "not checked":
+            merged[name] = status
+            taken += 1
+    return merged, {"commit": commit, "mutants": taken, "minutes": earlier.get("minutes")}
 
 
 def module_of(mutant: str) -> str:
@@ -173,6 +205,12 @@ def markdown(raw: dict) -> str:
         )
     if raw.get("minutes"):
         lines.append(f"\nWall time of the mutmut run: {raw['minutes']:.0f} min.")
+    carried = raw.get("carried_over")
+    if carried:
+        lines.append(
+            f"\n{carried['mutants']} results carried over from the run measured at {carried['commit']} "
+            "(no mutated file has changed since)."
+        )
     return "\n".join(lines)
 
 
@@ -198,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-results", action="store_true", help="write the raw file --out/results.json")
     parser.add_argument("--minutes", type=float, help="wall time of the mutmut run, for the report")
     parser.add_argument(
+        "--carry-over",
+        type=Path,
+        metavar="RESULTS",
+        help="a raw file saved earlier: the results of the mutants mutants/ has not run, when no mutated file changed",
+    )
+    parser.add_argument(
         "--show-exclusions", action="store_true", help="print each listed exclusion's mutant as it is now, and stop"
     )
     args = parser.parse_args(argv)
@@ -211,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         applied, stale = applicable_exclusions(listed)
         raw = {"minutes": args.minutes, "results": live_results(), "exclusions": applied, "stale_exclusions": stale}
+        if args.carry_over is not None:
+            raw["results"], raw["carried_over"] = carry_over(raw["results"], json.loads(args.carry_over.read_text()))
     table = markdown(raw)
     not_killed = [
         f"{name}: {status}" + (f" ({listed[name][2]})" if name in raw["exclusions"] else "")

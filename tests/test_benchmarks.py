@@ -145,6 +145,35 @@ def test_the_mutation_score_counts_what_did_not_run_and_what_only_looks_equivale
     assert len((out / "survivors.txt").read_text().splitlines()) == 4
 
 
+def test_results_carry_over_from_an_earlier_run_only_while_no_mutated_file_changed():
+    """A new machine has no mutants/: what an earlier run measured fills in the mutants not run again,
+    never over a result measured now, and not at all once a mutated file differs from that run's commit
+    (mutmut's numbers would name other changes)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mutation_score import carry_over
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    earlier = {
+        "provenance": {"commit": head.strip(), "dirty": False},
+        "results": {"a__mutmut_1": "killed", "a__mutmut_2": "survived", "a__mutmut_3": "not checked"},
+        "minutes": 5.0,
+    }
+    merged, note = carry_over({"a__mutmut_1": "not checked", "a__mutmut_2": "killed"}, earlier)
+    assert merged == {"a__mutmut_1": "killed", "a__mutmut_2": "killed"}
+    assert note == {"commit": head.strip(), "mutants": 1, "minutes": 5.0}
+
+    first = subprocess.run(
+        ["git", "log", "--format=%h", "--reverse", "--", "st_scale/sampling.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split()[0]
+    with pytest.raises(SystemExit, match=rf"measured at {first} and these mutated files changed since: .*sampling\.py"):
+        carry_over({}, earlier | {"provenance": {"commit": first, "dirty": False}})
+    with pytest.raises(SystemExit, match="names no clean commit"):
+        carry_over({}, earlier | {"provenance": {"commit": head.strip(), "dirty": True}})
+
+
 def test_every_listed_exclusion_names_the_change_it_was_written_for():
     """Each entry of benchmarks/mutation_equivalent.txt carries its mutant's fingerprint (mutmut's
     numbers move when a function changes); the fingerprint reads only the changed lines."""
