@@ -140,13 +140,23 @@ study: install fashion-mnist
 	$(BIN)/st-scale sweep tune/fashion_table1.yaml --summary-json fashion_table1.json
 	$(BIN)/st-scale report tune/fashion_table1.yaml --out benchmarks/results/fashion_table1
 
-# Mutation testing ([tool.mutmut] in pyproject.toml names the modules); not part of CI. Running it
-# again tests the mutants not yet run and those of functions that changed. MUTANTS="st_scale.methods.*"
-# narrows it, and re-tests every mutant it names, those with a result too.
+# Mutation testing ([tool.mutmut] in pyproject.toml names the modules); not part of CI. It resumes: the
+# committed raw file's results stand while no mutated file has changed since its commit, and only the
+# mutants without a result are tested (on a new machine too: mutmut's own state, mutants/, is not
+# committed). Otherwise every mutant runs. MUTANTS="st_scale.methods.*" narrows it, and re-tests every
+# mutant it names, those with a result too.
+MUTATION_RESULTS := benchmarks/results/mutation/results.json
 mutate: install
-	@start=$$(date +%s); \
-	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS); \
-	$(PY) benchmarks/mutation_score.py --save-results --minutes $$(( ($$(date +%s) - start) / 60 ))
+	@start=$$(date +%s); names="$(MUTANTS)"; carry=""; \
+	if [ -f $(MUTATION_RESULTS) ] && left=$$($(PY) benchmarks/mutation_score.py --not-run $(MUTATION_RESULTS)); then \
+		carry="--carry-over $(MUTATION_RESULTS)"; \
+		if [ -z "$$names" ]; then \
+			[ -n "$$left" ] || { echo "every mutant has a result in $(MUTATION_RESULTS)"; exit 0; }; \
+			names="$$left"; \
+		fi; \
+	fi; \
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $$names; \
+	$(PY) benchmarks/mutation_score.py --save-results $$carry --minutes $$(( ($$(date +%s) - start) / 60 ))
 
 clean:
 	rm -rf $(VENV) build *.egg-info mutants

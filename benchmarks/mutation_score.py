@@ -13,7 +13,8 @@ listed exclusion carries the fingerprint of the change it was written for, and a
 now another change (or gone) is not applied; --show-exclusions prints every entry's mutant as it is now,
 to re-check them. mutmut keeps its results in mutants/, which a new machine does not have: --carry-over
 RESULTS takes every mutant this mutants/ has not run from a raw file saved earlier, provided no mutated
-module changed since the commit it was measured at. Prints the table and writes the mutants not killed
+module changed since the commit it was measured at, and --not-run RESULTS prints the mutants that have no
+result in it (nor in mutants/): what `make mutate` tests next. Prints the table and writes the mutants not killed
 to --out/survivors.txt; with --save-results the raw file (every mutant's status, the exclusions applied,
 the provenance block) goes to --out/results.json, which `make docs` turns into BENCHMARKS.md's table.
 """
@@ -91,6 +92,20 @@ def carry_over(results: dict[str, str], earlier: dict) -> tuple[dict[str, str], 
             merged[name] = status
             taken += 1
     return merged, {"commit": commit, "mutants": taken, "minutes": earlier.get("minutes")}
+
+
+def print_not_run(earlier: dict) -> int:
+    """The mutants neither `earlier` nor mutants/ has a result for, one per line: 0, or 3 (and why, on
+    stderr) when `earlier` cannot be carried over to this code."""
+    live = live_results() if (ROOT / "mutants").is_dir() else {}
+    try:
+        merged, _ = carry_over(live, earlier)
+    except SystemExit as refused:
+        print(refused, file=sys.stderr)
+        return 3
+    names = set(earlier["results"]) | set(live)
+    print("\n".join(sorted(name for name in names if merged.get(name, "not checked") == "not checked")))
+    return 0
 
 
 def module_of(mutant: str) -> str:
@@ -242,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a raw file saved earlier: the results of the mutants mutants/ has not run, when no mutated file changed",
     )
     parser.add_argument(
+        "--not-run",
+        type=Path,
+        metavar="RESULTS",
+        help="print the mutants with no result in RESULTS (nor in mutants/, when it exists), one per line, and stop; "
+        "exit 3 when a mutated file changed since RESULTS' commit",
+    )
+    parser.add_argument(
         "--show-exclusions", action="store_true", help="print each listed exclusion's mutant as it is now, and stop"
     )
     args = parser.parse_args(argv)
@@ -249,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_exclusions:
         show_exclusions(listed)
         return 0
+    if args.not_run is not None:
+        return print_not_run(json.loads(args.not_run.read_text()))
     block = provenance()
     if args.results is not None:
         raw = json.loads(args.results.read_text())

@@ -145,12 +145,12 @@ def test_the_mutation_score_counts_what_did_not_run_and_what_only_looks_equivale
     assert len((out / "survivors.txt").read_text().splitlines()) == 4
 
 
-def test_results_carry_over_from_an_earlier_run_only_while_no_mutated_file_changed():
+def test_results_carry_over_from_an_earlier_run_only_while_no_mutated_file_changed(capsys):
     """A new machine has no mutants/: what an earlier run measured fills in the mutants not run again,
     never over a result measured now, and not at all once a mutated file differs from that run's commit
     (mutmut's numbers would name other changes)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from mutation_score import carry_over
+    from mutation_score import carry_over, print_not_run
 
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     earlier = {
@@ -161,6 +161,9 @@ def test_results_carry_over_from_an_earlier_run_only_while_no_mutated_file_chang
     merged, note = carry_over({"a__mutmut_1": "not checked", "a__mutmut_2": "killed"}, earlier)
     assert merged == {"a__mutmut_1": "killed", "a__mutmut_2": "killed"}
     assert note == {"commit": head.strip(), "mutants": 1, "minutes": 5.0}
+    assert print_not_run(earlier) == 0  # what `make mutate` tests next
+    printed = capsys.readouterr().out.split()
+    assert "a__mutmut_3" in printed and "a__mutmut_1" not in printed and "a__mutmut_2" not in printed
 
     first = subprocess.run(
         ["git", "log", "--format=%h", "--reverse", "--", "st_scale/sampling.py"],
@@ -172,6 +175,8 @@ def test_results_carry_over_from_an_earlier_run_only_while_no_mutated_file_chang
         carry_over({}, earlier | {"provenance": {"commit": first, "dirty": False}})
     with pytest.raises(SystemExit, match="names no clean commit"):
         carry_over({}, earlier | {"provenance": {"commit": head.strip(), "dirty": True}})
+    assert print_not_run(earlier | {"provenance": {"commit": first, "dirty": False}}) == 3  # then every mutant runs
+    assert "changed since" in capsys.readouterr().err
 
 
 def test_every_listed_exclusion_names_the_change_it_was_written_for():
