@@ -640,3 +640,53 @@ def test_a_large_file_is_rechecked_by_sampled_blocks_and_in_full_when_its_stamp_
     stamp_file.write_text(json.dumps(stamp | {"verified_at": stamp["verified_at"] - integrity.STAMP_MAX_AGE_S - 1}))
     with pytest.raises(DatasetFileError, match="does not match its checksum"):
         verify_checksum(path)
+
+
+FFCV_ROUND_TRIP = """
+import sys
+from pathlib import Path
+
+import numba.typed
+import numpy as np
+import torch
+
+from st_scale.config import load_config
+from st_scale.data.convert import ArrayDataset, WriteOptions, write_beton
+from st_scale.data.loaders import eval_loader
+
+folder = Path(sys.argv[1])
+# Smooth images: JPEG keeps them within a few levels
+ramp = np.linspace(0, 255, 32, dtype=np.float32)
+planes = [[ramp[None, :] * (i + 1) / 8 + ramp[:, None] * c / 4 for c in range(3)] for i in range(6)]
+images = np.clip(np.stack([np.stack(p, -1) for p in planes]), 0, 255).astype(np.uint8)
+for mode in ("raw", "jpg"):
+    path = folder / f"{mode}.beton"
+    write_beton(ArrayDataset(images, np.arange(6) % 3), path, WriteOptions(num_workers=1, write_mode=mode), {})
+    data = load_config("demo_ct", [f"data.val={path}"]).data
+    loader = eval_loader(data, str(path), indices=None, num_workers=1, device=torch.device("cpu"))
+    decoded = np.concatenate([x.numpy().transpose(0, 2, 3, 1) for x, _ in loader])
+    error = np.abs(decoded.astype(int) - images.astype(int))
+    print(mode, error.max(), error.mean())
+import ffcv.fields.rgb_image
+
+print(type(ffcv.fields.rgb_image.IMAGE_MODES).__name__, ffcv.fields.rgb_image.IMAGE_MODES, numba.typed.Dict.__name__)
+"""
+
+
+@pytest.mark.slow  # a process that loads torch and FFCV
+def test_ffcv_imported_with_a_plain_dict_for_its_image_modes_writes_and_decodes_both_modes(tmp_path):
+    """st-scale imports FFCV with a plain dict for its image modes (a numba typed Dict would be
+    JIT-compiled in every worker): in a process where st-scale imported FFCV, a raw file decodes to
+    the very pixels written and a JPEG one to within JPEG's error, and numba's own Dict is left as it was."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FFCV_ROUND_TRIP, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    raw, jpg, imported = done.stdout.strip().splitlines()
+    assert raw.split()[1] == "0", raw  # the same bytes
+    _, worst, mean = jpg.split()
+    assert 0 < float(mean) < 2 and int(worst) < 16, jpg  # stored as JPEG: close, not equal
+    assert imported == "dict {'jpg': 0, 'raw': 1} Dict"

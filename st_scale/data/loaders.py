@@ -17,11 +17,13 @@ import torch.nn.functional as F
 
 from ..config import DataSection, ModelSection
 from ..sampling import STREAM_AUGMENT, STREAM_CALIBRATION, step_rng
+from .ffcv_import import import_ffcv
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _image_pipeline(data: DataSection, train: bool, device: torch.device):
+    import_ffcv()
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
@@ -42,6 +44,7 @@ def _image_pipeline(data: DataSection, train: bool, device: torch.device):
 
 
 def _label_pipeline(device: torch.device):
+    import_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
@@ -78,6 +81,7 @@ def train_loader(
     data: DataSection, *, batch_size: int, seed: int, num_workers: int, device: torch.device, distributed: bool
 ) -> TrainLoader:
     """Shuffled; with `distributed`, sharded across ranks by DistributedSampler (the process group must exist)."""
+    import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
     image_ops = _image_pipeline(data, True, device)
@@ -106,6 +110,7 @@ def eval_loader(
 ):
     """Sequential, nothing dropped; `indices` selects this rank's share. No augmentation, unless
     `augment` asks for the training pipeline's decoder (ImageNet-size random-resized crops)."""
+    import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
     return Loader(
