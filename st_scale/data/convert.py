@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from . import digits, fashion
-from .ffcv_import import import_ffcv
 from .integrity import read_facts, write_sidecars
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
@@ -77,7 +76,6 @@ class _Guarded:
 
 def _write(dataset, path: str, options: WriteOptions, error_file: str) -> None:
     os.setsid()  # own process group: the parent can stop the writer's pool with it
-    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 

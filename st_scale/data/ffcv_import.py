@@ -13,8 +13,8 @@ import sys
 
 
 def import_ffcv() -> None:
-    """Import FFCV (once per process) with a plain dict for its image modes. Every module of st-scale
-    that uses FFCV calls this first: whichever imports FFCV first decides what the import costs."""
+    """Import FFCV (once per process) with a plain dict for its image modes. The loaders call this
+    first, as every worker builds them; a conversion's writer process imports FFCV once per conversion."""
     if "ffcv.fields.rgb_image" in sys.modules:
         return
     import numba.typed
