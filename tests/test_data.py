@@ -132,10 +132,31 @@ def test_missing_file_names_the_file_and_the_fix(tmp_path):
 
 
 def test_a_folder_given_as_a_dataset_file_is_named_as_a_folder(digits_dir):
-    with pytest.raises(
-        DatasetFileError, match=r"is a folder \(it holds train.beton, val.beton\); give the .beton file"
-    ):
+    with pytest.raises(DatasetFileError) as refused:
         verify_beton(digits_dir)
+    assert str(refused.value) == (
+        f"{digits_dir} is a folder (it holds train.beton, val.beton); give the .beton file itself, "
+        f"e.g. {digits_dir / 'train.beton'}"
+    )
+
+
+def test_a_missing_checksum_or_a_file_of_another_size_is_named_with_both_sizes(digits_dir, tmp_path):
+    path = _copy(digits_dir, tmp_path)
+    written = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b"\0" * 10)
+    with pytest.raises(DatasetFileError) as refused:
+        verify_beton(path)
+    assert str(refused.value) == (
+        f"{path} is {written + 10} bytes but was written as {written} bytes (truncated or overwritten); "
+        "rebuild it with `st-scale convert`"
+    )
+    Path(f"{path}.sha256").unlink()
+    with pytest.raises(DatasetFileError) as refused:
+        verify_beton(path)
+    assert str(refused.value) == (
+        f"{path}: checksum file {path.name}.sha256 is missing; rebuild it with `st-scale convert`"
+    )
 
 
 def test_truncated_file_is_caught(digits_dir, tmp_path):
@@ -603,6 +624,21 @@ def test_a_large_file_changed_with_a_new_mtime_is_checked_in_full(tmp_path, monk
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     with pytest.raises(DatasetFileError, match="does not match its checksum"):
         verify_checksum(path)
+
+
+def test_a_file_of_exactly_the_full_check_size_counts_as_large(tmp_path, monkeypatch):
+    """Files from FULL_CHECK_BYTES up are stamped after their full check (and later re-checked by
+    sampled blocks); smaller ones are checked in full every time and never stamped."""
+    from st_scale.data import integrity
+
+    monkeypatch.setattr(integrity, "BLOCK_BYTES", 1000)
+    path = _file_with_sidecars(tmp_path / "edge.beton", 5000)
+    monkeypatch.setattr(integrity, "FULL_CHECK_BYTES", 5001)
+    verify_checksum(path)
+    assert not (tmp_path / "edge.beton.verified").exists()
+    monkeypatch.setattr(integrity, "FULL_CHECK_BYTES", 5000)
+    verify_checksum(path)
+    assert (tmp_path / "edge.beton.verified").is_file()
 
 
 def test_a_file_smaller_than_a_block_is_stamped_with_one_block(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from st_scale.sampling import SubnetSampler, SubnetSpace, step_rng
+from st_scale.sampling import STREAM_EVAL_SAMPLE, STREAM_SUBNET, SubnetSampler, SubnetSpace, step_rng
 
 
 @pytest.mark.parametrize(
@@ -133,6 +133,10 @@ def test_fixed_seed_subset_for_huge_spaces():
     assert subset == space.sample_subset(100, seed=0)
     assert subset != space.sample_subset(100, seed=1)
     assert SubnetSpace.full((2, 2)).sample_subset(100, seed=0) == list(SubnetSpace.full((2, 2)))
+    # From a stream of its own: not the draw the training sampler's stream gives for the same seed
+    for stream, same in ((STREAM_EVAL_SAMPLE, True), (STREAM_SUBNET, False)):
+        drawn = step_rng(0, 0, stream=stream).choice(len(space), size=100, replace=False)
+        assert (subset == sorted(space.unrank(int(i)) for i in drawn)) is same
 
 
 def test_subsets_are_distinct_members_of_any_size_from_one_to_the_whole_space():
