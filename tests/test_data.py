@@ -220,6 +220,53 @@ def test_the_facts_of_a_file_are_what_ffcv_itself_reads(digits_dir, tmp_path):
         read_facts(tmp_path / "not.beton")
 
 
+def test_a_file_unlike_an_st_scale_dataset_is_refused_by_what_its_bytes_say(digits_dir, tmp_path):
+    """The facts are read from FFCV's layout with numpy: a file that differs from it, in its header, its
+    fields, its per-sample table or a label, is refused with what differs; a file of one sample is not."""
+    from st_scale.data.integrity import _FIELD, _FIELD_METADATA, _HEADER, read_facts
+
+    good = (digits_dir / "val.beton").read_bytes()
+    header = np.frombuffer(good, dtype=_HEADER, count=1).copy()
+    fields = np.frombuffer(good, dtype=_FIELD, count=2, offset=_HEADER.itemsize).copy()
+    table = good[_HEADER.itemsize + fields.nbytes :]
+    names = [bytes(f["name"]).rstrip(b"\0").decode() for f in fields]
+    assert names == ["image", "label"]
+    record = np.dtype([(name, _FIELD_METADATA[int(f["type_id"])][1]) for name, f in zip(names, fields)], align=True)
+
+    def written(name: str, header=header, fields=fields, table=table) -> Path:
+        path = tmp_path / name
+        path.write_bytes(header.tobytes() + fields.tobytes() + table)
+        return path
+
+    def refusal(path: Path) -> str:
+        with pytest.raises(DatasetFileError) as refused:
+            read_facts(path)
+        return str(refused.value)
+
+    rebuild = "rebuild it with `st-scale convert`"
+    not_ours = "is not an st-scale dataset file (an FFCV file of images and labels)"
+    (tmp_path / "empty.beton").write_bytes(b"")
+    older = header.copy()
+    older["version"] = 1
+    for path in (tmp_path / "empty.beton", written("v1.beton", header=older)):
+        assert refusal(path) == f"{path} {not_ours}: no FFCV format-2 header; {rebuild}"
+    for name, shown in ((b"labelX", "labelX"), (b"\xff\xfeabel", "\ufffd\ufffdabel")):
+        renamed = fields.copy()
+        renamed[1]["name"][:] = 0
+        renamed[1]["name"][: len(name)] = np.frombuffer(name, np.uint8)
+        path = written("renamed.beton", fields=renamed)
+        assert refusal(path) == f"{path} {not_ours}: its fields are [('image', 2), ({shown!r}, 1)]; {rebuild}"
+    path = written("short.beton", table=table[: 3 * record.itemsize])
+    assert refusal(path) == f"{path}: its header says 359 samples but 3 are described; {rebuild}"
+    first = np.frombuffer(table, dtype=record, count=1).copy()
+    first["label"] = -1
+    path = written("negative.beton", table=first.tobytes() + table[record.itemsize :])
+    assert refusal(path) == f"{path}: label -1 is negative; labels are class indices from 0"
+    one = header.copy()
+    one["num_samples"] = 1
+    assert read_facts(written("one.beton", header=one)).num_samples == 1
+
+
 def test_a_written_file_is_described_by_what_it_stores(tmp_path):
     """max_resolution shrinks what the writer stores: the sidecar's image size is the stored one."""
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
