@@ -22,8 +22,8 @@ from .ffcv_import import import_ffcv
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+# The pipelines are built by train_loader and eval_loader, which import FFCV first (import_ffcv).
 def _image_pipeline(data: DataSection, train: bool, device: torch.device):
-    import_ffcv()
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
@@ -44,7 +44,6 @@ def _image_pipeline(data: DataSection, train: bool, device: torch.device):
 
 
 def _label_pipeline(device: torch.device):
-    import_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
