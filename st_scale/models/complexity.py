@@ -26,6 +26,13 @@ def _leaf_macs(module: nn.Module, inputs, output: torch.Tensor) -> int:
     return 0
 
 
+def _eager():
+    """Compiled blocks run eagerly while counting: a compiled graph would not call the per-block hooks
+    it was not traced with, and each block's hook (a closure of its own) would compile that block
+    again (on a GPU a recompilation costs seconds, and counts against torch's per-function limit)."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def _probe(model: ElasticNet, image_size: int) -> torch.Tensor:
     """One blank image on the model's device, in its dtype (a bf16 model on a GPU takes bf16 there)."""
     weight = next(model.parameters())
@@ -53,7 +60,7 @@ class MacCounter:
                     if isinstance(leaf, (nn.Conv2d, nn.Linear)):
                         handles.append(leaf.register_forward_hook(self._hook(key)))
         try:
-            with preserved_mode(model), torch.no_grad():
+            with preserved_mode(model), torch.no_grad(), _eager():
                 model.eval()
                 model(_probe(model, image_size))
         finally:
@@ -110,7 +117,7 @@ class MacCounter:
             # Nor does it know the CPU's fused attention: counted as the GPU's (two matrix products).
             cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _CpuAttentionFlops()}
             counter = FlopCounterMode(display=False, custom_mapping=cpu_attention)
-            with preserved_mode(self.model), torch.enable_grad(), counter as flops:
+            with preserved_mode(self.model), torch.enable_grad(), _eager(), counter as flops:
                 self.model.eval()
                 self.model(_probe(self.model, self.image_size), depths)
         finally:
