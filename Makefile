@@ -141,10 +141,11 @@ study: install fashion-mnist
 	$(BIN)/st-scale report tune/fashion_table1.yaml --out benchmarks/results/fashion_table1
 
 # Mutation testing ([tool.mutmut] in pyproject.toml names the modules); not part of CI. It resumes: the
-# committed raw file's results stand while no mutated file has changed since its commit, and only the
-# mutants without a result are tested (on a new machine too: mutmut's own state, mutants/, is not
-# committed). Otherwise every mutant runs. MUTANTS="st_scale.methods.*" narrows it, and re-tests every
-# mutant it names, those with a result too.
+# committed raw file's results stand for each mutated file unchanged since its commit, and only the
+# mutants without a result are tested, every mutant of a changed file among them (on a new machine too:
+# mutmut's own state, mutants/, is not committed). Without a raw file every mutant runs.
+# MUTANTS="st_scale.methods.*" narrows it, and re-tests every mutant it names, those with a result too;
+# `set -f` keeps such patterns from the shell's globbing.
 MUTATION_RESULTS := benchmarks/results/mutation/results.json
 mutate: install
 	@start=$$(date +%s); names="$(MUTANTS)"; carry=""; \
@@ -155,7 +156,7 @@ mutate: install
 			names="$$left"; \
 		fi; \
 	fi; \
-	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $$names; \
+	set -f; OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $$names; \
 	$(PY) benchmarks/mutation_score.py --save-results $$carry --minutes $$(( ($$(date +%s) - start) / 60 ))
 
 clean:

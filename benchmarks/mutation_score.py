@@ -71,41 +71,59 @@ def mutated_paths() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
 
 
-def carry_over(results: dict[str, str], earlier: dict) -> tuple[dict[str, str], dict]:
-    """`results` with each mutant they have not run taken from the raw file `earlier`, and a note of
-    what was taken. Refused when a mutated file differs (committed or not) from the commit `earlier`
-    measured: mutmut numbers a function's mutants in order, so an old number may name another change."""
-    commit = earlier.get("provenance", {}).get("commit")
-    if not commit or earlier["provenance"].get("dirty"):
-        raise SystemExit("--carry-over: the raw file names no clean commit; its results cannot be matched to code")
+def changed_since(commit: str) -> list[str]:
+    """The mutated files that differ (committed or not) from `commit`."""
     changed = subprocess.run(
         ["git", "diff", "--name-only", commit, "--", *mutated_paths()], cwd=ROOT, capture_output=True, text=True
     )
-    if changed.returncode != 0 or changed.stdout.strip():
-        raise SystemExit(
-            f"--carry-over: the results were measured at {commit} and these mutated files changed since: "
-            f"{changed.stdout.split() or changed.stderr.strip()}; run their mutants again (make mutate)"
-        )
+    if changed.returncode != 0:
+        raise SystemExit(f"--carry-over: git cannot compare with {commit}: {changed.stderr.strip()}")
+    return sorted(changed.stdout.split())
+
+
+def carry_over(results: dict[str, str], earlier: dict) -> tuple[dict[str, str], dict]:
+    """`results` with each mutant they have not run taken from the raw file `earlier`, and a note of
+    what was taken. Only the mutants of files unchanged (committed or not) since the commit `earlier`
+    measured are taken: mutmut numbers a function's mutants in order, so in a changed file an old
+    number may name another change; those files' mutants run again."""
+    commit = earlier.get("provenance", {}).get("commit")
+    if not commit or earlier["provenance"].get("dirty"):
+        raise SystemExit("--carry-over: the raw file names no clean commit; its results cannot be matched to code")
+    changed = changed_since(commit)
     merged, taken = dict(results), 0
     for name, status in earlier["results"].items():
+        if module_of(name) in changed:
+            continue
         if merged.get(name, "not checked") == "not checked" and status != "not checked":
             merged[name] = status
             taken += 1
-    return merged, {"commit": commit, "mutants": taken, "minutes": earlier.get("minutes")}
+    note = {"commit": commit, "mutants": taken, "minutes": earlier.get("minutes")}
+    return merged, note | ({"changed_files": changed} if changed else {})
 
 
 def print_not_run(earlier: dict) -> int:
-    """The mutants neither `earlier` nor mutants/ has a result for, one per line: 0, or 3 (and why, on
-    stderr) when `earlier` cannot be carried over to this code."""
+    """What `make mutate` runs next, one per line: each mutant neither `earlier` nor mutants/ has a
+    result for, and for a mutated file changed since `earlier` whose mutants mutants/ does not list,
+    a pattern naming all of them (mutmut matches names with fnmatch). 0, or 3 (and why, on stderr)
+    when `earlier` names no clean commit."""
     live = live_results() if (ROOT / "mutants").is_dir() else {}
     try:
-        merged, _ = carry_over(live, earlier)
+        merged, note = carry_over(live, earlier)
     except SystemExit as refused:
         print(refused, file=sys.stderr)
         return 3
-    names = set(earlier["results"]) | set(live)
-    print("\n".join(sorted(name for name in names if merged.get(name, "not checked") == "not checked")))
+    changed = note.get("changed_files", [])
+    names = set(live) | {name for name in earlier["results"] if module_of(name) not in changed}
+    left = sorted(name for name in names if merged.get(name, "not checked") == "not checked")
+    listed_live = {module_of(name) for name in live}
+    left += [f"{module_name(path)}.x*" for path in changed if path not in listed_live]
+    print("\n".join(left))
     return 0
+
+
+def module_name(path: str) -> str:
+    """st_scale/methods/st.py -> st_scale.methods.st; st_scale/methods/__init__.py -> st_scale.methods"""
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 def module_of(mutant: str) -> str:
@@ -224,7 +242,12 @@ def markdown(raw: dict) -> str:
     if carried:
         lines.append(
             f"\n{carried['mutants']} results carried over from the run measured at {carried['commit']} "
-            "(no mutated file has changed since)."
+            + (
+                f"(of the files unchanged since; {', '.join(carried['changed_files'])} changed since: "
+                "only this run's results count for them)."
+                if carried.get("changed_files")
+                else "(no mutated file has changed since)."
+            )
         )
     return "\n".join(lines)
 

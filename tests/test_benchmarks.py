@@ -145,38 +145,46 @@ def test_the_mutation_score_counts_what_did_not_run_and_what_only_looks_equivale
     assert len((out / "survivors.txt").read_text().splitlines()) == 4
 
 
-def test_results_carry_over_from_an_earlier_run_only_while_no_mutated_file_changed(capsys):
+def test_results_carry_over_from_an_earlier_run_for_the_files_unchanged_since(capsys):
     """A new machine has no mutants/: what an earlier run measured fills in the mutants not run again,
-    never over a result measured now, and not at all once a mutated file differs from that run's commit
-    (mutmut's numbers would name other changes)."""
+    never over a result measured now, and only for files unchanged since that run's commit (in a changed
+    file mutmut's numbers would name other changes): a changed file's mutants are all run again."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from mutation_score import carry_over, print_not_run
+    from mutation_score import carry_over, markdown, print_not_run
 
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    sampling, schedule = "st_scale.sampling.x_step_rng__mutmut_", "st_scale.train.schedule.x_lr_at__mutmut_"
     earlier = {
         "provenance": {"commit": head.strip(), "dirty": False},
-        "results": {"a__mutmut_1": "killed", "a__mutmut_2": "survived", "a__mutmut_3": "not checked"},
+        "results": {f"{sampling}1": "killed", f"{sampling}2": "survived", f"{sampling}3": "not checked"}
+        | {f"{schedule}1": "killed"},
         "minutes": 5.0,
     }
-    merged, note = carry_over({"a__mutmut_1": "not checked", "a__mutmut_2": "killed"}, earlier)
-    assert merged == {"a__mutmut_1": "killed", "a__mutmut_2": "killed"}
-    assert note == {"commit": head.strip(), "mutants": 1, "minutes": 5.0}
+    merged, note = carry_over({f"{sampling}1": "not checked", f"{sampling}2": "killed"}, earlier)
+    assert merged == {f"{sampling}1": "killed", f"{sampling}2": "killed", f"{schedule}1": "killed"}
+    assert note == {"commit": head.strip(), "mutants": 2, "minutes": 5.0}
     assert print_not_run(earlier) == 0  # what `make mutate` tests next
-    printed = capsys.readouterr().out.split()
-    assert "a__mutmut_3" in printed and "a__mutmut_1" not in printed and "a__mutmut_2" not in printed
+    assert capsys.readouterr().out.split() == [f"{sampling}3"]
 
+    # The commit that first added sampling.py: it (and more) changed since; schedule.py too, if it existed.
     first = subprocess.run(
         ["git", "log", "--format=%h", "--reverse", "--", "st_scale/sampling.py"],
         cwd=ROOT,
         capture_output=True,
         text=True,
     ).stdout.split()[0]
-    with pytest.raises(SystemExit, match=rf"measured at {first} and these mutated files changed since: .*sampling\.py"):
-        carry_over({}, earlier | {"provenance": {"commit": first, "dirty": False}})
+    old = earlier | {"provenance": {"commit": first, "dirty": False}}
+    merged, note = carry_over({f"{sampling}2": "killed"}, old)
+    assert "st_scale/sampling.py" in note["changed_files"]
+    assert merged[f"{sampling}2"] == "killed" and f"{sampling}1" not in merged, "no result of a changed file"
+    assert "only this run's results count" in markdown({"results": merged, "exclusions": {}, "carried_over": note})
+    assert print_not_run(old) == 0
+    printed = capsys.readouterr().out.split()
+    assert "st_scale.sampling.x*" in printed and not any(name.startswith(sampling) for name in printed)
     with pytest.raises(SystemExit, match="names no clean commit"):
         carry_over({}, earlier | {"provenance": {"commit": head.strip(), "dirty": True}})
-    assert print_not_run(earlier | {"provenance": {"commit": first, "dirty": False}}) == 3  # then every mutant runs
-    assert "changed since" in capsys.readouterr().err
+    assert print_not_run(earlier | {"provenance": {"commit": head.strip(), "dirty": True}}) == 3
+    assert "no clean commit" in capsys.readouterr().err
 
 
 def test_every_listed_exclusion_names_the_change_it_was_written_for():
