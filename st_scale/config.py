@@ -310,6 +310,11 @@ class TrackingSection(Section):
     run_name: str | None = Field(None, description=f"the MLflow run's name (default run.name): {NAME_RULE}")
     log_every_steps: int = Field(10, ge=1)
     system_metrics: bool = True
+    log_model: bool = Field(
+        True,
+        description="at the end, log the main network as an MLflow model too (torch.export with an input example "
+        "and signature: seconds of CPU); its weights are logged either way. A sweep of many trials can turn it off",
+    )
 
     @field_validator("experiment", "run_name", mode="before")
     @classmethod

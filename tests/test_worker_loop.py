@@ -291,6 +291,7 @@ def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, 
     inputs = resolve_inputs(cfg)
     summary = run_summary(cfg, inputs, metrics, 12.34, folder.name)
     run = client.get_run(second.run_id)
+    assert run.data.tags["st_scale.final_model_uri"].startswith("models:/"), "tracking.log_model is on by default"
     assert summary.mlflow_run_id == second.run_id and summary.mlflow_experiment_id == run.info.experiment_id
     for field in ("main_top1", "subnets_mean_top1", "subnets_std_top1", "subnets_min_top1", "num_subnets"):
         assert getattr(summary, field) == run.data.metrics[f"val/{field}"], field

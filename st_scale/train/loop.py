@@ -433,8 +433,9 @@ def train_epoch(ctx: WorkerContext, epoch: int, step: int) -> tuple[int, dict[st
 def _log_final_model(ctx: WorkerContext) -> None:
     """The trained main network with its BN statistics re-estimated on the calibration set (as the
     main-net figures were measured), as a plain state dict file and, for the families `st-scale
-    export` builds (not MobileNetV3), as a model (`mlflow.pytorch.log_model`; its URI in the tag
-    `st_scale.final_model_uri`). The trained model itself is untouched."""
+    export` builds (not MobileNetV3), as a model unless `tracking.log_model` is off
+    (`mlflow.pytorch.log_model`; its URI in the tag `st_scale.final_model_uri`). The trained model
+    itself is untouched."""
     model, calibration = ctx.model, ctx.data.calibration
     with preserved_bn(model), tempfile.TemporaryDirectory() as directory:
         if calibration is not None:
@@ -443,7 +444,7 @@ def _log_final_model(ctx: WorkerContext) -> None:
         torch.save({k: v.float() if v.is_floating_point() else v for k, v in model.net.state_dict().items()}, path)
         ctx.tracker.log_file(path, "model")
     # A stochastic-depth net scales its branches at test time, which the plain network does not.
-    if has_standalone_subnets(model.name) and not model.has_branch_scales:
+    if ctx.cfg.tracking.log_model and has_standalone_subnets(model.name) and not model.has_branch_scales:
         network = standalone_subnet(model, ctx.cfg.model.num_classes, model.full_depths, calibration)
         size = ctx.cfg.data.val_image_size or ctx.cfg.data.image_size
         example = calibration[0][0][:2] if calibration else torch.zeros(2, 3, size, size)
