@@ -66,6 +66,9 @@ def make_config(digits_dir, root: Path, name: str, *extra: str):
 # Runs whose test looks at weights, losses, checkpoints or MLflow bookkeeping, not at the sub-network
 # table: the last epoch evaluates one sub-network instead of 27 (evaluation leaves the weights as they are).
 ONE_SUBNET = "eval.max_subnets=1"
+# Runs whose test reads no MLflow model: the weights alone are logged at the end (the model's export
+# costs seconds a run; the reference and Swin runs check the model).
+NO_MLFLOW_MODEL = "tracking.log_model=false"
 
 
 def client(root: Path) -> mlflow.MlflowClient:
@@ -172,7 +175,7 @@ def test_checkpoints_are_complete_and_pruned(reference, workspace):
 def test_a_worker_failure_is_restarted_from_the_last_checkpoint(reference, workspace, digits_dir, monkeypatch):
     _, uninterrupted = reference
     monkeypatch.setenv("ST_SCALE_FAIL_AT_STEP", "30")  # mid-epoch 2; rank 1 exits
-    cfg = make_config(digits_dir, workspace, "restarted", "run.max_failures=1", ONE_SUBNET)
+    cfg = make_config(digits_dir, workspace, "restarted", "run.max_failures=1", ONE_SUBNET, NO_MLFLOW_MODEL)
     summary = train(cfg)
     assert (Path(cfg.run.storage_path) / "restarted" / "injected_failure.txt").is_file()
     assert summary.epochs == 2
@@ -186,7 +189,9 @@ def test_a_worker_failure_is_restarted_from_the_last_checkpoint(reference, works
 
 @pytest.fixture(scope="module")
 def uninterrupted_on_one_worker(workspace, digits_dir):
-    return train(make_config(digits_dir, workspace, "uninterrupted-1w", "scaling.num_workers=1", ONE_SUBNET))
+    return train(
+        make_config(digits_dir, workspace, "uninterrupted-1w", "scaling.num_workers=1", ONE_SUBNET, NO_MLFLOW_MODEL)
+    )
 
 
 @pytest.mark.parametrize(
@@ -209,13 +214,13 @@ def test_a_run_resumes_on_another_number_of_workers(
     pairs take the same paths, and tests/test_engine.py re-shards ZeRO-1 both ways in one process."""
     name = f"reshard-{first}to{then}-{ds_config.removesuffix('.json')}"
     uninterrupted = reference[1] if first == 2 else uninterrupted_on_one_worker
-    zero = f"deepspeed.config={ds_config}"
+    options = f"deepspeed.config={ds_config}", NO_MLFLOW_MODEL
     stopped = train(
         make_config(
-            digits_dir, workspace, name, zero, f"scaling.num_workers={first}", "run.stop_after_epochs=1", ONE_SUBNET
+            digits_dir, workspace, name, *options, f"scaling.num_workers={first}", "run.stop_after_epochs=1", ONE_SUBNET
         )
     )
-    resumed = train(make_config(digits_dir, workspace, name, zero, f"scaling.num_workers={then}", ONE_SUBNET))
+    resumed = train(make_config(digits_dir, workspace, name, *options, f"scaling.num_workers={then}", ONE_SUBNET))
     assert resumed.epochs == 2 and resumed.mlflow_run_id == stopped.mlflow_run_id
     (run,) = runs_named(workspace, name)
     c = client(workspace)
@@ -252,7 +257,7 @@ def test_an_interrupted_run_resumes_from_an_object_store_through_an_outage_with_
 
     name = "in-an-object-store"
     with serve_s3(workspace, buckets=("st-scale",)) as s3:
-        storage = ("run.storage_path=s3://st-scale/runs", f"run.storage_endpoint={s3.endpoint}")
+        storage = ("run.storage_path=s3://st-scale/runs", f"run.storage_endpoint={s3.endpoint}", NO_MLFLOW_MODEL)
         keep_one = "run.checkpoints_to_keep=1"
         first = train(make_config(digits_dir, workspace, name, *storage, keep_one, "run.stop_after_epochs=1"))
         assert first.epochs == 1 and first.checkpoint.startswith(f"s3://st-scale/runs/{name}/checkpoint_")
@@ -343,7 +348,13 @@ def test_a_densenet_trains_with_st_and_evaluates_its_subnetworks(workspace, digi
     from st_scale.models.complexity import MacCounter
 
     cfg = make_config(
-        digits_dir, workspace, "densenet", "model.name=cifar_densenet40", "optimizer.epochs=1", "eval.max_subnets=6"
+        digits_dir,
+        workspace,
+        "densenet",
+        "model.name=cifar_densenet40",
+        "optimizer.epochs=1",
+        "eval.max_subnets=6",
+        NO_MLFLOW_MODEL,
     )
     summary = train(cfg)
     assert summary.num_subnets == 6 and 0 <= summary.subnets_min_top1 <= summary.subnets_mean_top1 <= 100
