@@ -27,9 +27,9 @@ def _leaf_macs(module: nn.Module, inputs, output: torch.Tensor) -> int:
 
 
 def _eager():
-    """Compiled blocks run eagerly while counting: a compiled graph would not call the per-block hooks
-    it was not traced with, and each block's hook (a closure of its own) would compile that block
-    again (on a GPU a recompilation costs seconds, and counts against torch's per-function limit)."""
+    """Compiled blocks run eagerly while counting: otherwise each block's hook (a closure of its own)
+    makes torch compile that block again, a graph per block (seconds each on a GPU, and counted against
+    torch's per-function recompile limit, past which blocks silently run eagerly)."""
     return torch.compiler.set_stance("force_eager")
 
 
