@@ -16,7 +16,8 @@ from st_scale.evaluate.subnets import (
     recalibrate_bn,
     summarise_destruction,
 )
-from st_scale.models import create_model
+from st_scale.models import create_model, has_batch_norm
+from st_scale.models.complexity import MacCounter
 from st_scale.models.elastic import batchnorm_layers
 from st_scale.sampling import SubnetSpace
 
@@ -76,6 +77,11 @@ def test_tree_walk_equals_naive_evaluation_exactly(name, size, sample, recalibra
         (r.depths, r.top1, r.top5, r.macs) for r in naive.rows
     ]
     assert report.recalibrated == recalibrate
+    # The costs are counted at the size of the images evaluated (16 px in some cases), and the report
+    # knows whether the network had statistics to re-estimate (the figures' note reads it).
+    macs = MacCounter(model, size)
+    assert [r.macs for r in report.rows] == [macs.subnet_macs(r.depths) for r in report.rows]
+    assert report.batch_norm is has_batch_norm(name)
 
 
 def _statistics_by_hand(model, plan, calibration):
@@ -221,6 +227,26 @@ def test_the_pareto_front_and_the_pick_within_a_budget_match_a_brute_force_searc
     assert report.best_within(most_accurate.macs) is most_accurate
     measured = SubnetReport([SubnetRow((1,), 1, 5, 5, 50.0, 90.0, latency_ms=1.25, images_per_s=812.34)], True)
     assert measured.to_csv().splitlines()[1].split(",")[7:] == ["1.2500", "812.3"]
+
+
+def test_a_reports_statistics_are_those_of_its_rows_worked_by_hand():
+    """Mean, population standard deviation, min, max and count of the rows' top-1, from one row up."""
+    from st_scale.evaluate.subnets import SubnetReport, SubnetRow
+
+    def stats(*top1: float) -> dict:
+        return SubnetReport([SubnetRow((i + 1,), 1, 1, 1, t, 100.0) for i, t in enumerate(top1)], True).stats
+
+    assert stats(50.0) == {"mean_top1": 50.0, "std_top1": 0.0, "min_top1": 50.0, "max_top1": 50.0, "num_subnets": 1.0}
+    assert stats(50.0, 60.0) == {
+        "mean_top1": 55.0,
+        "std_top1": 5.0,  # sqrt((25 + 25) / 2): over the rows themselves, not a sample's n - 1
+        "min_top1": 50.0,
+        "max_top1": 60.0,
+        "num_subnets": 2.0,
+    }
+    three = stats(70.0, 50.0, 60.0)
+    assert three["std_top1"] == pytest.approx((200 / 3) ** 0.5, rel=1e-12)
+    assert (three["mean_top1"], three["min_top1"], three["max_top1"], three["num_subnets"]) == (60.0, 50.0, 70.0, 3.0)
 
 
 def test_latency_is_the_median_time_of_the_blocks_a_sub_network_runs():

@@ -471,6 +471,7 @@ def test_st_every_kth_step_equals_the_formula():
         else:
             assert set(out.parts) == {"ce"}
         assert torch.allclose(out.loss, loss, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(out.logits, main, rtol=1e-5, atol=1e-6), "the main net's logits, either kind of step"
         _assert_same_grads(grads, _reference_grads(loss, reference_model, objective), _names(model, objective))
 
 
@@ -641,8 +642,20 @@ def test_the_st_constructors_defaults_are_the_recipes_defaults():
 
 
 def test_st_without_a_sampler_is_refused():
-    with pytest.raises(ValueError, match="method 'st' needs a sub-network sampler"):
+    with pytest.raises(ValueError, match="^method 'st' needs a sub-network sampler$"):
         build_objective("st", create_model("cifar_resnet20", 10))
+
+
+def test_st_built_by_name_carries_every_option_given():
+    """build_objective("st", ...) with options unlike the defaults: the objective holds them, not the defaults."""
+    from st_scale.methods import st
+
+    sampler = SubnetSampler(SubnetSpace.full((3, 3, 3)), seed=0)
+    given = {"kl_weight": 0.25, "temperature": 2.0, "num_subnets": 3, "subnet_every": 2, "share_prefix": False}
+    objective = build_objective("st", create_model("cifar_resnet20", 10), sampler, rank=1, **given)
+    assert objective.options == st.Options(name="st", **given) != st.Options()
+    assert (objective.kl_weight, objective.temperature, objective.num_subnets) == (0.25, 2.0, 3)
+    assert (objective.subnet_every, objective.share_prefix, objective.rank) == (2, False, 1)
 
 
 def test_ct_gradients_equal_the_cross_entropy_of_the_full_network():

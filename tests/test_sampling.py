@@ -162,10 +162,46 @@ def test_restricted_spaces_drop_up_to_all_but_the_first_block():
         SubnetSpace.restricted((3, 4), (0,))
 
 
-def test_sample_many_draws_for_rank_0_unless_told():
+def test_sample_and_sample_many_draw_for_rank_0_unless_told():
     sampler = SubnetSampler(SubnetSpace.full((9, 9, 9)), seed=2, per_rank=True)
     assert all(sampler.sample_many(s, 3) == sampler.sample_many(s, 3, rank=0) for s in range(20))
+    assert all(sampler.sample(s) == sampler.sample(s, 0, rank=0) for s in range(20))
     assert any(sampler.sample_many(s, 3) != sampler.sample_many(s, 3, rank=1) for s in range(20))
+
+
+def test_the_draws_of_one_step_are_its_kth_draws_each_from_its_own_stream():
+    """The k-th of a step's sub-networks is draw k of that step and rank, so the draws of one step
+    differ from each other (of 729 members, three equal draws in one step are rare: none of these 20
+    steps has them; a stream reused for every k would give them in all)."""
+    sampler = SubnetSampler(SubnetSpace.full((9, 9, 9)), seed=2, per_rank=True)
+    for rank in (0, 3):
+        for step in range(20):
+            assert sampler.sample_many(step, 3, rank) == [sampler.sample(step, k, rank) for k in range(3)]
+        assert all(len(set(sampler.sample_many(step, 3, rank))) > 1 for step in range(20))
+
+
+def test_a_sampler_that_cannot_draw_anything_but_the_full_net_says_so_after_10000_tries(monkeypatch):
+    """decay=1e-30 gives each stage's shallower choice a probability of 1e-30: without the full net
+    nothing else comes up, and the rejection loop ends after the 10,000 tries its message names (one
+    draw per stage each)."""
+    import st_scale.sampling as sampling
+
+    draws = []
+    seeded = sampling.step_rng
+
+    class CountingRng:
+        def __init__(self, rng):
+            self.rng = rng
+
+        def choice(self, *args, **kwargs):
+            draws.append(1)
+            return self.rng.choice(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "step_rng", lambda *args, **kwargs: CountingRng(seeded(*args, **kwargs)))
+    sampler = SubnetSampler(SubnetSpace.full((2, 2)), decay=1e-30, include_full=False)
+    with pytest.raises(RuntimeError, match=r"^could not draw a sub-network other than the full net in 10,000 tries$"):
+        sampler.sample(0)
+    assert len(draws) == 10_000 * 2
 
 
 def test_step_rng_rejects_negative_fields():
