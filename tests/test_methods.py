@@ -277,8 +277,23 @@ def test_an_options_error_names_the_field_the_value_and_the_bound_declared_on_th
 
 def test_unknown_method_lists_the_choices():
     model, _, _ = _setup()
-    with pytest.raises(ValueError, match="unknown method 'kd'.*stochastic_depth"):
+    with pytest.raises(ValueError) as refused:
         build_objective("kd", model)
+    assert str(refused.value) == (
+        "unknown method 'kd'; choose one of: ct, layer_supervision, stage_supervision, self_distillation, "
+        "stochastic_depth, st"
+    )
+
+
+def test_options_given_both_in_the_model_and_as_keywords_are_refused():
+    from st_scale.methods import ct
+
+    model, _, _ = _setup()
+    with pytest.raises(ValueError) as refused:
+        build_objective(ct.Options(), model, label_smoothing=0.1, kl_weight=0.5)
+    assert (
+        str(refused.value) == "options ['kl_weight', 'label_smoothing'] given twice: they belong in the options model"
+    )
 
 
 def test_stochastic_depth_follows_the_run_seed():
