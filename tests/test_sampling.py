@@ -205,8 +205,14 @@ def test_a_sampler_that_cannot_draw_anything_but_the_full_net_says_so_after_1000
 
 
 def test_step_rng_rejects_negative_fields():
-    with pytest.raises(ValueError, match="step=-1: must be >= 0"):
-        step_rng(0, -1)
+    for arguments, message in (
+        ((-2, 0), "seed=-2: must be >= 0"),
+        ((0, -1), "step=-1: must be >= 0"),
+        ((0, 0, -3), "k=-3: must be >= 0"),
+    ):
+        with pytest.raises(ValueError) as refused:
+            step_rng(*arguments)
+        assert str(refused.value) == message
 
 
 def test_space_check_accepts_members_and_names_the_bounds_otherwise():
