@@ -204,6 +204,21 @@ def test_a_sampler_that_cannot_draw_anything_but_the_full_net_says_so_after_1000
     assert len(draws) == 10_000 * 2
 
 
+def test_each_draw_is_seeded_by_its_seed_step_k_rank_and_stream():
+    """The seeding is part of what a run is: the same recipe draws the same sub-networks on any version.
+    The draw shared by every rank (rank=None) has a word of its own, apart from each rank's (rank + 1)."""
+
+    def seeded(*words: int) -> np.ndarray:
+        return np.random.default_rng(np.random.SeedSequence(list(words))).random(4)
+
+    assert np.array_equal(step_rng(5, 7, 2).random(4), seeded(5, 7, 2, 0, STREAM_SUBNET))
+    assert np.array_equal(step_rng(5, 7, 2, rank=0).random(4), seeded(5, 7, 2, 1, STREAM_SUBNET))
+    assert np.array_equal(
+        step_rng(5, 7, 2, rank=3, stream=STREAM_EVAL_SAMPLE).random(4), seeded(5, 7, 2, 4, STREAM_EVAL_SAMPLE)
+    )
+    assert not np.array_equal(step_rng(5, 7, 2).random(4), step_rng(5, 7, 2, rank=0).random(4))
+
+
 def test_step_rng_rejects_negative_fields():
     for arguments, message in (
         ((-2, 0), "seed=-2: must be >= 0"),
