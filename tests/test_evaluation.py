@@ -229,6 +229,20 @@ def test_the_pareto_front_and_the_pick_within_a_budget_match_a_brute_force_searc
     assert measured.to_csv().splitlines()[1].split(",")[7:] == ["1.2500", "812.3"]
 
 
+def test_top1_and_top5_count_where_each_label_ranks_worked_by_hand():
+    """Labels ranked 1st, 5th, 6th and 4th among ten logits: top-1 25%, top-5 75%, over batches of
+    two images (top-5 is five classes whatever the batch size)."""
+    from st_scale.evaluate.subnets import _Counts
+
+    logits = torch.arange(10, 0, -1).float().repeat(4, 1)  # class 0 ranks first, class 9 last
+    labels = torch.tensor([0, 4, 5, 3])
+    counts = _Counts()
+    counts.add(logits[:2], labels[:2])
+    counts.add(logits[2:], labels[2:])
+    result = counts.result()
+    assert (result.top1, result.top5, result.samples) == (25.0, 75.0, 4)
+
+
 def test_a_reports_statistics_are_those_of_its_rows_worked_by_hand():
     """Mean, population standard deviation, min, max and count of the rows' top-1, from one row up."""
     from st_scale.evaluate.subnets import SubnetReport, SubnetRow
