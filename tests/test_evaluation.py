@@ -230,17 +230,20 @@ def test_the_pareto_front_and_the_pick_within_a_budget_match_a_brute_force_searc
 
 
 def test_top1_and_top5_count_where_each_label_ranks_worked_by_hand():
-    """Labels ranked 1st, 5th, 6th and 4th among ten logits: top-1 25%, top-5 75%, over batches of
-    two images (top-5 is five classes whatever the batch size)."""
+    """Labels ranked 1st and 5th, 6th and 4th, 1st and 1st among ten logits, in batches of two images
+    (top-5 is five classes whatever the batch size): top-1 3 of 6, top-5 5 of 6. One image alone: 100%."""
     from st_scale.evaluate.subnets import _Counts
 
-    logits = torch.arange(10, 0, -1).float().repeat(4, 1)  # class 0 ranks first, class 9 last
-    labels = torch.tensor([0, 4, 5, 3])
+    logits = torch.arange(10, 0, -1).float().repeat(6, 1)  # class 0 ranks first, class 9 last
+    labels = torch.tensor([0, 4, 5, 3, 0, 0])
     counts = _Counts()
-    counts.add(logits[:2], labels[:2])
-    counts.add(logits[2:], labels[2:])
+    for batch in range(3):
+        counts.add(logits[2 * batch : 2 * batch + 2], labels[2 * batch : 2 * batch + 2])
     result = counts.result()
-    assert (result.top1, result.top5, result.samples) == (25.0, 75.0, 4)
+    assert (result.top1, result.top5, result.samples) == (50.0, 100.0 * 5 / 6, 6)
+    alone = _Counts()
+    alone.add(logits[:1], labels[:1])
+    assert (alone.result().top1, alone.result().top5, alone.result().samples) == (100.0, 100.0, 1)
 
 
 def test_a_reports_statistics_are_those_of_its_rows_worked_by_hand():
