@@ -53,6 +53,40 @@ def test_bad_sampler_settings_are_named():
         SubnetSampler(SubnetSpace.restricted((3, 3), (0, 0)), include_full=False)
 
 
+def test_every_refusal_of_a_space_or_a_sampler_word_for_word_and_the_bounds_themselves_accepted():
+    def refusal(build) -> str:
+        with pytest.raises(ValueError) as refused:
+            build()
+        return str(refused.value)
+
+    assert refusal(lambda: SubnetSpace((), (), ())) == "stage_sizes is empty: a space needs at least one stage"
+    assert refusal(lambda: SubnetSpace((3, 3), (1, 1), (3,))) == (
+        "min_depths [1, 1] and max_depths [3] need one entry per stage (2 stages: [3, 3])"
+    )
+    assert refusal(lambda: SubnetSpace((3, 0), (1, 1), (3, 1))) == "stage_sizes[1]=0: a stage has at least one block"
+    for lo, hi in ((0, 3), (4, 3), (1, 0), (1, 4)):
+        assert refusal(lambda lo=lo, hi=hi: SubnetSpace((3,), (lo,), (hi,))) == (
+            f"stage 0: depth bounds [{lo}, {hi}] must lie within 1..3"
+        )
+    assert refusal(lambda: SubnetSpace((3, 3), (1, 3), (3, 2))) == (
+        "stage 1: min depth 3 > max depth 2 excludes every sub-network; choose min <= max"
+    )
+    assert list(SubnetSpace((3,), (1,), (3,))) == [(1,), (2,), (3,)]  # 1..size: both ends are members
+    assert list(SubnetSpace((3,), (2,), (2,))) == [(2,)]  # min == max: one member
+
+    space = SubnetSpace.full((3, 3))
+    for decay in (0, -0.5, 1.5):
+        assert refusal(lambda decay=decay: SubnetSampler(space, decay=decay)) == (
+            f"sampler decay={decay}: must be in (0, 1]; 1 is uniform, smaller favours larger sub-nets"
+        )
+    assert refusal(lambda: SubnetSampler(space, seed=-1)) == "sampler seed=-1: must be >= 0"
+    assert refusal(lambda: SubnetSampler(SubnetSpace.restricted((3, 3), (0, 0)), include_full=False)) == (
+        "include_full=False but the space holds only the full network: nothing to sample"
+    )
+    assert SubnetSampler(space, decay=1.0, seed=0).decay == 1.0  # the bounds themselves are accepted
+    assert SubnetSampler(SubnetSpace.restricted((3, 3), (0, 1)), include_full=False).sample(0) == (3, 2)
+
+
 def _chi_square_p(sampler: SubnetSampler, draws: int) -> float:
     counts = collections.Counter(sampler.sample(step) for step in range(draws))
     members = [d for d in sampler.space if sampler.probability(d) > 0]
