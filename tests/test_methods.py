@@ -650,7 +650,7 @@ def test_the_st_constructors_defaults_are_the_recipes_defaults():
     assert StimulativeTraining(sampler).options == st.Options()  # the options model's defaults, declared once
     built = StimulativeTraining(sampler, st.Options(kl_weight=0.5))
     assert (built.kl_weight, built.options) == (0.5, st.Options(kl_weight=0.5))
-    with pytest.raises(ValueError, match=r"\['num_subnets'\] given beside the options model"):
+    with pytest.raises(ValueError, match=r"^\['num_subnets'\] given beside the options model: set them in it$"):
         StimulativeTraining(sampler, st.Options(), num_subnets=2)
     with pytest.raises(ValueError, match="logit_norm_amplitude=0: must be > 0"):
         StimulativeTraining(sampler, logit_norm_amplitude=0)
