@@ -648,6 +648,7 @@ def test_the_st_constructors_defaults_are_the_recipes_defaults():
 
     sampler = SubnetSampler(SubnetSpace.full((3, 3, 3)), seed=0)
     assert StimulativeTraining(sampler).options == st.Options()  # the options model's defaults, declared once
+    assert StimulativeTraining(sampler).rank == 0  # draws as rank 0 unless told (a single process)
     built = StimulativeTraining(sampler, st.Options(kl_weight=0.5))
     assert (built.kl_weight, built.options) == (0.5, st.Options(kl_weight=0.5))
     with pytest.raises(ValueError, match=r"^\['num_subnets'\] given beside the options model: set them in it$"):
