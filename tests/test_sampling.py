@@ -84,6 +84,8 @@ def test_every_refusal_of_a_space_or_a_sampler_word_for_word_and_the_bounds_them
         "include_full=False but the space holds only the full network: nothing to sample"
     )
     assert SubnetSampler(space, decay=1.0, seed=0).decay == 1.0  # the bounds themselves are accepted
+    default = SubnetSampler(space)  # the paper's sampling: uniform, the full net included, one draw for all ranks
+    assert (default.seed, default.decay, default.include_full, default.per_rank) == (0, 1.0, True, False)
     assert SubnetSampler(SubnetSpace.restricted((3, 3), (0, 1)), include_full=False).sample(0) == (3, 2)
 
 
