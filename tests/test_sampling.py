@@ -34,53 +34,44 @@ def test_st_plus_plus_restricted_space_has_eight_subnets():
     assert set(space) == {(3, a, b, 3) for a in (3, 4) for b in (3, 4, 5, 6)}
 
 
-def test_bad_spaces_are_named():
-    with pytest.raises(ValueError, match="min depth 3 > max depth 2 excludes every sub-network"):
-        SubnetSpace((3, 3), (1, 3), (3, 2))
-    with pytest.raises(ValueError, match=r"stage 0: depth bounds \[0, 3\] must lie within 1..3"):
-        SubnetSpace((3, 3), (0, 1), (3, 3))
-    with pytest.raises(ValueError, match=r"max_dropped\[1\]=4: stage 1 has 4 blocks, so drop 0..3"):
-        SubnetSpace.restricted((3, 4), (0, 4))
-    with pytest.raises(ValueError, match="need one entry per stage"):
-        SubnetSpace((3, 3), (1,), (3, 3))
+def _refusal(build) -> str:
+    """The message of the ValueError `build()` raises."""
+    with pytest.raises(ValueError) as refused:
+        build()
+    return str(refused.value)
 
 
-def test_bad_sampler_settings_are_named():
-    space = SubnetSpace.full((3, 3))
-    with pytest.raises(ValueError, match=r"decay=0: must be in \(0, 1\]"):
-        SubnetSampler(space, decay=0)
-    with pytest.raises(ValueError, match="holds only the full network"):
-        SubnetSampler(SubnetSpace.restricted((3, 3), (0, 0)), include_full=False)
-
-
-def test_every_refusal_of_a_space_or_a_sampler_word_for_word_and_the_bounds_themselves_accepted():
-    def refusal(build) -> str:
-        with pytest.raises(ValueError) as refused:
-            build()
-        return str(refused.value)
-
-    assert refusal(lambda: SubnetSpace((), (), ())) == "stage_sizes is empty: a space needs at least one stage"
-    assert refusal(lambda: SubnetSpace((3, 3), (1, 1), (3,))) == (
+def test_bad_spaces_are_named_word_for_word_and_the_bounds_themselves_accepted():
+    assert _refusal(lambda: SubnetSpace((), (), ())) == "stage_sizes is empty: a space needs at least one stage"
+    assert _refusal(lambda: SubnetSpace((3, 3), (1, 1), (3,))) == (
         "min_depths [1, 1] and max_depths [3] need one entry per stage (2 stages: [3, 3])"
     )
-    assert refusal(lambda: SubnetSpace((3, 0), (1, 1), (3, 1))) == "stage_sizes[1]=0: a stage has at least one block"
-    for lo, hi in ((0, 3), (4, 3), (1, 0), (1, 4)):
-        assert refusal(lambda lo=lo, hi=hi: SubnetSpace((3,), (lo,), (hi,))) == (
+    assert _refusal(lambda: SubnetSpace((3, 3), (1,), (3, 3))) == (
+        "min_depths [1] and max_depths [3, 3] need one entry per stage (2 stages: [3, 3])"
+    )
+    assert _refusal(lambda: SubnetSpace((3, 0), (1, 1), (3, 1))) == "stage_sizes[1]=0: a stage has at least one block"
+    assert _refusal(lambda: SubnetSpace((3, 3), (0, 1), (3, 3))) == "stage 0: depth bounds [0, 3] must lie within 1..3"
+    for lo, hi in ((4, 3), (1, 0), (1, 4)):
+        assert _refusal(lambda lo=lo, hi=hi: SubnetSpace((3,), (lo,), (hi,))) == (
             f"stage 0: depth bounds [{lo}, {hi}] must lie within 1..3"
         )
-    assert refusal(lambda: SubnetSpace((3, 3), (1, 3), (3, 2))) == (
+    assert _refusal(lambda: SubnetSpace((3, 3), (1, 3), (3, 2))) == (
         "stage 1: min depth 3 > max depth 2 excludes every sub-network; choose min <= max"
     )
+    with pytest.raises(ValueError, match=r"max_dropped\[1\]=4: stage 1 has 4 blocks, so drop 0..3"):
+        SubnetSpace.restricted((3, 4), (0, 4))
     assert list(SubnetSpace((3,), (1,), (3,))) == [(1,), (2,), (3,)]  # 1..size: both ends are members
     assert list(SubnetSpace((3,), (2,), (2,))) == [(2,)]  # min == max: one member
 
+
+def test_bad_sampler_settings_are_named_word_for_word_and_the_defaults_are_the_papers():
     space = SubnetSpace.full((3, 3))
     for decay in (0, -0.5, 1.5):
-        assert refusal(lambda decay=decay: SubnetSampler(space, decay=decay)) == (
+        assert _refusal(lambda decay=decay: SubnetSampler(space, decay=decay)) == (
             f"sampler decay={decay}: must be in (0, 1]; 1 is uniform, smaller favours larger sub-nets"
         )
-    assert refusal(lambda: SubnetSampler(space, seed=-1)) == "sampler seed=-1: must be >= 0"
-    assert refusal(lambda: SubnetSampler(SubnetSpace.restricted((3, 3), (0, 0)), include_full=False)) == (
+    assert _refusal(lambda: SubnetSampler(space, seed=-1)) == "sampler seed=-1: must be >= 0"
+    assert _refusal(lambda: SubnetSampler(SubnetSpace.restricted((3, 3), (0, 0)), include_full=False)) == (
         "include_full=False but the space holds only the full network: nothing to sample"
     )
     assert SubnetSampler(space, decay=1.0, seed=0).decay == 1.0  # the bounds themselves are accepted
@@ -261,9 +252,7 @@ def test_step_rng_rejects_negative_fields():
         ((0, -1), "step=-1: must be >= 0"),
         ((0, 0, -3), "k=-3: must be >= 0"),
     ):
-        with pytest.raises(ValueError) as refused:
-            step_rng(*arguments)
-        assert str(refused.value) == message
+        assert _refusal(lambda arguments=arguments: step_rng(*arguments)) == message
 
 
 def test_space_check_accepts_members_and_names_the_bounds_otherwise():
