@@ -246,6 +246,22 @@ def test_top1_and_top5_count_where_each_label_ranks_worked_by_hand():
     assert (alone.result().top1, alone.result().top5, alone.result().samples) == (100.0, 100.0, 1)
 
 
+def test_one_process_sums_its_own_counts_and_no_image_at_all_is_refused():
+    """Out of a process group the sum is the process's own counts (1 of 3 right at top-1, 2 of 3 at
+    top-5); an evaluation that saw no image has no accuracy to report, not 0%."""
+    from st_scale.evaluate.distributed import sum_accuracy
+    from st_scale.evaluate.subnets import Accuracy
+
+    summed = sum_accuracy(Accuracy(100 / 3, 200 / 3, 3), torch.device("cpu"))
+    assert (summed.top1, summed.top5, summed.samples) == (100 / 3, 200 / 3, 3)
+    with pytest.raises(RuntimeError) as refused:
+        sum_accuracy(Accuracy(0.0, 0.0, 0), torch.device("cpu"))
+    assert str(refused.value) == (
+        "the evaluation saw no validation image on any rank: the validation set (data.val) yielded no batch; "
+        "give it at least one image"
+    )
+
+
 def test_a_reports_statistics_are_those_of_its_rows_worked_by_hand():
     """Mean, population standard deviation, min, max and count of the rows' top-1, from one row up."""
     from st_scale.evaluate.subnets import SubnetReport, SubnetRow

@@ -26,6 +26,11 @@ def sum_accuracy(acc: Accuracy, device: torch.device) -> Accuracy:
     if is_distributed():
         dist.all_reduce(counts)
     top1, top5, samples = (float(c) for c in counts.round())
+    if samples == 0:  # a percentage of nothing would read as a real 0%
+        raise RuntimeError(
+            "the evaluation saw no validation image on any rank: the validation set (data.val) yielded no batch; "
+            "give it at least one image"
+        )
     return Accuracy(100 * top1 / max(samples, 1), 100 * top5 / max(samples, 1), int(samples))
 
 
