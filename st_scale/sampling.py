@@ -17,6 +17,10 @@ import numpy as np
 
 Depths = tuple[int, ...]
 
+# Below this chance of drawing anything but the full net, a sampler without it would mostly reject
+# (at this bound, `sample`'s 10,000 tries all fail with probability below e^-100).
+MIN_SUBNET_CHANCE = 0.01
+
 # Stream ids keep the random numbers of different consumers (sub-net choice, input size, ...)
 # independent even when they share (seed, step, k).
 STREAM_SUBNET, STREAM_INPUT_SIZE, STREAM_STOCHASTIC_DEPTH, STREAM_EVAL_SAMPLE, STREAM_AUGMENT, STREAM_CALIBRATION = (
@@ -157,6 +161,12 @@ class SubnetSampler:
         self.space, self.seed, self.decay = space, seed, decay
         self.include_full, self.per_rank = include_full, per_rank
         self._stage_probs = [self._probs(s) for s in range(len(space.stage_sizes))]
+        chance = 1.0 - math.prod(float(probs[-1]) for probs in self._stage_probs)
+        if not include_full and chance < MIN_SUBNET_CHANCE:
+            raise ValueError(
+                f"sampler decay={decay} with include_full=False: a draw other than the full network comes up with "
+                f"probability {chance:.2g}, below {MIN_SUBNET_CHANCE}; raise decay or include the full network"
+            )
 
     def _probs(self, stage: int) -> np.ndarray:
         choices = np.array(self.space.stage_choices(stage))
@@ -175,8 +185,8 @@ class SubnetSampler:
 
     def sample(self, step: int, k: int = 0, rank: int = 0) -> Depths:
         rng = step_rng(self.seed, step, k, rank=rank if self.per_rank else None)
-        # Rejection of the full network: bounded, since every stage has a non-maximal choice with
-        # probability > 0 once the space has more than one member.
+        # Rejection of the full network: bounded, and the constructor refused a sampler that would
+        # rarely draw anything else (MIN_SUBNET_CHANCE).
         for _ in range(10_000):
             depths = tuple(
                 int(self.space.min_depths[s] + rng.choice(len(p), p=p)) for s, p in enumerate(self._stage_probs)

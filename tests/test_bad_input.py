@@ -78,6 +78,12 @@ CASES = [
         2,
         "sampling.max_dropped[0]=5: stage 0 has 3 blocks",
     ),
+    (
+        "sampler-that-only-draws-the-full-net",
+        [*TRAIN, "--set", "sampling.decay=0.001", "--set", "sampling.include_full=false"],
+        2,
+        "sampler decay=0.001 with include_full=False: a draw other than the full network comes up with probability",
+    ),
     ("sweep-family-with-a-wrong-max-dropped", ["sweep", "{tmp}/family_spec.yaml", "--check"], 2, "max_dropped"),
     ("summary-json-under-a-file", [*TRAIN, "--summary-json", "{plain}/out.json"], 2, "--summary-json: "),
     ("storage-path-is-a-file", [*TRAIN, "--set", "run.storage_path={plain}"], 2, "run.storage_path: "),

@@ -74,6 +74,13 @@ def test_bad_sampler_settings_are_named_word_for_word_and_the_defaults_are_the_p
     assert _refusal(lambda: SubnetSampler(SubnetSpace.restricted((3, 3), (0, 0)), include_full=False)) == (
         "include_full=False but the space holds only the full network: nothing to sample"
     )
+    # Without the full net, each stage of (3, 3) keeps all 3 blocks with probability 1 / (1 + d + d^2):
+    # at decay 0.004 anything else comes up 0.8% of the time (refused), at 0.006 1.2% (accepted).
+    assert _refusal(lambda: SubnetSampler(space, decay=0.004, include_full=False)) == (
+        "sampler decay=0.004 with include_full=False: a draw other than the full network comes up with "
+        "probability 0.008, below 0.01; raise decay or include the full network"
+    )
+    assert SubnetSampler(space, decay=0.006, include_full=False).sample(0) != (3, 3)
     assert SubnetSampler(space, decay=1.0, seed=0).decay == 1.0  # the bounds themselves are accepted
     default = SubnetSampler(space)  # the paper's sampling: uniform, the full net included, one draw for all ranks
     assert (default.seed, default.decay, default.include_full, default.per_rank) == (0, 1.0, True, False)
@@ -207,28 +214,25 @@ def test_the_draws_of_one_step_are_its_kth_draws_each_from_its_own_stream():
         assert all(len(set(sampler.sample_many(step, 3, rank))) > 1 for step in range(20))
 
 
-def test_a_sampler_that_cannot_draw_anything_but_the_full_net_says_so_after_10000_tries(monkeypatch):
-    """decay=1e-30 gives each stage's shallower choice a probability of 1e-30: without the full net
-    nothing else comes up, and the rejection loop ends after the 10,000 tries its message names (one
-    draw per stage each)."""
+def test_the_rejection_of_the_full_net_gives_up_after_the_10000_tries_its_message_names(monkeypatch):
+    """A sampler that would rarely draw anything but the full net is refused when built (above); the
+    rejection loop stays bounded all the same: with a random stream stuck on each stage's deepest
+    choice it ends after 10,000 tries (one draw per stage each) and says so."""
     import st_scale.sampling as sampling
 
     draws = []
-    seeded = sampling.step_rng
 
-    class CountingRng:
-        def __init__(self, rng):
-            self.rng = rng
+    class StuckRng:
+        def choice(self, choices: int, p) -> int:
+            draws.append(choices)
+            return choices - 1
 
-        def choice(self, *args, **kwargs):
-            draws.append(1)
-            return self.rng.choice(*args, **kwargs)
-
-    monkeypatch.setattr(sampling, "step_rng", lambda *args, **kwargs: CountingRng(seeded(*args, **kwargs)))
-    sampler = SubnetSampler(SubnetSpace.full((2, 2)), decay=1e-30, include_full=False)
-    with pytest.raises(RuntimeError, match=r"^could not draw a sub-network other than the full net in 10,000 tries$"):
+    monkeypatch.setattr(sampling, "step_rng", lambda *args, **kwargs: StuckRng())
+    sampler = SubnetSampler(SubnetSpace.full((2, 2)), include_full=False)
+    with pytest.raises(RuntimeError) as gave_up:
         sampler.sample(0)
-    assert len(draws) == 10_000 * 2
+    assert str(gave_up.value) == "could not draw a sub-network other than the full net in 10,000 tries"
+    assert draws == [2] * (10_000 * 2)
 
 
 def test_each_draw_is_seeded_by_its_seed_step_k_rank_and_stream():
