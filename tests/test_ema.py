@@ -78,5 +78,7 @@ def test_a_saved_average_loads_back_and_another_models_is_refused():
     assert all(torch.equal(restored.state_dict()[k], v) for k, v in ema.state_dict().items())
     with pytest.raises(RuntimeError, match="written for another model"):
         WeightEma(nn.Linear(4, 2), 0.9).load_state_dict(ema.state_dict())
-    with pytest.raises(ValueError, match=r"EMA decay=1.0: give a number in \(0, 1\)"):
-        WeightEma(model, 1.0)
+    for decay in (0, 1.0, -0.5):  # both ends of (0, 1) are refused: 0 would copy the weights, 1 never move
+        with pytest.raises(ValueError) as refused:
+            WeightEma(model, decay)
+        assert str(refused.value) == f"EMA decay={decay}: give a number in (0, 1), e.g. 0.999"

@@ -247,15 +247,19 @@ def test_top1_and_top5_count_where_each_label_ranks_worked_by_hand():
 
 
 def test_one_process_sums_its_own_counts_and_no_image_at_all_is_refused():
-    """Out of a process group the sum is the process's own counts (1 of 3 right at top-1, 2 of 3 at
-    top-5); an evaluation that saw no image has no accuracy to report, not 0%."""
+    """Out of a process group the sum is the process's own counts, from one image to more than 2^24;
+    an evaluation that saw no image has no accuracy to report, not 0%."""
     from st_scale.evaluate.distributed import sum_accuracy
     from st_scale.evaluate.subnets import Accuracy
 
-    summed = sum_accuracy(Accuracy(100 / 3, 200 / 3, 3), torch.device("cpu"))
-    assert (summed.top1, summed.top5, summed.samples) == (100 / 3, 200 / 3, 3)
+    cpu = torch.device("cpu")
+    for own in (Accuracy(100 / 3, 200 / 3, 3), Accuracy(50.0, 75.0, 400), Accuracy(100.0, 0.0, 1)):
+        summed = sum_accuracy(own, cpu)
+        assert (summed.top1, summed.top5, summed.samples) == (own.top1, own.top5, own.samples)
+    # counted in float64: float32 would lose the last image of a set of more than 2^24
+    assert sum_accuracy(Accuracy(100.0, 100.0, 2**24 + 1), cpu).samples == 2**24 + 1
     with pytest.raises(RuntimeError) as refused:
-        sum_accuracy(Accuracy(0.0, 0.0, 0), torch.device("cpu"))
+        sum_accuracy(Accuracy(0.0, 0.0, 0), cpu)
     assert str(refused.value) == (
         "the evaluation saw no validation image on any rank: the validation set (data.val) yielded no batch; "
         "give it at least one image"

@@ -302,7 +302,7 @@ def test_a_stopped_and_resumed_worker_trains_as_a_hand_written_loop(digits_dir, 
 def _accuracy_on_ranks(rank: int, world: int, port: int, shards: list, weights: dict, folder: Path) -> None:
     import os
 
-    from st_scale.evaluate.passes import main_metrics
+    from st_scale.evaluate.passes import main_metrics, subnet_reports
     from st_scale.models import create_model
 
     os.environ |= {"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -314,13 +314,17 @@ def _accuracy_on_ranks(rank: int, world: int, port: int, shards: list, weights: 
         x, y = shards[rank]
         metrics = main_metrics(model, lambda: [(x, y)], None, torch.device("cpu"), prefix="val", shared_stats=False)
         (folder / f"rank{rank}.txt").write_text(repr(metrics["val/main_top1"]))
+        subnets = [(1, 1, 1), (2, 2, 2), (3, 3, 3)]  # split over the ranks, gathered on each
+        (report,) = subnet_reports(model, subnets, lambda: [(x, y)], None, shared_stats=False).values()
+        (folder / f"rank{rank}_subnets.txt").write_text(repr([row.depths for row in report.rows]))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_the_groups_main_net_accuracy_is_counted_over_every_image(tmp_path):
     """Rank 0 holds 2 images, both right (100%); rank 1 holds 8, 2 of them right (25%): 4 of 10 are
-    right, 40% (the mean of the ranks' percentages would say 62.5%)."""
+    right, 40% (the mean of the ranks' percentages would say 62.5%). The sub-networks are split over
+    the two ranks and gathered, each once."""
     from st_scale.models import create_model
 
     torch.manual_seed(0)
@@ -335,3 +339,7 @@ def test_the_groups_main_net_accuracy_is_counted_over_every_image(tmp_path):
         _accuracy_on_ranks, args=(2, free_port(), shards, model.net.state_dict(), tmp_path), nprocs=2
     )
     assert [float((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)] == [pytest.approx(40.0)] * 2
+    # each rank evaluated one share of the sub-networks: every rank holds each of the three once
+    assert [(tmp_path / f"rank{r}_subnets.txt").read_text() for r in (0, 1)] == [
+        "[(1, 1, 1), (2, 2, 2), (3, 3, 3)]"
+    ] * 2
