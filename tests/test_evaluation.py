@@ -253,7 +253,7 @@ def test_one_process_sums_its_own_counts_and_no_image_at_all_is_refused():
     from st_scale.evaluate.subnets import Accuracy
 
     cpu = torch.device("cpu")
-    for own in (Accuracy(100 / 3, 200 / 3, 3), Accuracy(50.0, 75.0, 400), Accuracy(100.0, 0.0, 1)):
+    for own in (Accuracy(100 / 3, 200 / 3, 3), Accuracy(50.0, 75.0, 400), Accuracy(100.0, 100.0, 1)):
         summed = sum_accuracy(own, cpu)
         assert (summed.top1, summed.top5, summed.samples) == (own.top1, own.top5, own.samples)
     # counted in float64: float32 would lose the last image of a set of more than 2^24
