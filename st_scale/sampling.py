@@ -161,11 +161,14 @@ class SubnetSampler:
         self.space, self.seed, self.decay = space, seed, decay
         self.include_full, self.per_rank = include_full, per_rank
         self._stage_probs = [self._probs(s) for s in range(len(space.stage_sizes))]
-        chance = 1.0 - math.prod(float(probs[-1]) for probs in self._stage_probs)
-        if not include_full and chance < MIN_SUBNET_CHANCE:
+        # P(a draw other than the full net): the bound below, and what `probability` renormalises by
+        # when the full net is rejected.
+        self._subnet_chance = 1.0 - math.prod(float(probs[-1]) for probs in self._stage_probs)
+        if not include_full and self._subnet_chance < MIN_SUBNET_CHANCE:
             raise ValueError(
                 f"sampler decay={decay} with include_full=False: a draw other than the full network comes up with "
-                f"probability {chance:.2g}, below {MIN_SUBNET_CHANCE}; raise decay or include the full network"
+                f"probability {self._subnet_chance:.2g}, below {MIN_SUBNET_CHANCE}; raise decay or include the full "
+                "network"
             )
 
     def _probs(self, stage: int) -> np.ndarray:
@@ -180,7 +183,7 @@ class SubnetSampler:
             return 0.0
         p = math.prod(float(self._stage_probs[s][d - self.space.min_depths[s]]) for s, d in enumerate(depths))
         if not self.include_full:
-            p /= 1.0 - math.prod(float(probs[-1]) for probs in self._stage_probs)
+            p /= self._subnet_chance
         return p
 
     def sample(self, step: int, k: int = 0, rank: int = 0) -> Depths:
