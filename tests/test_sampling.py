@@ -62,6 +62,9 @@ def test_bad_spaces_are_named_word_for_word_and_the_bounds_themselves_accepted()
         SubnetSpace.restricted((3, 4), (0, 4))
     assert list(SubnetSpace((3,), (1,), (3,))) == [(1,), (2,), (3,)]  # 1..size: both ends are members
     assert list(SubnetSpace((3,), (2,), (2,))) == [(2,)]  # min == max: one member
+    # The smallest stage and the smallest depth: a one-block stage, a stage capped at its first block
+    assert list(SubnetSpace((1, 2), (1, 1), (1, 2))) == [(1, 1), (1, 2)]
+    assert list(SubnetSpace((2, 2), (1, 1), (2, 1))) == [(1, 1), (2, 1)]
 
 
 def test_bad_sampler_settings_are_named_word_for_word_and_the_defaults_are_the_papers():
