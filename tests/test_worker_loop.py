@@ -325,8 +325,13 @@ def test_the_groups_main_net_accuracy_is_counted_over_every_image(tmp_path):
     """Rank 0 holds 2 images, both right (100%); rank 1 holds 8, 2 of them right (25%): 4 of 10 are
     right, 40% (the mean of the ranks' percentages would say 62.5%). The sub-networks are split over
     the two ranks and gathered, each once."""
+    from st_scale.evaluate.distributed import rank_and_world
     from st_scale.models import create_model
 
+    # This process is a group of one (the module's gloo fixture). The call also ties this test to
+    # rank_and_world for `make mutate`, which records the functions a test calls in its own process
+    # only: its mutants show only on the spawned ranks below.
+    assert rank_and_world() == (0, 1)
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", 10).eval()
     x = torch.randn(10, 3, 16, 16)
