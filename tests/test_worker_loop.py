@@ -321,7 +321,7 @@ def _accuracy_on_ranks(rank: int, world: int, port: int, shards: list, weights: 
         torch.distributed.destroy_process_group()
 
 
-def test_the_groups_main_net_accuracy_is_counted_over_every_image(tmp_path):
+def test_two_ranks_count_the_main_net_over_every_image_and_split_the_sub_networks(tmp_path):
     """Rank 0 holds 2 images, both right (100%); rank 1 holds 8, 2 of them right (25%): 4 of 10 are
     right, 40% (the mean of the ranks' percentages would say 62.5%). The sub-networks are split over
     the two ranks and gathered, each once."""
