@@ -21,6 +21,7 @@ CHEAP_GROUPS = {
     "st_half_batch": ("ST, `subnet_batch_fraction: 0.5`", "ST, subnet_batch_fraction 0.5, eager NCHW"),
     "st_every2": ("ST, `subnet_every: 2`", "ST, subnet_every 2, eager NCHW"),
     "st_every3": ("ST, `subnet_every: 3`", "ST, subnet_every 3, eager NCHW"),
+    "st_quarter_batch": ("ST, `subnet_batch_fraction: 0.25`", "ST, subnet_batch_fraction 0.25, eager NCHW"),
     "ct_9ep": ("CT, 9 epochs", None),
     "ct_12ep": ("CT, 12 epochs (1.5x)", None),
 }
@@ -217,6 +218,11 @@ def step_ratio(speed: dict, variant: str | None) -> float | None:
     return found[0]["time_over_ct"] if found else None
 
 
+def _speed_labels(speeds: list[dict]) -> list[str]:
+    """Each speed benchmark's model and image size, as a column names it."""
+    return [f"{s['args']['model']} {s['args']['image_size']} px" for s in speeds]
+
+
 def _ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value else "-"
 
@@ -226,7 +232,7 @@ def cheap_st_table(raws: list[dict]) -> str:
     timing study's runs, one at a time) and quality against full ST of the same seeds (differences:
     mean ± sd over the seeds). `raws`: the study, the timing study, then the speed benchmarks."""
     study, timing, speeds = raws[0], raws[1], raws[2:]
-    models = [f"{s['args']['model']} {s['args']['image_size']} px" for s in speeds]
+    models = _speed_labels(speeds)
     lines = [
         "| setting | seeds | " + " | ".join(f"step / CT ({m})" for m in models) + " | epoch / CT (one at a time) "
         "| main top-1 (%) | main vs full ST | sub-net mean (%) | mean vs full ST | sub-net std | std / full ST's "
@@ -345,6 +351,45 @@ def cheap_st_verdict(raws: list[dict]) -> str:
         f"{_spread(d['main'])}, sub-net mean {_spread(d['mean'])}, worst {_spread(d['worst'])} points, "
         f"std {statistics.fmean(best[0]['std_ratio']):.2f}x (mean ± sd over {len(d['main'])} seeds).",
     ]
+    return "\n".join(lines)
+
+
+# The batch fractions side by side: full ST and half a batch from the cheaper-ST study, a quarter from
+# its own sweep (tune/fashion_st_cost.yaml), the same data, settings and seeds.
+FRACTION_GROUPS = ("st", "st_half_batch", "st_quarter_batch")
+
+
+def batch_fraction_table(raws: list[dict]) -> str:
+    """ "A cheaper ST": the sub-network passes on a half and on a quarter of each batch against full ST
+    of the same seeds (differences: mean ± sd over the seeds), with the step time of one bench_speed
+    run per model. `raws`: the cheaper-ST study, the quarter's study, then the speed benchmarks."""
+    study, quarter, speeds = raws[0], raws[1], raws[2:]
+    merged = {"runs": study["runs"] + [dict(run, group="st_quarter_batch") for run in quarter["runs"]]}
+    models = _speed_labels(speeds)
+    lines = [
+        "| setting | seeds | " + " | ".join(f"step / CT ({m})" for m in models) + " | main top-1 (%) "
+        "| main vs full ST | sub-net mean (%) | mean vs full ST | sub-net std | std / full ST's | worst sub-net (%) "
+        "| worst vs full ST | meets the quality bounds |",
+        "|---|---|" + "---|" * len(models) + "---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in cheap_quality(merged):
+        if row["group"] not in FRACTION_GROUPS:
+            continue
+        name, variant = CHEAP_GROUPS[row["group"]]
+        f, d, is_st = row["figures"], row["deltas"], row["group"] == "st"
+        cells = [name, str(len(row["seeds"]))] + [_ratio(step_ratio(s, variant)) for s in speeds]
+        cells += [
+            mean_sd(list(f["main"].values())),
+            "-" if is_st else _spread(d["main"]),
+            mean_sd(list(f["mean"].values())),
+            "-" if is_st else _spread(d["mean"]),
+            f"{statistics.fmean(f['std'].values()):.2f}",
+            "-" if is_st else _ratio(statistics.fmean(row["std_ratio"]) if row["std_ratio"] else None),
+            mean_sd(list(f["worst"].values())),
+            "-" if is_st else _spread(d["worst"]),
+            "-" if is_st else ("yes" if meets_goal(row) else f"no: {'; '.join(_misses(row))}"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

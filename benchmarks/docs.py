@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from doc_tables import (  # noqa: E402
+    batch_fraction_table,
     cheap_st_table,
     cheap_st_verdict,
     demo_table,
@@ -82,6 +83,7 @@ CHEAP_SOURCES = (CHEAP_STUDY, TIME_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_
 MAIN_16EP_STUDY = "benchmarks/results/fashion_main_16ep/study.json"
 TABLE1_STUDY = "benchmarks/results/fashion_table1/study.json"
 ONE_SEED_STUDY = "benchmarks/results/fashion_st_main/study.json"
+QUARTER_STUDY = "benchmarks/results/fashion_st_cost/study.json"
 # What a mutation score measures: the modules `make mutate` mutates (and the fast tests, which change
 # with nearly every commit and are not counted: new tests can only kill more).
 MUTATED = tuple(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"])
@@ -109,6 +111,12 @@ TABLES = {
     "one-seed-settings": Table("RESULTS.md", (TABLE1_STUDY, ONE_SEED_STUDY), one_seed_table, TRAINING_CODE),
     "cheap-st": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_table, TRAINING_CODE),
     "cheap-st-verdict": Table("RESULTS.md", CHEAP_SOURCES, cheap_st_verdict, TRAINING_CODE),
+    "batch-fractions": Table(
+        "RESULTS.md",
+        (CHEAP_STUDY, QUARTER_STUDY, SPEED["cifar_resnet20"], SPEED["cifar_resnet56"]),
+        batch_fraction_table,
+        TRAINING_CODE,
+    ),
     "equal-compute": Table("RESULTS.md", (CHEAP_STUDY, TIME_STUDY, CT_9EP_STUDY), equal_compute_table, TRAINING_CODE),
     "main-question": Table("RESULTS.md", (CHEAP_STUDY, MAIN_16EP_STUDY), main_question_table, TRAINING_CODE),
 }

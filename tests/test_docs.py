@@ -118,6 +118,38 @@ def test_the_cheaper_st_table_renders_every_group_that_ran():
     assert half[5:8] == ["-1.00", "84.60", "-1.40"] and half[9] == "1.25x" and half[-1] == "no |"
 
 
+def test_the_batch_fraction_table_pairs_the_quarters_seeds_with_full_st_from_the_other_study():
+    from doc_tables import batch_fraction_table
+
+    study = _study(
+        ct=[(0, 88.0, 70.0, 14.0, 40.0, 40.0)],
+        st=[(0, 88.0, 86.0, 1.2, 83.0, 60.0), (1, 88.2, 86.4, 1.4, 83.4, 64.0)],
+        st_half_batch=[(0, 87.8, 85.9, 1.3, 82.0, 52.0), (1, 88.0, 86.2, 1.5, 82.6, 56.0)],
+    )
+    # the quarter's own sweep names its runs otherwise; seed 2 has no full ST to be paired with
+    quarter = _study(
+        fraction=[(0, 87.0, 84.0, 1.8, 80.0, 45.0), (1, 87.6, 85.4, 1.4, 82.4, 47.0), (2, 99, 99, 1, 99, 1)]
+    )
+    variants = [
+        {"variant": "ST, subnet_batch_fraction 0.5, eager NCHW", "time_over_ct": 1.22},
+        {"variant": "ST, subnet_batch_fraction 0.25, eager NCHW", "time_over_ct": 1.13},
+    ]
+    speed = {"args": {"model": "cifar_resnet20", "image_size": 28}, "variants": variants}
+    lines = batch_fraction_table([study, quarter, speed]).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| full ST",
+        "| ST, `subnet_batch_fraction: 0.5`",
+        "| ST, `subnet_batch_fraction: 0.25`",
+    ]  # CT is not a batch fraction
+    cells = lines[-1].split(" | ")
+    assert cells[1:4] == ["3", "1.13x", "91.20 ± 6.76"]  # every seed of the quarter counts for its own figures
+    # paired with full ST of seeds 0 and 1: main -1.0, -0.6; mean -2.0, -1.0; std 1.5x, 1.0x; worst -3.0, -1.0
+    assert cells[4] == "-0.80 ± 0.28" and cells[6] == "-1.50 ± 0.71" and cells[8] == "1.25x"
+    assert cells[10] == "-2.00 ± 1.41"
+    assert cells[11] == "no: sub-net mean -1.50; worst -2.00; main -0.80 |"
+    assert lines[3].split(" | ")[-1] == "yes |"  # half a batch: -0.15, 1.08x, -0.9, -0.2
+
+
 def test_the_equal_compute_table_compares_whole_training_times():
     from doc_tables import equal_compute_table
 
