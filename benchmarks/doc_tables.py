@@ -227,6 +227,26 @@ def _ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value else "-"
 
 
+def _quality_cells(row: dict) -> list[str]:
+    """A setting's main net, sub-network mean, spread and worst (mean ± sd over its seeds), each beside
+    its difference from full ST of the same seeds ("-" on full ST's own row)."""
+    f, d, is_st = row["figures"], row["deltas"], row["group"] == "st"
+
+    def versus(values: list[float]) -> str:
+        return "-" if is_st else _spread(values)
+
+    return [
+        mean_sd(list(f["main"].values())),
+        versus(d["main"]),
+        mean_sd(list(f["mean"].values())),
+        versus(d["mean"]),
+        f"{statistics.fmean(f['std'].values()):.2f}",
+        "-" if is_st else _ratio(statistics.fmean(row["std_ratio"]) if row["std_ratio"] else None),
+        mean_sd(list(f["worst"].values())),
+        versus(d["worst"]),
+    ]
+
+
 def cheap_st_table(raws: list[dict]) -> str:
     """The cheaper-ST study: cost (step time in one bench_speed run per model; time per epoch in the
     timing study's runs, one at a time) and quality against full ST of the same seeds (differences:
@@ -241,26 +261,10 @@ def cheap_st_table(raws: list[dict]) -> str:
     ]
     for row in cheap_quality(study):
         name, variant = CHEAP_GROUPS[row["group"]]
-        f, d = row["figures"], row["deltas"]
-        is_st = row["group"] == "st"
-
-        def versus(values: list[float], is_st: bool = is_st) -> str:
-            return "-" if is_st else _spread(values)
-
         cells = [name, str(len(row["seeds"]))]
         cells += [_ratio(step_ratio(s, variant)) for s in speeds]
-        cells += [
-            _ratio_spread(epoch_ratios(timing, row["group"])),
-            mean_sd(list(f["main"].values())),
-            versus(d["main"]),
-            mean_sd(list(f["mean"].values())),
-            versus(d["mean"]),
-            f"{statistics.fmean(f['std'].values()):.2f}",
-            "-" if is_st else _ratio(statistics.fmean(row["std_ratio"]) if row["std_ratio"] else None),
-            mean_sd(list(f["worst"].values())),
-            versus(d["worst"]),
-            "-" if is_st else ("yes" if meets_goal(row) else "no"),
-        ]
+        cells += [_ratio_spread(epoch_ratios(timing, row["group"])), *_quality_cells(row)]
+        cells += ["-" if row["group"] == "st" else ("yes" if meets_goal(row) else "no")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -376,19 +380,9 @@ def batch_fraction_table(raws: list[dict]) -> str:
         if row["group"] not in FRACTION_GROUPS:
             continue
         name, variant = CHEAP_GROUPS[row["group"]]
-        f, d, is_st = row["figures"], row["deltas"], row["group"] == "st"
         cells = [name, str(len(row["seeds"]))] + [_ratio(step_ratio(s, variant)) for s in speeds]
-        cells += [
-            mean_sd(list(f["main"].values())),
-            "-" if is_st else _spread(d["main"]),
-            mean_sd(list(f["mean"].values())),
-            "-" if is_st else _spread(d["mean"]),
-            f"{statistics.fmean(f['std'].values()):.2f}",
-            "-" if is_st else _ratio(statistics.fmean(row["std_ratio"]) if row["std_ratio"] else None),
-            mean_sd(list(f["worst"].values())),
-            "-" if is_st else _spread(d["worst"]),
-            "-" if is_st else ("yes" if meets_goal(row) else f"no: {'; '.join(_misses(row))}"),
-        ]
+        cells += _quality_cells(row)
+        cells += ["-" if row["group"] == "st" else ("yes" if meets_goal(row) else f"no: {'; '.join(_misses(row))}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
