@@ -218,9 +218,27 @@ def step_ratio(speed: dict, variant: str | None) -> float | None:
     return found[0]["time_over_ct"] if found else None
 
 
-def _speed_labels(speeds: list[dict]) -> list[str]:
-    """Each speed benchmark's model and image size, as a column names it."""
-    return [f"{s['args']['model']} {s['args']['image_size']} px" for s in speeds]
+def _step_columns(speeds: list[dict]) -> list[str]:
+    """A step-time column per speed benchmark, named by its model and image size."""
+    return [f"step / CT ({s['args']['model']} {s['args']['image_size']} px)" for s in speeds]
+
+
+def _header(columns: list[str]) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+# A cheaper setting's quality columns (_quality_cells' cells)
+QUALITY_COLUMNS = (
+    "main top-1 (%)",
+    "main vs full ST",
+    "sub-net mean (%)",
+    "mean vs full ST",
+    "sub-net std",
+    "std / full ST's",
+    "worst sub-net (%)",
+    "worst vs full ST",
+)
 
 
 def _ratio(value: float | None) -> str:
@@ -252,13 +270,8 @@ def cheap_st_table(raws: list[dict]) -> str:
     timing study's runs, one at a time) and quality against full ST of the same seeds (differences:
     mean ± sd over the seeds). `raws`: the study, the timing study, then the speed benchmarks."""
     study, timing, speeds = raws[0], raws[1], raws[2:]
-    models = _speed_labels(speeds)
-    lines = [
-        "| setting | seeds | " + " | ".join(f"step / CT ({m})" for m in models) + " | epoch / CT (one at a time) "
-        "| main top-1 (%) | main vs full ST | sub-net mean (%) | mean vs full ST | sub-net std | std / full ST's "
-        "| worst sub-net (%) | worst vs full ST | meets the goal |",
-        "|---|---|" + "---|" * len(models) + "---|---|---|---|---|---|---|---|---|---|",
-    ]
+    step, epoch = _step_columns(speeds), "epoch / CT (one at a time)"
+    lines = _header(["setting", "seeds", *step, epoch, *QUALITY_COLUMNS, "meets the goal"])
     for row in cheap_quality(study):
         name, variant = CHEAP_GROUPS[row["group"]]
         cells = [name, str(len(row["seeds"]))]
@@ -369,13 +382,7 @@ def batch_fraction_table(raws: list[dict]) -> str:
     run per model. `raws`: the cheaper-ST study, the quarter's study, then the speed benchmarks."""
     study, quarter, speeds = raws[0], raws[1], raws[2:]
     merged = {"runs": study["runs"] + [dict(run, group="st_quarter_batch") for run in quarter["runs"]]}
-    models = _speed_labels(speeds)
-    lines = [
-        "| setting | seeds | " + " | ".join(f"step / CT ({m})" for m in models) + " | main top-1 (%) "
-        "| main vs full ST | sub-net mean (%) | mean vs full ST | sub-net std | std / full ST's | worst sub-net (%) "
-        "| worst vs full ST | meets the quality bounds |",
-        "|---|---|" + "---|" * len(models) + "---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(["setting", "seeds", *_step_columns(speeds), *QUALITY_COLUMNS, "meets the quality bounds"])
     for row in cheap_quality(merged):
         if row["group"] not in FRACTION_GROUPS:
             continue
