@@ -165,3 +165,22 @@ def test_a_sweep_without_ct_and_st_groups_draws_no_empty_figures(tmp_path):
     )
     report(str(sweep_dir), tmp_path / "out")
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"table.md", "runs.csv", "study.json"}
+
+
+def test_a_sweep_over_seeds_alone_is_one_group_named_after_the_sweep(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("seeds")
+    parent = client.create_run(experiment_id, run_name="quarter-batch").info.run_id
+    for seed, top1 in ((0, 86.0), (1, 88.0)):  # no search entry but the seed: an empty label
+        _child(client, experiment_id, parent, "", seed, top1, [80.0, 82.0, top1])
+    sweep_dir = tmp_path / "sweeps" / "quarter-batch"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "st_scale_sweep.json").write_text(
+        json.dumps({"parent_run_id": parent, "tracking_uri": uri, "experiment_id": experiment_id})
+    )
+    summary = report(str(sweep_dir), tmp_path / "out")
+    assert [(r["group"], r["runs"]) for r in summary["rows"]] == [("quarter-batch", 2)]
+    assert {r["group"] for r in summary["runs"]} == {"quarter-batch"}
+    table = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert table[2].startswith("| quarter-batch | 2 |")

@@ -3,8 +3,9 @@ runs methods (and sub-network architectures trained alone) over seeds; this modu
 group over its seeds and writes the paper's Table 1 for it, the loafing figure, the destruction
 curves and the sub-network accuracy distribution, as files and into the sweep's parent run.
 
-Groups are the values of the sweep's search entries other than the seed (`run.seed`); a group whose
-config sets `model.stage_depths` is that sub-network's architecture trained alone.
+Groups are the values of the sweep's search entries other than the seed (`run.seed`); a sweep over
+seeds alone is one group, named after the sweep; a group whose config sets `model.stage_depths` is that
+sub-network's architecture trained alone.
 """
 
 from __future__ import annotations
@@ -442,6 +443,8 @@ def report(sweep: str, out: str | Path | None = None) -> dict:
     runs = load_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
     if not runs:
         raise ConfigError(f"{sweep}: the sweep's parent run {state['parent_run_id']} has no child runs yet")
+    for run in runs:  # a sweep over seeds alone is one group: it goes by the sweep's name, not a blank
+        run.group = run.group or sweep_dir.name
     out = Path(out).expanduser() if out else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = group_rows(runs)
