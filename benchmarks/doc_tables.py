@@ -444,6 +444,26 @@ def study_tables(raws: list[dict]) -> str:
     return study_text(rows_from_json(raws[0]["rows"])).rstrip("\n")
 
 
+def loafing_table(raws: list[dict]) -> str:
+    """Figure 1's data: each sub-network architecture's top-1 inside the CT- and the ST-trained net and
+    trained alone (mean ± sd over seeds), and how far each falls short of it trained alone, paired by
+    seed. The full depth's "alone" is CT's main net: CT trains exactly that network alone."""
+    lines = [
+        "| sub-network | inside CT (%) | inside ST (%) | trained alone (%) | alone − inside CT | alone − inside ST |",
+        "|---|---|---|---|---|---|",
+    ]
+    loafing = raws[0]["loafing"]
+    full = loafing[-1]["depths"]
+    for entry in loafing:
+        alone, ct, st = entry["alone"], entry["inside_ct"], entry["inside_st"]
+        name = entry["depths"] + (" (the full net; alone: CT's main net)" if entry["depths"] == full else "")
+        gaps = [
+            "-" if entry["depths"] == full else _spread([a - b for a, b in zip(alone, inside)]) for inside in (ct, st)
+        ]
+        lines.append(f"| {name} | {mean_sd(ct)} | {mean_sd(st)} | {mean_sd(alone)} | {gaps[0]} | {gaps[1]} |")
+    return "\n".join(lines)
+
+
 # The one-seed sweep of ST's settings (tune/fashion_st_main.yaml) against the Table 1 study's seed 0,
 # all at the study's 8 epochs: (study index, group, name).
 ONE_SEED_ROWS = (

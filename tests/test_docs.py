@@ -150,6 +150,22 @@ def test_the_batch_fraction_table_pairs_the_quarters_seeds_with_full_st_from_the
     assert lines[3].split(" | ")[-1] == "yes |"  # half a batch: -0.15, 1.08x, -0.9, -0.2
 
 
+def test_the_loafing_table_pairs_each_architecture_alone_with_its_own_seed():
+    from doc_tables import loafing_table
+
+    loafing = [
+        {"depths": "1-1-1", "alone": [85.0, 86.0], "inside_ct": [40.0, 36.0], "inside_st": [83.0, 84.5]},
+        {"depths": "3-3-3", "alone": [88.0, 89.0], "inside_ct": [88.0, 89.0], "inside_st": [88.5, 88.0]},
+    ]
+    lines = loafing_table([{"loafing": loafing}]).splitlines()
+    # seed by seed: 85 - 40 = 45 and 86 - 36 = 50 under CT; 85 - 83 = 2 and 86 - 84.5 = 1.5 under ST
+    assert lines[2] == "| 1-1-1 | 38.00 ± 2.83 | 83.75 ± 1.06 | 85.50 ± 0.71 | +47.50 ± 3.54 | +1.75 ± 0.35 |"
+    # the full depth "alone" is CT's main net itself: no gap is claimed for it
+    assert lines[3] == (
+        "| 3-3-3 (the full net; alone: CT's main net) | 88.50 ± 0.71 | 88.25 ± 0.35 | 88.50 ± 0.71 | - | - |"
+    )
+
+
 def test_the_equal_compute_table_compares_whole_training_times():
     from doc_tables import equal_compute_table
 
