@@ -504,6 +504,7 @@ def test_export_writes_a_sub_network_that_scores_what_training_measured(referenc
     assert exported["top1"] == pytest.approx(rows["1-2-3"], abs=5e-5)
     assert set(exported["files"]) == {"state_dict", "pt2", "torchscript", "onnx"}
     assert exported["onnx_max_abs_diff"] < 1e-4 and exported["onnx_top1"] == pytest.approx(exported["top1"], abs=0.5)
+    assert exported["provenance"]["commit"] and exported["provenance"]["finished"]  # which code exported it, when
 
     # by budget: the most accurate sub-network of the run's table within 25 M MACs (the cheaper of a tie)
     fits = [row for row in table if int(row["macs"]) <= 25_000_000]

@@ -15,7 +15,6 @@ ONNX_TOLERANCE), and logged to the training run in MLflow.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import ElasticNet, create_model
+from ..provenance import provenance, write_raw
 from .passes import EvalData, EvalOptions, evaluate
 from .subnets import Batch, _Counts, evaluate_plan, preserved_bn, recalibrate_bn
 from .trained import open_checkpoint
@@ -229,7 +229,7 @@ def export_checkpoint(
     storage_endpoint: str | None = None,
     register: str | None = None,
 ) -> ExportedSubnet:
-
+    started = provenance()  # the summary says which command, code and machine exported the sub-network
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"--format {','.join(unknown)}: choose from {', '.join(FORMATS)}")
@@ -265,7 +265,7 @@ def export_checkpoint(
     if "onnx" in files:
         result.onnx_top1, result.onnx_max_abs_diff = check_onnx(files["onnx"], standalone, trained.val)
     result.mlflow_model_uri = _log_model(trained, standalone, example, result, register)
-    Path(out, f"{stem}.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
+    write_raw(Path(out, f"{stem}.json"), started, asdict(result))
     print(
         f"{name} from {trained.location} (epoch {trained.info.state.epoch}): top-1 {top1:.2f} on {len(trained.val)} "
         f"validation batches, equal to the trained sub-network's; written to {Path(out).expanduser()}; "
