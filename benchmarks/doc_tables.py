@@ -448,19 +448,20 @@ def loafing_table(raws: list[dict]) -> str:
     """Figure 1's data: each sub-network architecture's top-1 inside the CT- and the ST-trained net and
     trained alone (mean ± sd over seeds), and how far each falls short of it trained alone, paired by
     seed. The full depth's "alone" is CT's main net: CT trains exactly that network alone."""
-    lines = [
-        "| sub-network | inside CT (%) | inside ST (%) | trained alone (%) | alone − inside CT | alone − inside ST |",
-        "|---|---|---|---|---|---|",
-    ]
-    loafing = raws[0]["loafing"]
-    full = loafing[-1]["depths"]
-    for entry in loafing:
+    lines = _header(
+        ["sub-network", "inside CT (%)", "inside ST (%)", "trained alone (%)", "alone − inside CT", "alone − inside ST"]
+    )
+    *parts, full = raws[0]["loafing"]
+    for entry in parts:
         alone, ct, st = entry["alone"], entry["inside_ct"], entry["inside_st"]
-        name = entry["depths"] + (" (the full net; alone: CT's main net)" if entry["depths"] == full else "")
-        gaps = [
-            "-" if entry["depths"] == full else _spread([a - b for a, b in zip(alone, inside)]) for inside in (ct, st)
-        ]
-        lines.append(f"| {name} | {mean_sd(ct)} | {mean_sd(st)} | {mean_sd(alone)} | {gaps[0]} | {gaps[1]} |")
+        gaps = [_spread([a - b for a, b in zip(alone, inside)]) for inside in (ct, st)]
+        lines.append(
+            f"| {entry['depths']} | {mean_sd(ct)} | {mean_sd(st)} | {mean_sd(alone)} | {gaps[0]} | {gaps[1]} |"
+        )
+    lines.append(
+        f"| {full['depths']} (the full net; alone: CT's main net) | {mean_sd(full['inside_ct'])} | "
+        f"{mean_sd(full['inside_st'])} | {mean_sd(full['alone'])} | - | - |"
+    )
     return "\n".join(lines)
 
 
@@ -484,10 +485,7 @@ def _seed0(study: dict, group: str) -> dict:
 def one_seed_table(raws: list[dict]) -> str:
     """ST's KL weight and sampler on seed 0 against the study's CT of that seed (raws: the Table 1
     study, the one-seed sweep)."""
-    lines = [
-        "| run (seed 0) | main top-1 (%) | vs CT | all sub-nets top-1 (%) | min sub-net (%) |",
-        "|---|---|---|---|---|",
-    ]
+    lines = _header(["run (seed 0)", "main top-1 (%)", "vs CT", "all sub-nets top-1 (%)", "min sub-net (%)"])
     ct = _seed0(raws[0], "ct")["main_top1"]
     for index, group, name in ONE_SEED_ROWS:
         run = _seed0(raws[index], group)

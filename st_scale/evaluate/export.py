@@ -229,7 +229,7 @@ def export_checkpoint(
     storage_endpoint: str | None = None,
     register: str | None = None,
 ) -> ExportedSubnet:
-    started = provenance()  # the summary says which command, code and machine exported the sub-network
+
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"--format {','.join(unknown)}: choose from {', '.join(FORMATS)}")
@@ -250,6 +250,7 @@ def export_checkpoint(
     if max_latency_ms is not None and not max_latency_ms > 0:
         raise ConfigError(f"--budget-latency-ms {max_latency_ms}: give a positive number of milliseconds")
     depths = parse_depths(depths_text) if depths_text is not None else None
+    started = provenance()  # the summary says which command, code and machine exported the sub-network
     trained = open_checkpoint(directory, storage_endpoint=storage_endpoint, recalibrate=True, command="export")
     cfg = trained.cfg
     calibration = trained.calibration if cfg.eval.recalibrate else None  # as the run evaluated its sub-networks
