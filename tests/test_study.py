@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from st_scale.cli import main
-from st_scale.sweep.study import load_runs, loafing_points, report
+from st_scale.sweep.study import load_runs, loafing_points, report, rows_from_json, table_markdown
 
 SUBNETS = [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
 
@@ -105,6 +105,16 @@ def test_the_study_table_averages_each_group_over_its_seeds(study, tmp_path):
     assert {s["depths"]: s["top1"] for s in st0["subnets"]} == {"1-1-1": 85.0, "2-2-2": 88.0, "3-3-3": 91.0}
     assert [d["top1"] for d in st0["destruction"]] == [50.0, 60.0, 40.0, 55.0] and st0["destruction_images"] == 2000
     assert st0["epochs"] == 2 and st0["epoch_time_s"] == 15.0
+
+
+def test_the_untimed_table_leaves_out_the_time_and_its_ratio_alone(study, tmp_path):
+    sweep_dir, *_ = study
+    rows = rows_from_json(report(str(sweep_dir), tmp_path / "out")["rows"])
+    timed, untimed = ([line.split(" | ") for line in table_markdown(rows, t).splitlines()] for t in (True, False))
+    assert untimed[0] == [cell for cell in timed[0] if cell not in ("time / epoch (s)", "vs CT")]
+    assert len(untimed) == len(timed) == 5  # header, rule, CT, ST, 1-1-1 alone
+    for with_time, without in zip(timed[2:], untimed[2:]):
+        assert without == with_time[:2] + with_time[4:]
 
 
 def test_a_reports_study_json_draws_its_tables_and_figures_again(study, tmp_path):

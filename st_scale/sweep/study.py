@@ -192,26 +192,25 @@ def _mean(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f}" if values else "-"
 
 
-def table_markdown(rows: list[GroupRow]) -> str:
+def table_markdown(rows: list[GroupRow], timed: bool = True) -> str:
     """The paper's Table 1 columns: main top-1 is mean ± sd over seeds; "all sub-nets" is the mean
-    over seeds of each run's mean ± std over its sub-networks."""
+    over seeds of each run's mean ± std over its sub-networks. `timed=False` leaves out the time per
+    epoch and its ratio to CT's, for runs whose wall times are not comparable (other work beside some
+    of them)."""
     ct_time = next((r.epoch_time_s for r in rows if r.group == "ct"), None)
-    lines = [
-        "| method | seeds | time / epoch (s) | vs CT | peak memory (MiB) | main top-1 (%) | "
-        "all sub-nets top-1 (%) | min sub-net (%) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    timing = ["time / epoch (s)", "vs CT"] if timed else []
+    header = ["method", "seeds", *timing, "peak memory (MiB)", "main top-1 (%)", "all sub-nets top-1 (%)"]
+    lines = ["| " + " | ".join([*header, "min sub-net (%)"]) + " |", "|---" * (len(header) + 1) + "|"]
     for r in rows:
-        name = _name(r)
-        ratio = f"{r.epoch_time_s / ct_time:.2f}x" if ct_time and r.epoch_time_s else "-"
         alone = r.stage_depths is not None  # its own sub-networks are not the study's question
         spread = f"{_mean(r.subnets_mean)} ± {_mean(r.subnets_std)}" if r.subnets_mean and not alone else "-"
-        time = f"{r.epoch_time_s:.1f}" if r.epoch_time_s else "-"
+        cells = [_name(r), str(r.runs)]
+        if timed:
+            ratio = f"{r.epoch_time_s / ct_time:.2f}x" if ct_time and r.epoch_time_s else "-"
+            cells += [f"{r.epoch_time_s:.1f}" if r.epoch_time_s else "-", ratio]
         memory = f"{r.peak_memory_mib:.0f}" if r.peak_memory_mib else "-"
-        lines.append(
-            f"| {name} | {r.runs} | {time} | {ratio} | {memory} | {mean_sd(r.main_top1)} | {spread} | "
-            f"{'-' if alone else _mean(r.subnets_min)} |"
-        )
+        cells += [memory, mean_sd(r.main_top1), spread, "-" if alone else _mean(r.subnets_min)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -403,9 +402,9 @@ def subnet_distribution(runs: list[StudyRun], title: str):
 
 
 # ------------------------------------------------------------------------------------ command
-def study_text(rows: list[GroupRow]) -> str:
+def study_text(rows: list[GroupRow], timed: bool = True) -> str:
     """table.md: the Table 1 columns, then the same networks measured otherwise (where the runs were)."""
-    text = f"{table_markdown(rows)}\n"
+    text = f"{table_markdown(rows, timed)}\n"
     secondary = secondary_markdown(rows)
     if secondary:
         text += (
